@@ -1,0 +1,32 @@
+// Argument checks shared by every device's implementation of the loss ops, with torch's messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include "losses/loss_math.h"
+
+namespace fusedmtl::losses {
+
+// torch's reduction enum (torch.nn._reduction.get_enum).
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+struct LossConfig {
+  LossKind kind;
+  double param;  // beta or delta
+  Reduction reduction;
+};
+
+// Validates the arguments of a loss op and returns them parsed. smooth_l1 with beta == 0 becomes
+// l1, as torch.nn.functional routes it.
+LossConfig check_loss_args(const char* op, const at::Tensor& input, const at::Tensor& target,
+                           c10::string_view kind, double param, int64_t reduction);
+
+// ATen's "norm" of the backward kernels and the grad_output scale, see LossParams.
+double loss_norm(const LossConfig& config, int64_t numel);
+// grad_output as the kernels take it: for L1 with reduction='mean' divided by N in `dtype`, the
+// way autograd's mean backward divides it before sign(d) multiplies it.
+double loss_grad_scale(const LossConfig& config, int64_t numel, double grad_output,
+                       at::ScalarType dtype);
+
+}  // namespace fusedmtl::losses

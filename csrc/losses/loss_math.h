@@ -1,0 +1,83 @@
+// Per-element math of the regression losses, shared by the CPU kernels, the CUDA kernels and (as
+// the formulas it mirrors) the pure-PyTorch reference in python/fusedmtl/ops/naive.py.
+//
+// Every expression is written in the order ATen evaluates it, so that float32 and float64 results
+// are bitwise identical to torch.nn.functional, including at |d| == beta, d == 0, NaN and inf.
+// Selects are plain ternaries on values, which compilers turn into blends (no branches).
+#pragma once
+
+#include "common/macros.h"
+
+namespace fusedmtl::losses {
+
+// The values are part of the op schema contract with Python (fusedmtl/ops/native.py).
+enum class LossKind : int { L1 = 0, MSE = 1, SmoothL1 = 2, Huber = 3 };
+
+// Call-wide constants, in the compute type C (float for fp32/fp16/bf16, double for fp64).
+template <typename C>
+struct LossParams {
+  C param;       // beta (smooth-L1) or delta (Huber); unused otherwise
+  C inv_param;   // 1 / param; used instead of a division only when param is a power of two,
+                 // where x * (1 / param) == x / param exactly
+  C norm;        // ATen's "norm": 1/N (2/N for MSE) for reduction='mean', 1 (2) otherwise
+  C grad_scale;  // scalar grad_output; for L1 with reduction='mean' already divided by N,
+                 // because autograd's mean backward divides grad_output before sign(d) multiplies it
+};
+
+template <typename C>
+FUSEDMTL_HOST_DEVICE C abs_of(C x) {
+  return x < C(0) ? -x : x;
+}
+
+// torch.sign: 0 at 0 and at NaN.
+template <typename C>
+FUSEDMTL_HOST_DEVICE C sign_of(C x) {
+  return C(C(0) < x) - C(x < C(0));
+}
+
+template <bool kDivide, typename C>
+FUSEDMTL_HOST_DEVICE C divide_by_param(C x, const LossParams<C>& p) {
+  if constexpr (kDivide) {
+    return x / p.param;
+  } else {
+    return x * p.inv_param;
+  }
+}
+
+// Loss of one element, d = input - target.
+template <LossKind K, bool kDivide, typename C>
+FUSEDMTL_HOST_DEVICE C loss_value(C d, const LossParams<C>& p) {
+  if constexpr (K == LossKind::L1) {
+    return abs_of(d);
+  } else if constexpr (K == LossKind::MSE) {
+    return d * d;
+  } else if constexpr (K == LossKind::SmoothL1) {
+    const C z = abs_of(d);
+    const C quadratic = divide_by_param<kDivide>(C(0.5) * z * z, p);
+    return z < p.param ? quadratic : z - C(0.5) * p.param;
+  } else {
+    const C z = abs_of(d);
+    return z < p.param ? C(0.5) * z * z : p.param * (z - C(0.5) * p.param);
+  }
+}
+
+// d loss / d input of one element times its grad_output g (already divided by N for L1 mean).
+// The gradient w.r.t. target is its negation.
+template <LossKind K, bool kDivide, typename C>
+FUSEDMTL_HOST_DEVICE C loss_grad(C d, C g, const LossParams<C>& p) {
+  if constexpr (K == LossKind::L1) {
+    return g * sign_of(d);
+  } else if constexpr (K == LossKind::MSE) {
+    return p.norm * d * g;
+  } else if constexpr (K == LossKind::SmoothL1) {
+    const C outer = p.norm * g;
+    const C inner = divide_by_param<kDivide>(d, p) * p.norm * g;
+    return d <= -p.param ? -outer : (d >= p.param ? outer : inner);
+  } else {
+    const C outer = p.norm * g * p.param;
+    const C inner = p.norm * d * g;
+    return d <= -p.param ? -outer : (d >= p.param ? outer : inner);
+  }
+}
+
+}  // namespace fusedmtl::losses

@@ -1,0 +1,27 @@
+// The loss ops' implementations, one per device; schemas in csrc/torch_bindings.cpp.
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+namespace fusedmtl::losses {
+
+// Forward: the element-wise loss (reduction none) or its mean or sum (a 0-dim tensor).
+at::Tensor regression_loss_cpu(const at::Tensor& input, const at::Tensor& target,
+                               c10::string_view kind, double param, int64_t reduction);
+
+// Forward fused with the gradients for grad_output == 1, in one pass over input and target:
+// (loss, grad_input, grad_target), a gradient not asked for being an empty tensor.
+// reduction must be mean or sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
+    int64_t reduction, bool input_grad, bool target_grad);
+
+// Backward recomputed from input and target with grad_output folded in: (grad_input, grad_target).
+std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad);
+
+}  // namespace fusedmtl::losses

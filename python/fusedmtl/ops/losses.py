@@ -1,0 +1,187 @@
+"""Drop-in replacements for torch.nn.functional's regression losses, with fused kernels.
+
+Same signatures, defaults, broadcasting (and its warning), dtype rules, results and errors as the
+torch.nn.functional functions; which implementation runs is chosen by :mod:`fusedmtl.backend`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from fusedmtl import backend
+from fusedmtl.ops import naive
+
+__all__ = ["smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss"]
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """Smooth-L1 loss (Girshick, Fast R-CNN 2015): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta.
+
+    Drop-in for :func:`torch.nn.functional.smooth_l1_loss`. input, target: broadcastable tensors of
+    float32, float64, float16 or bfloat16. Returns the element-wise loss (reduction='none') or a
+    0-dim tensor. beta == 0 is exactly the L1 loss.
+    """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(
+            smooth_l1_loss, (input, target), input, target,
+            size_average=size_average, reduce=reduce, reduction=reduction, beta=beta,
+        )
+    if beta < 0:
+        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    kind = "l1" if beta == 0 else "smooth_l1"
+    return _regression_loss(kind, input, target, reduction, beta, None)
+
+
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Huber loss: 0.5 d^2 if |d| < delta else delta (|d| - 0.5 delta).
+
+    Drop-in for :func:`torch.nn.functional.huber_loss` (the result has input's dtype, as there).
+    weight: optional element-wise weights of input's size (computed by the reference path).
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            huber_loss, (input, target, weight), input, target,
+            reduction=reduction, delta=delta, weight=weight,
+        )
+    if delta <= 0:
+        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    return _regression_loss("huber", input, target, reduction, delta, weight)
+
+
+def l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """L1 loss |d|, d = input - target. Drop-in for :func:`torch.nn.functional.l1_loss`."""
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            l1_loss, (input, target, weight), input, target,
+            size_average=size_average, reduce=reduce, reduction=reduction, weight=weight,
+        )
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    return _regression_loss("l1", input, target, reduction, 0.0, weight)
+
+
+def mse_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Squared error d^2, d = input - target. Drop-in for :func:`torch.nn.functional.mse_loss`."""
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            mse_loss, (input, target, weight), input, target,
+            size_average=size_average, reduce=reduce, reduction=reduction, weight=weight,
+        )
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    return _regression_loss("mse", input, target, reduction, 0.0, weight)
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _regression_loss(
+    kind: str, input: Tensor, target: Tensor, reduction: str, param: float, weight: Tensor | None
+) -> Tensor:
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
+    if input.device != target.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found input on {input.device} "
+            f"and target on {target.device}"
+        )
+    # torch's dtype rules: huber_loss computes in input's dtype, the others in the promoted one.
+    dtype = input.dtype if kind == "huber" else _result_type(input, target)
+    if not dtype.is_floating_point:
+        if kind != "l1":  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
+            raise NotImplementedError(f'"{kind}_loss" not implemented for \'{dtype}\'')
+        return naive.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
+    input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
+
+    if weight is not None:
+        return _weighted_loss(kind, input, target, reduction, param, weight)
+    chosen = backend.select(input.device)
+    if chosen == "native":
+        from fusedmtl.ops.native import FusedLossWithGrad
+
+        if reduction_code != 0 and _eager_gradient_wanted(input, target):
+            return FusedLossWithGrad.apply(input, target, kind, param, reduction_code)
+        return torch.ops.fusedmtl.regression_loss(input, target, kind, param, reduction_code)
+    return naive.regression_loss(input, target, kind, param, reduction)
+
+
+def _result_type(input: Tensor, target: Tensor) -> torch.dtype:
+    """torch.result_type for two tensors, in a form torch.compile traces."""
+    if input.dtype == target.dtype:
+        return input.dtype
+    # A 0-dim tensor does not promote a dimensioned one of the same category (float vs integer).
+    if (input.dim() == 0) != (target.dim() == 0):
+        scalar, tensor = (input, target) if input.dim() == 0 else (target, input)
+        if scalar.dtype.is_floating_point == tensor.dtype.is_floating_point:
+            return tensor.dtype
+    return torch.promote_types(input.dtype, target.dtype)
+
+
+def _eager_gradient_wanted(input: Tensor, target: Tensor) -> bool:
+    """Whether the eager fast path (gradient computed in forward) applies."""
+    return (
+        torch.is_grad_enabled()
+        and (input.requires_grad or target.requires_grad)
+        and input.device.type == "cpu"
+        and type(input) is Tensor
+        and type(target) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _weighted_loss(
+    kind: str, input: Tensor, target: Tensor, reduction: str, param: float, weight: Tensor
+) -> Tensor:
+    # torch.nn.functional's element-wise weights, with its normalisation: l1 and mse divide the
+    # weighted sum by the sum of the weights for 'mean', huber takes the plain mean.
+    if weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    weighted = naive.regression_loss(input, target, kind, param, "none") * weight
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return torch.sum(weighted)
+    if kind == "huber":
+        return weighted.mean()
+    return torch.sum(weighted) / torch.sum(weight)

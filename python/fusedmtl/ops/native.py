@@ -1,0 +1,124 @@
+"""The compiled loss ops (torch.ops.fusedmtl.*) made ready for autograd and torch.compile.
+
+The schemas and kernels are in csrc/torch_bindings.cpp; this module adds their fake (meta)
+implementations and autograd formulas, and the eager fast path:
+
+- ``regression_loss`` is the op torch.compile and GPUs see: backward recomputes the gradient from
+  input and target in one pass with grad_output folded in (``regression_loss_backward``; 5N elements
+  moved in forward + backward).
+- :class:`FusedLossWithGrad`, used in eager mode on CPU when a gradient is needed, computes the
+  gradient in the forward pass itself (``regression_loss_with_grad``) and hands that buffer to
+  autograd as it is when grad_output is 1 (``loss.backward()``): 3N elements moved, the minimum.
+- Under create_graph=True both fall back to the differentiable formula of ``naive``, so double
+  backward gives torch's results.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedmtl.ops import naive
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTION_NAMES = {value: name for name, value in REDUCTIONS.items()}
+
+
+def _new_grad(input: Tensor, wanted: bool) -> Tensor:
+    return input.new_empty(input.shape) if wanted else input.new_empty(0)
+
+
+@torch.library.register_fake("fusedmtl::regression_loss")
+def _regression_loss_fake(input, target, kind, param, reduction):
+    return input.new_empty(input.shape if reduction == 0 else ())
+
+
+@torch.library.register_fake("fusedmtl::regression_loss_with_grad")
+def _regression_loss_with_grad_fake(input, target, kind, param, reduction, input_grad, target_grad):
+    return input.new_empty(()), _new_grad(input, input_grad), _new_grad(input, target_grad)
+
+
+@torch.library.register_fake("fusedmtl::regression_loss_backward")
+def _regression_loss_backward_fake(
+    grad_output, input, target, kind, param, reduction, input_grad, target_grad
+):
+    return _new_grad(input, input_grad), _new_grad(input, target_grad)
+
+
+def loss_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    target: Tensor,
+    kind: str,
+    param: float,
+    reduction: int,
+    needs_input_grad: bool,
+    needs_target_grad: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input, grad_target) of a loss, None where not needed."""
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        grad = naive.regression_loss_grad(
+            grad_output, input, target, kind, param, _REDUCTION_NAMES[reduction]
+        )
+        return (grad if needs_input_grad else None), (-grad if needs_target_grad else None)
+    grad_input, grad_target = torch.ops.fusedmtl.regression_loss_backward(
+        grad_output, input, target, kind, param, reduction, needs_input_grad, needs_target_grad
+    )
+    return (grad_input if needs_input_grad else None), (grad_target if needs_target_grad else None)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, kind, param, reduction = inputs
+    ctx.save_for_backward(input, target)
+    ctx.config = (kind, param, reduction)
+
+
+def _backward(ctx, grad_output):
+    input, target = ctx.saved_tensors
+    grads = loss_backward(grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2])
+    return *grads, None, None, None
+
+
+torch.library.register_autograd(
+    "fusedmtl::regression_loss", _backward, setup_context=_setup_context
+)
+
+
+class FusedLossWithGrad(torch.autograd.Function):
+    """Eager CPU fast path for reduction mean/sum: the gradient is computed in the forward pass.
+
+    In backward the buffer is returned as it is when grad_output == 1 (reading a CPU scalar costs
+    nothing), else scaled in place. The reference to it is dropped first, so that autograd can adopt
+    it as a leaf's .grad without a copy. A second backward (retain_graph=True) or double backward
+    recomputes instead.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, kind: str, param: float, reduction: int):
+        needs_input_grad, needs_target_grad = ctx.needs_input_grad[:2]
+        loss, grad_input, grad_target = torch.ops.fusedmtl.regression_loss_with_grad(
+            input, target, kind, param, reduction, needs_input_grad, needs_target_grad
+        )
+        ctx.save_for_backward(input, target)
+        ctx.config = (kind, param, reduction)
+        ctx.precomputed = [
+            grad_input if needs_input_grad else None,
+            grad_target if needs_target_grad else None,
+        ]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        precomputed, ctx.precomputed = ctx.precomputed, None
+        if precomputed is None or torch.is_grad_enabled() or grad_output.device.type != "cpu":
+            input, target = ctx.saved_tensors
+            grads = loss_backward(grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2])
+            return *grads, None, None, None
+        scale = float(grad_output)
+        if scale != 1.0:
+            for grad in precomputed:
+                if grad is not None:
+                    grad.mul_(scale)
+        grad_input, grad_target = precomputed
+        del precomputed
+        return grad_input, grad_target, None, None, None
