@@ -13,20 +13,30 @@ FUSEDMTL_CUDA ?= auto
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
+# cuda-check: a second environment with a CUDA build of torch, to compile and link the CUDA kernels.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+
+BUILD_TOOLS := "scikit-build-core>=0.10" ninja "cmake>=3.26"
+TEST_TOOLS := pytest hypothesis expecttest numpy
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fusedmtl-deps
+CUDA_PY := $(CUDA_VENV)/bin/python
 
-.PHONY: install bench test clean
+.PHONY: install bench test cuda-check clean
 
-$(STAMP): Makefile
+# One stamp per environment: re-run pip only when the Makefile (and so the requirements) changed.
+$(VENV)/.fusedmtl-deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) \
-		"scikit-build-core>=0.10" ninja pytest hypothesis expecttest numpy rich matplotlib
+	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib
+	touch $@
+
+$(CUDA_VENV)/.fusedmtl-deps: Makefile
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install --quiet $(PIP_ARGS) "$(CUDA_TORCH)" $(BUILD_TOOLS) $(TEST_TOOLS)
 	touch $@
 
 # No build isolation: the extension must be compiled against the torch installed above.
-install: $(STAMP)
+install: $(VENV)/.fusedmtl-deps
 	FUSEDMTL_CUDA=$(FUSEDMTL_CUDA) $(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
 bench: install
@@ -34,6 +44,13 @@ bench: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Compiles and links the CUDA kernels (nvcc + the CUDA build of torch), proves the extension imports
+# on a machine without a GPU, and runs the test suite against that build (GPU tests skip without a GPU).
+cuda-check: $(CUDA_VENV)/.fusedmtl-deps
+	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON \
+		$(CUDA_PY) -m pip install --quiet --no-build-isolation --no-deps .
+	FUSEDMTL_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf build

@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "common/cpu_capability.h"
+#include "common/tensor_utils.h"
 
 namespace {
 
@@ -18,11 +19,24 @@ PyObject* set_cpu_capability(PyObject*, PyObject* name) {
       fusedmtl::cpu_capability_name(fusedmtl::set_cpu_capability(requested)));
 }
 
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  fusedmtl::empty_cpu_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(fusedmtl::cpu_cache_bytes());
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels run with: 'default', 'avx2' or 'avx512'."},
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "Run the CPU kernels compiled for at most this instruction set; returns the one in force."},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Free the large CPU output buffers kept for reuse."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
+     "Bytes of large CPU output buffers kept for reuse."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

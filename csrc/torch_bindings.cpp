@@ -20,3 +20,11 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cpu);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cpu);
 }
+
+#ifdef FUSEDMTL_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
+  m.impl("regression_loss", &fusedmtl::losses::regression_loss_cuda);
+  m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cuda);
+  m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cuda);
+}
+#endif

@@ -1,13 +1,19 @@
 #pragma once
 
+#include <cstddef>
+
 #include <ATen/core/Tensor.h>
 
 namespace fusedmtl {
 
 // A contiguous tensor with the shape and options of `like`, for an op to write every element of.
-// Large CPU buffers are advised for transparent huge pages before their first write: a fresh
-// allocation over glibc's mmap threshold otherwise page-faults once per 4 KiB on first touch, which
-// costs more than the arithmetic of a memory-bound loss (see BUILD_NOTES).
+// Large CPU buffers come from a bounded cache of freed ones (see tensor_utils.cpp): a fresh one
+// page-faults on first touch, which costs more than the arithmetic of a memory-bound loss.
 at::Tensor empty_for_overwrite(const at::Tensor& like);
+
+// Frees the cached CPU buffers (fusedmtl.empty_cache()).
+void empty_cpu_cache();
+// Bytes held by the cache.
+size_t cpu_cache_bytes();
 
 }  // namespace fusedmtl

@@ -24,15 +24,17 @@ struct LossParams {
                  // because autograd's mean backward divides grad_output before sign(d) multiplies it
 };
 
+// |x| with abs(-0) == +0, as torch.abs (adding +0 turns -0 into +0 and leaves NaN a NaN).
 template <typename C>
 FUSEDMTL_HOST_DEVICE C abs_of(C x) {
-  return x < C(0) ? -x : x;
+  return x < C(0) ? -x : x + C(0);
 }
 
-// torch.sign: 0 at 0 and at NaN.
+// torch.sign: 0 at 0 and at NaN. Selects rather than bool-to-float conversions, which GCC does
+// not vectorize next to a reduction.
 template <typename C>
 FUSEDMTL_HOST_DEVICE C sign_of(C x) {
-  return C(C(0) < x) - C(x < C(0));
+  return x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0));
 }
 
 template <bool kDivide, typename C>

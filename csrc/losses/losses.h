@@ -24,4 +24,15 @@ std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad);
 
+#ifdef FUSEDMTL_WITH_CUDA
+at::Tensor regression_loss_cuda(const at::Tensor& input, const at::Tensor& target,
+                                c10::string_view kind, double param, int64_t reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
+    int64_t reduction, bool input_grad, bool target_grad);
+std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad);
+#endif
+
 }  // namespace fusedmtl::losses

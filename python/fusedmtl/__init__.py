@@ -9,13 +9,22 @@ PyTorch.
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from fusedmtl import backend
-
-if backend._C is not None:
-    from fusedmtl.ops import native as _native  # noqa: F401  (fake and autograd registrations)
-
-from fusedmtl import nn, ops
+from fusedmtl import backend, nn, ops
 from fusedmtl.ops import huber_loss, l1_loss, mse_loss, smooth_l1_loss
 
 __version__ = "0.1.0"
-__all__ = ["backend", "huber_loss", "l1_loss", "mse_loss", "nn", "ops", "smooth_l1_loss"]
+__all__ = [
+    "backend", "empty_cache", "huber_loss", "l1_loss", "mse_loss", "nn", "ops", "smooth_l1_loss",
+]
+
+
+def empty_cache() -> None:
+    """Free the large CPU output buffers fusedmtl keeps for reuse.
+
+    Like ``torch.cuda.empty_cache`` for the CPU: gradients and element-wise losses of 4 MiB or more
+    are allocated from a cache of freed buffers, so a training loop does not page-fault on a fresh
+    buffer every step. Its size is bounded by ``FUSEDMTL_CPU_CACHE_MB`` (default 1024; 0 disables
+    it); ``fusedmtl.backend.info()["cpu_cache_bytes"]`` reports what it holds.
+    """
+    if backend._C is not None:
+        backend._C.empty_cpu_cache()

@@ -60,6 +60,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_runs_on(device_type: str) -> bool:
+    """True if the Triton kernels can run on this device type (CPU only under the interpreter)."""
+    if not triton_available():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def current() -> str:
     """The backend forced by :func:`use` or ``FUSEDMTL_BACKEND``, or ``'auto'``."""
     return _forced
@@ -67,7 +74,7 @@ def current() -> str:
 
 def select(device: torch.device | str) -> str:
     """The backend that runs for tensors on ``device``: 'native', 'triton' or 'reference'."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if _forced == "reference":
         return "reference"
     if _forced == "native":
@@ -75,9 +82,16 @@ def select(device: torch.device | str) -> str:
             raise RuntimeError(_native_unavailable_message(device_type))
         return "native"
     if _forced == "triton":
-        raise NotImplementedError("fusedmtl: the triton backend is not implemented yet")
+        if not triton_runs_on(device_type):
+            raise RuntimeError(
+                f"fusedmtl: the triton backend was forced but cannot run on {device_type!r} tensors: "
+                "it needs triton and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
+            )
+        return "triton"
     if native_available(device_type):
         return "native"
+    if device_type == "cuda" and triton_available():
+        return "triton"
     if _C is None:
         _warn_missing_extension()
     return "reference"
@@ -112,6 +126,7 @@ def info() -> dict:
         "extension_error": _C_IMPORT_ERROR,
         "extension_cuda": bool(_C.WITH_CUDA) if _C is not None else False,
         "cpu_capability": _C.cpu_capability() if _C is not None else None,
+        "cpu_cache_bytes": _C.cpu_cache_bytes() if _C is not None else 0,
         "triton": triton_version,
         "forced": _forced,
         "selected": {"cpu": _safe_select("cpu"), "cuda": _safe_select("cuda")},
@@ -122,7 +137,7 @@ def info() -> dict:
 def _safe_select(device_type: str) -> str:
     try:
         return select(device_type)
-    except (RuntimeError, NotImplementedError) as error:
+    except RuntimeError as error:
         return f"unavailable ({error})"
 
 

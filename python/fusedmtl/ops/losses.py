@@ -16,6 +16,9 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from fusedmtl import backend
 from fusedmtl.ops import naive
 
+if backend._C is not None:
+    from fusedmtl.ops.native import FusedLossWithGrad
+
 __all__ = ["smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss"]
 
 
@@ -112,49 +115,49 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction:
 def _regression_loss(
     kind: str, input: Tensor, target: Tensor, reduction: str, param: float, weight: Tensor | None
 ) -> Tensor:
-    if target.size() != input.size():
-        warnings.warn(
-            f"Using a target size ({target.size()}) that is different to the input size "
-            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
-            "Please ensure they have the same size.",
-            stacklevel=3,
-        )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
     if input.device != target.device:
         raise RuntimeError(
             f"Expected all tensors to be on the same device, but found input on {input.device} "
             f"and target on {target.device}"
         )
-    # torch's dtype rules: huber_loss computes in input's dtype, the others in the promoted one.
-    dtype = input.dtype if kind == "huber" else _result_type(input, target)
+    # torch's dtype rules: huber_loss computes in input's dtype, the others in the promoted one
+    # (torch broadcasts first, so a 0-dim target promotes like any other tensor).
+    dtype = input.dtype if kind == "huber" else torch.promote_types(input.dtype, target.dtype)
     if not dtype.is_floating_point:
+        if target.dtype.is_floating_point:  # huber of an integer input
+            raise RuntimeError(
+                f"result type {target.dtype} can't be cast to the desired output type {dtype}"
+            )
         if kind != "l1":  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
             raise NotImplementedError(f'"{kind}_loss" not implemented for \'{dtype}\'')
         return naive.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
-    input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
+    input, target = input.to(dtype), target.to(dtype)  # no-ops when the dtype is already right
+    if target.shape != input.shape:
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+        input, target = torch.broadcast_tensors(input, target)
 
     if weight is not None:
         return _weighted_loss(kind, input, target, reduction, param, weight)
     chosen = backend.select(input.device)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func transforms (grad, vmap, jacrev) do not support ops whose autograd is registered
+        # with torch.library.register_autograd yet; the reference supports them.
+        chosen = "reference"
     if chosen == "native":
-        from fusedmtl.ops.native import FusedLossWithGrad
-
         if reduction_code != 0 and _eager_gradient_wanted(input, target):
             return FusedLossWithGrad.apply(input, target, kind, param, reduction_code)
         return torch.ops.fusedmtl.regression_loss(input, target, kind, param, reduction_code)
+    if chosen == "triton":
+        from fusedmtl.ops import losses_triton  # noqa: F401  (registers the op on first use)
+
+        return torch.ops.fusedmtl.triton_regression_loss(input, target, kind, param, reduction_code)
     return naive.regression_loss(input, target, kind, param, reduction)
-
-
-def _result_type(input: Tensor, target: Tensor) -> torch.dtype:
-    """torch.result_type for two tensors, in a form torch.compile traces."""
-    if input.dtype == target.dtype:
-        return input.dtype
-    # A 0-dim tensor does not promote a dimensioned one of the same category (float vs integer).
-    if (input.dim() == 0) != (target.dim() == 0):
-        scalar, tensor = (input, target) if input.dim() == 0 else (target, input)
-        if scalar.dtype.is_floating_point == tensor.dtype.is_floating_point:
-            return tensor.dtype
-    return torch.promote_types(input.dtype, target.dtype)
 
 
 def _eager_gradient_wanted(input: Tensor, target: Tensor) -> bool:
@@ -166,7 +169,6 @@ def _eager_gradient_wanted(input: Tensor, target: Tensor) -> bool:
         and type(input) is Tensor
         and type(target) is Tensor
         and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
     )
 
 

@@ -9,8 +9,8 @@ implementations and autograd formulas, and the eager fast path:
 - :class:`FusedLossWithGrad`, used in eager mode on CPU when a gradient is needed, computes the
   gradient in the forward pass itself (``regression_loss_with_grad``) and hands that buffer to
   autograd as it is when grad_output is 1 (``loss.backward()``): 3N elements moved, the minimum.
-- Under create_graph=True both fall back to the differentiable formula of ``naive``, so double
-  backward gives torch's results.
+- Under create_graph=True both fall back to the differentiable formula of ``naive`` (see
+  loss_autograd.py), so double backward gives torch's results.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.ops import naive
-
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-_REDUCTION_NAMES = {value: name for name, value in REDUCTIONS.items()}
+from fusedmtl.ops.loss_autograd import REDUCTIONS, loss_backward, register_loss_autograd
 
 
 def _new_grad(input: Tensor, wanted: bool) -> Tensor:
@@ -45,52 +42,18 @@ def _regression_loss_backward_fake(
     return _new_grad(input, input_grad), _new_grad(input, target_grad)
 
 
-def loss_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    target: Tensor,
-    kind: str,
-    param: float,
-    reduction: int,
-    needs_input_grad: bool,
-    needs_target_grad: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """(grad_input, grad_target) of a loss, None where not needed."""
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        grad = naive.regression_loss_grad(
-            grad_output, input, target, kind, param, _REDUCTION_NAMES[reduction]
-        )
-        return (grad if needs_input_grad else None), (-grad if needs_target_grad else None)
-    grad_input, grad_target = torch.ops.fusedmtl.regression_loss_backward(
-        grad_output, input, target, kind, param, reduction, needs_input_grad, needs_target_grad
-    )
-    return (grad_input if needs_input_grad else None), (grad_target if needs_target_grad else None)
-
-
-def _setup_context(ctx, inputs, output):
-    input, target, kind, param, reduction = inputs
-    ctx.save_for_backward(input, target)
-    ctx.config = (kind, param, reduction)
-
-
-def _backward(ctx, grad_output):
-    input, target = ctx.saved_tensors
-    grads = loss_backward(grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2])
-    return *grads, None, None, None
-
-
-torch.library.register_autograd(
-    "fusedmtl::regression_loss", _backward, setup_context=_setup_context
-)
+register_loss_autograd("fusedmtl::regression_loss", torch.ops.fusedmtl.regression_loss_backward)
 
 
 class FusedLossWithGrad(torch.autograd.Function):
     """Eager CPU fast path for reduction mean/sum: the gradient is computed in the forward pass.
 
     In backward the buffer is returned as it is when grad_output == 1 (reading a CPU scalar costs
-    nothing), else scaled in place. The reference to it is dropped first, so that autograd can adopt
-    it as a leaf's .grad without a copy. A second backward (retain_graph=True) or double backward
-    recomputes instead.
+    nothing). The reference to it is dropped first, so that autograd can adopt it as a leaf's .grad
+    without a copy. Any other grad_output scales it in place where that gives torch's result bit
+    for bit (float32/float64 mse and smooth_l1, and l1 with reduction sum, whose kernels multiply by
+    grad_output last); elsewhere, like a second backward (retain_graph=True) or double backward,
+    the gradient is recomputed with grad_output folded in, which rounds once, as torch does.
     """
 
     @staticmethod
@@ -105,16 +68,23 @@ class FusedLossWithGrad(torch.autograd.Function):
             grad_input if needs_input_grad else None,
             grad_target if needs_target_grad else None,
         ]
+        ctx.scales_exactly = input.dtype in (torch.float32, torch.float64) and (
+            kind in ("mse", "smooth_l1") or (kind == "l1" and reduction == REDUCTIONS["sum"])
+        )
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         precomputed, ctx.precomputed = ctx.precomputed, None
-        if precomputed is None or torch.is_grad_enabled() or grad_output.device.type != "cpu":
+        scale = float(grad_output)  # a CPU scalar: no synchronisation
+        if precomputed is None or torch.is_grad_enabled() or (scale != 1.0 and not ctx.scales_exactly):
+            del precomputed  # back to the buffer cache before the recomputation allocates
             input, target = ctx.saved_tensors
-            grads = loss_backward(grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2])
+            grads = loss_backward(
+                torch.ops.fusedmtl.regression_loss_backward,
+                grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2],
+            )
             return *grads, None, None, None
-        scale = float(grad_output)
         if scale != 1.0:
             for grad in precomputed:
                 if grad is not None:

@@ -1,0 +1,282 @@
+// CUDA implementations of the loss ops. The per-element math is loss_math.h, the same code the CPU
+// kernels run (and the CPU tests cover).
+//
+// One kernel does every pass: grid-stride over the elements (16-byte vector loads when every
+// pointer is aligned), writing what the call asks for. Which outputs are wanted is a uniform
+// runtime branch rather than a template argument, to keep the number of instantiations (and the
+// compile time) small. Reductions write one partial sum per block (cub::BlockReduce) and a
+// one-block kernel adds the partials in a fixed order: no float atomics, so a result is the same
+// from run to run. The grid size depends only on the element count, so it is also the same on
+// every GPU. No host synchronisation: a scalar grad_output is read by the kernel from device memory.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "losses/loss_checks.h"
+#include "losses/loss_math.h"
+#include "losses/losses.h"
+
+namespace fusedmtl::losses {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 1024;  // a constant, not the SM count: results must not depend on the GPU
+constexpr int kVectorBytes = 16;
+
+template <typename S>
+struct LossPointers {
+  const S* input;
+  const S* target;
+  S* loss;                 // element-wise loss, or null
+  S* grad_input;           // or null
+  S* grad_target;          // or null
+  const S* grad_output;    // element-wise grad_output, or null
+  const S* grad_scalar;    // 0-dim grad_output on the device, or null (then grad_scale is used)
+};
+
+template <typename S, int kWidth>
+struct alignas(sizeof(S) * kWidth) Packed {
+  S values[kWidth];
+};
+
+template <LossKind K, typename S, int kWidth>
+__global__ void __launch_bounds__(kThreads)
+    loss_kernel(LossPointers<S> ptr, LossParams<at::opmath_type<S>> params, bool divide,
+                bool l1_mean, int64_t n, at::opmath_type<S>* block_sums) {
+  using C = at::opmath_type<S>;
+  using BlockReduce = cub::BlockReduce<C, kThreads>;
+  __shared__ typename BlockReduce::TempStorage reduce_storage;
+
+  if (ptr.grad_scalar != nullptr) {
+    params.grad_scale = static_cast<C>(*ptr.grad_scalar);
+    // autograd's mean backward divides grad_output by N in the tensor's dtype before sign(d)
+    if (l1_mean) params.grad_scale = static_cast<C>(static_cast<S>(params.grad_scale / C(n)));
+  }
+  const bool want_grad = ptr.grad_input != nullptr || ptr.grad_target != nullptr;
+
+  auto element = [&](C x, C y, C g, S* loss_out, S* grad_in_out, S* grad_tgt_out, C& sum) {
+    const C d = x - y;
+    if (block_sums != nullptr || loss_out != nullptr) {
+      const C value = divide ? loss_value<K, true>(d, params) : loss_value<K, false>(d, params);
+      sum += value;
+      if (loss_out != nullptr) *loss_out = static_cast<S>(value);
+    }
+    if (want_grad) {
+      const C grad = divide ? loss_grad<K, true>(d, g, params) : loss_grad<K, false>(d, g, params);
+      if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
+      if (grad_tgt_out != nullptr) *grad_tgt_out = static_cast<S>(-grad);
+    }
+  };
+
+  C sum = C(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kWidth;
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidth; base < n;
+       base += stride) {
+    if (kWidth > 1 && base + kWidth <= n) {
+      using P = Packed<S, kWidth>;
+      const P x = *reinterpret_cast<const P*>(ptr.input + base);
+      const P y = *reinterpret_cast<const P*>(ptr.target + base);
+      P g_in, g_out, l_out, g_tgt;
+      if (ptr.grad_output != nullptr) g_in = *reinterpret_cast<const P*>(ptr.grad_output + base);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const C g = ptr.grad_output != nullptr ? static_cast<C>(g_in.values[j]) : params.grad_scale;
+        element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), g,
+                ptr.loss ? &l_out.values[j] : nullptr, ptr.grad_input ? &g_out.values[j] : nullptr,
+                ptr.grad_target ? &g_tgt.values[j] : nullptr, sum);
+      }
+      if (ptr.loss) *reinterpret_cast<P*>(ptr.loss + base) = l_out;
+      if (ptr.grad_input) *reinterpret_cast<P*>(ptr.grad_input + base) = g_out;
+      if (ptr.grad_target) *reinterpret_cast<P*>(ptr.grad_target + base) = g_tgt;
+    } else {
+      for (int64_t i = base; i < n && i < base + kWidth; ++i) {
+        const C g = ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
+        element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), g,
+                ptr.loss ? ptr.loss + i : nullptr, ptr.grad_input ? ptr.grad_input + i : nullptr,
+                ptr.grad_target ? ptr.grad_target + i : nullptr, sum);
+      }
+    }
+  }
+  if (block_sums != nullptr) {
+    const C block_sum = BlockReduce(reduce_storage).Sum(sum);
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+  }
+}
+
+// Adds the block sums in a fixed order and writes the mean or the sum in the loss's dtype.
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    finish_reduction_kernel(const at::opmath_type<S>* block_sums, int num_blocks, bool mean,
+                            int64_t n, S* out) {
+  using C = at::opmath_type<S>;
+  using BlockReduce = cub::BlockReduce<C, kThreads>;
+  __shared__ typename BlockReduce::TempStorage reduce_storage;
+  C sum = C(0);
+  for (int b = threadIdx.x; b < num_blocks; b += kThreads) sum += block_sums[b];
+  const C total = BlockReduce(reduce_storage).Sum(sum);
+  // mean of an empty tensor is 0 / 0 = nan, as in torch
+  if (threadIdx.x == 0) *out = static_cast<S>(mean ? total / static_cast<C>(n) : total);
+}
+
+bool is_power_of_two(double x) {
+  int exponent;
+  return x > 0 && std::frexp(x, &exponent) == 0.5;
+}
+
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0; }
+
+template <typename S>
+bool all_aligned(const LossPointers<S>& ptr) {
+  for (const void* p : {static_cast<const void*>(ptr.input), static_cast<const void*>(ptr.target),
+                        static_cast<const void*>(ptr.loss), static_cast<const void*>(ptr.grad_input),
+                        static_cast<const void*>(ptr.grad_target),
+                        static_cast<const void*>(ptr.grad_output)}) {
+    if (p != nullptr && !aligned(p)) return false;
+  }
+  return true;
+}
+
+// Launches the kernel for one call; returns the 0-dim reduced loss when `reduced` is defined.
+template <typename S>
+void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n,
+                 const at::Tensor& reduced, double grad_scale) {
+  using C = at::opmath_type<S>;
+  LossParams<C> params;
+  params.param = static_cast<C>(config.param);
+  params.inv_param = static_cast<C>(1.0 / config.param);
+  params.norm = static_cast<C>(loss_norm(config, n));
+  params.grad_scale = static_cast<C>(grad_scale);
+  const bool divide = config.kind == LossKind::SmoothL1 && !is_power_of_two(config.param);
+  const bool l1_mean = config.kind == LossKind::L1 && config.reduction == Reduction::Mean;
+  constexpr int kWidth = kVectorBytes / sizeof(S);
+  const bool vectorized = all_aligned(ptr);
+  const int64_t per_block = static_cast<int64_t>(kThreads) * (vectorized ? kWidth : 1);
+  const int num_blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor block_sums;
+  C* block_sums_ptr = nullptr;
+  if (reduced.defined()) {
+    block_sums = at::empty({num_blocks}, reduced.options().dtype(c10::CppTypeToScalarType<C>::value));
+    block_sums_ptr = block_sums.mutable_data_ptr<C>();
+  }
+  auto launch = [&](auto kind_tag) {
+    constexpr LossKind K = decltype(kind_tag)::value;
+    if (vectorized) {
+      loss_kernel<K, S, kWidth><<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n,
+                                                                      block_sums_ptr);
+    } else {
+      loss_kernel<K, S, 1><<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n,
+                                                                 block_sums_ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (config.kind) {
+    case LossKind::L1:
+      launch(std::integral_constant<LossKind, LossKind::L1>{});
+      break;
+    case LossKind::MSE:
+      launch(std::integral_constant<LossKind, LossKind::MSE>{});
+      break;
+    case LossKind::SmoothL1:
+      launch(std::integral_constant<LossKind, LossKind::SmoothL1>{});
+      break;
+    case LossKind::Huber:
+      launch(std::integral_constant<LossKind, LossKind::Huber>{});
+      break;
+  }
+  if (reduced.defined()) {
+    finish_reduction_kernel<S><<<1, kThreads, 0, stream>>>(
+        block_sums_ptr, num_blocks, config.reduction == Reduction::Mean, n,
+        reduced.mutable_data_ptr<S>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor new_gradient(const at::Tensor& like, bool wanted) {
+  return wanted ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
+}
+
+template <typename S>
+S* optional_ptr(at::Tensor& t, bool wanted) {
+  return wanted ? t.mutable_data_ptr<S>() : nullptr;
+}
+
+}  // namespace
+
+at::Tensor regression_loss_cuda(const at::Tensor& input_, const at::Tensor& target_,
+                                c10::string_view kind, double param, int64_t reduction) {
+  const LossConfig config =
+      check_loss_args("fusedmtl::regression_loss", input_, target_, kind, param, reduction);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const bool reduce = config.reduction != Reduction::None;
+  at::Tensor out = reduce ? at::empty({}, input.options()) : at::empty(input.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_cuda", [&] {
+    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+                               reduce ? nullptr : out.mutable_data_ptr<scalar_t>(),
+                               nullptr, nullptr, nullptr, nullptr};
+    launch_loss<scalar_t>(config, ptr, input.numel(), reduce ? out : at::Tensor(), 1.0);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
+    const at::Tensor& input_, const at::Tensor& target_, c10::string_view kind, double param,
+    int64_t reduction, bool input_grad, bool target_grad) {
+  const LossConfig config = check_loss_args("fusedmtl::regression_loss_with_grad", input_, target_,
+                                            kind, param, reduction);
+  TORCH_CHECK(config.reduction != Reduction::None,
+              "fusedmtl::regression_loss_with_grad: reduction must be mean or sum");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  at::Tensor out = at::empty({}, input.options());
+  at::Tensor grad_input = new_gradient(input, input_grad);
+  at::Tensor grad_target = new_gradient(input, target_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_with_grad_cuda", [&] {
+    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+                               nullptr, optional_ptr<scalar_t>(grad_input, input_grad),
+                               optional_ptr<scalar_t>(grad_target, target_grad), nullptr, nullptr};
+    launch_loss<scalar_t>(config, ptr, input.numel(), out,
+                          loss_grad_scale(config, input.numel(), 1.0, input.scalar_type()));
+  });
+  return {out, grad_input, grad_target};
+}
+
+std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& target_,
+    c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad) {
+  const LossConfig config = check_loss_args("fusedmtl::regression_loss_backward", input_, target_,
+                                            kind, param, reduction);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const bool reduce = config.reduction != Reduction::None;
+  TORCH_CHECK(reduce ? grad_output_.numel() == 1 : grad_output_.sizes() == input.sizes(),
+              "fusedmtl::regression_loss_backward: grad_output must be a scalar for a reduced loss "
+              "and have the input's shape for reduction='none', but got ", grad_output_.sizes());
+  // Converted on the device: reading the scalar on the host would synchronise.
+  const at::Tensor grad_output = grad_output_.to(input.device(), input.scalar_type()).contiguous();
+  at::Tensor grad_input = new_gradient(input, input_grad);
+  at::Tensor grad_target = new_gradient(input, target_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_backward_cuda", [&] {
+    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+                               nullptr, optional_ptr<scalar_t>(grad_input, input_grad),
+                               optional_ptr<scalar_t>(grad_target, target_grad),
+                               reduce ? nullptr : g, reduce ? g : nullptr};
+    launch_loss<scalar_t>(config, ptr, input.numel(), at::Tensor(), 1.0);
+  });
+  return {grad_input, grad_target};
+}
+
+}  // namespace fusedmtl::losses

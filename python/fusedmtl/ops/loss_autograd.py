@@ -1,0 +1,61 @@
+"""Autograd of the loss ops, shared by every compiled backend (native and triton).
+
+Backward calls the backend's one-pass backward op, which recomputes the gradient from input and
+target with grad_output folded in; under create_graph=True it runs the differentiable formula of
+``naive`` instead, so that double backward gives torch's results.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedmtl.ops import naive
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTION_NAMES = {value: name for name, value in REDUCTIONS.items()}
+
+
+def loss_backward(
+    backward_op,
+    grad_output: Tensor,
+    input: Tensor,
+    target: Tensor,
+    kind: str,
+    param: float,
+    reduction: int,
+    needs_input_grad: bool,
+    needs_target_grad: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input, grad_target) of a loss, None where not needed.
+
+    backward_op has the schema of ``fusedmtl::regression_loss_backward``; under create_graph=True
+    the differentiable reference formula runs instead, so that double backward works.
+    """
+    if torch.is_grad_enabled():
+        grad = naive.regression_loss_grad(
+            grad_output, input, target, kind, param, REDUCTION_NAMES[reduction]
+        )
+        return (grad if needs_input_grad else None), (-grad if needs_target_grad else None)
+    grad_input, grad_target = backward_op(
+        grad_output, input, target, kind, param, reduction, needs_input_grad, needs_target_grad
+    )
+    return (grad_input if needs_input_grad else None), (grad_target if needs_target_grad else None)
+
+
+def register_loss_autograd(forward_op: str, backward_op) -> None:
+    """Autograd for a loss op of schema (input, target, kind, param, reduction) -> loss."""
+
+    def setup_context(ctx, inputs, output):
+        input, target, kind, param, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.config = (kind, param, reduction)
+
+    def backward(ctx, grad_output):
+        input, target = ctx.saved_tensors
+        grads = loss_backward(
+            backward_op, grad_output, input, target, *ctx.config, *ctx.needs_input_grad[:2]
+        )
+        return *grads, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
