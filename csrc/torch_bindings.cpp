@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "losses/losses.h"
+#include "multi_tensor/multi_tensor.h"
 
 TORCH_LIBRARY(fusedmtl, m) {
   // Regression losses. kind: 'l1' | 'mse' | 'smooth_l1' | 'huber'; param: beta (smooth_l1) or
@@ -13,12 +14,23 @@ TORCH_LIBRARY(fusedmtl, m) {
         " int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
   m.def("regression_loss_backward(Tensor grad_output, Tensor input, Tensor target, str kind,"
         " float param, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+
+  // Multi-tensor kernels over task gradients: grads holds K lists of P optional tensors, task i's
+  // gradient of parameter p at index i * P + p (None: the task does not reach the parameter).
+  m.def("multi_tensor_gramian(Tensor?[] grads, int num_tasks, bool diagonal_only) -> Tensor");
+  m.def("multi_tensor_combine(Tensor?[] grads, int num_tasks, Tensor coeffs, Tensor(a!)[] out,"
+        " bool accumulate) -> ()");
+  m.def("multi_tensor_add_l1_l2_penalty(Tensor[] params, Tensor(a!)[] grads, bool overwrite,"
+        " float l1, float l2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("regression_loss", &fusedmtl::losses::regression_loss_cpu);
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cpu);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cpu);
+  m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cpu);
+  m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cpu);
+  m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
 }
 
 #ifdef FUSEDMTL_WITH_CUDA

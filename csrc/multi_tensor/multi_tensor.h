@@ -1,0 +1,28 @@
+// The multi-tensor ops' implementations; schemas in csrc/torch_bindings.cpp.
+//
+// Task gradients arrive as one list of K * P optional tensors, row-major: task i's gradient of
+// parameter p at index i * P + p; None means the task does not reach the parameter (zeros).
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+namespace fusedmtl::multi_tensor {
+
+using TaskGrads = c10::List<std::optional<at::Tensor>>;
+
+// K x K Gramian of the task gradients (diagonal_only: the K squared norms), float32 for
+// float32/float16/bfloat16 gradients, float64 for float64.
+at::Tensor gramian_cpu(const TaskGrads& grads, int64_t num_tasks, bool diagonal_only);
+
+// out[p] (+)= sum_i coeffs[i] * grads[i * P + p], for P contiguous out tensors of the grads' dtype.
+void combine_cpu(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& coeffs,
+                 at::TensorList out, bool accumulate);
+
+// l1 * sum |w| + l2 * sum w^2 over params; writes (overwrite) or adds l1 sign(w) + 2 l2 w into grads.
+at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool overwrite, double l1,
+                             double l2);
+
+}  // namespace fusedmtl::multi_tensor

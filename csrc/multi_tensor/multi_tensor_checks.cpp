@@ -1,0 +1,52 @@
+#include "multi_tensor/multi_tensor_checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace fusedmtl::multi_tensor {
+
+at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+TaskGradTable check_task_grads(const char* op, const TaskGrads& grads, int64_t num_tasks) {
+  TORCH_CHECK(num_tasks >= 1, op, ": expected at least one task, got ", num_tasks);
+  const int64_t total = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(total % num_tasks == 0, op, ": ", total, " gradients are not ", num_tasks,
+              " equal task lists");
+  TaskGradTable table;
+  table.num_tasks = num_tasks;
+  table.num_params = total / num_tasks;
+  table.tensors.resize(total);
+  table.numel.assign(table.num_params, 0);
+  std::vector<int64_t> first_task(table.num_params, -1);
+  for (int64_t i = 0; i < num_tasks; ++i) {
+    for (int64_t p = 0; p < table.num_params; ++p) {
+      const std::optional<at::Tensor> entry = grads.get(i * table.num_params + p);
+      if (!entry.has_value() || !entry->defined()) continue;
+      const at::Tensor& g = *entry;
+      if (!table.any_defined) {
+        TORCH_CHECK(at::isFloatingType(g.scalar_type()), op, ": task ", i, " parameter ", p,
+                    ": gradients must be floating point, got ", g.scalar_type());
+        table.dtype = g.scalar_type();
+        table.device = g.device();
+        table.any_defined = true;
+      }
+      TORCH_CHECK(g.scalar_type() == table.dtype, op, ": task ", i, " parameter ", p, " has dtype ",
+                  g.scalar_type(), " but the other gradients have ", table.dtype);
+      TORCH_CHECK(g.device() == table.device, op, ": task ", i, " parameter ", p, " is on ",
+                  g.device(), " but the other gradients are on ", table.device);
+      if (first_task[p] < 0) {
+        first_task[p] = i;
+        table.numel[p] = g.numel();
+      } else {
+        const at::Tensor& first = table.at(first_task[p], p);
+        TORCH_CHECK(g.sizes() == first.sizes(), op, ": task ", i, " parameter ", p, " has shape ",
+                    g.sizes(), " but task ", first_task[p], " has ", first.sizes());
+      }
+      table.tensors[i * table.num_params + p] = g.contiguous();
+    }
+  }
+  return table;
+}
+
+}  // namespace fusedmtl::multi_tensor

@@ -1,0 +1,64 @@
+"""Pure-PyTorch reference of the multi-tensor ops (../shared/METHODS.md, sections 2 and 4).
+
+A loop over parameters with torch operations; the 'reference' backend runs it, on any device.
+``table`` is the validated task-gradient table of :mod:`fusedmtl.multi_tensor` (K lists of P
+tensors or None); results accumulate in float32 (float64 for float64 gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TaskGrads = Sequence[Sequence[Tensor | None]]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
+    """K x K inner products (diagonal_only: the K squared norms)."""
+    k = len(table)
+    acc = accumulate_dtype(dtype)
+    result = torch.zeros((k, k), dtype=acc, device=device)
+    for p in range(len(table[0])):
+        present = [grads[p] for grads in table if grads[p] is not None]
+        if not present:
+            continue
+        n = present[0].numel()
+        stacked = torch.stack([
+            grads[p].reshape(-1).to(acc) if grads[p] is not None else torch.zeros(n, dtype=acc, device=device)
+            for grads in table
+        ])
+        result += (stacked * stacked).sum(1).diag() if diagonal_only else stacked @ stacked.T
+    return result.diagonal().clone() if diagonal_only else result
+
+
+def combine(
+    table: TaskGrads, coeffs: Tensor, out: Sequence[Tensor], accumulate: bool
+) -> None:
+    """out[p] (+)= sum_i coeffs[i] * table[i][p], in the accumulation dtype, rounded once."""
+    for p, target in enumerate(out):
+        acc = accumulate_dtype(target.dtype)
+        total = target.to(acc) if accumulate else torch.zeros(target.shape, dtype=acc, device=target.device)
+        for i, grads in enumerate(table):
+            if grads[p] is not None:
+                total = total + coeffs[i].to(acc) * grads[p].to(acc)
+        target.copy_(total)
+
+
+def l1_l2_penalty(
+    params: Sequence[Tensor], grads: Sequence[Tensor], overwrite: bool, l1: float, l2: float
+) -> Tensor:
+    """l1 * sum |w| + l2 * sum w^2; writes or adds l1 sign(w) + 2 l2 w into grads."""
+    acc = accumulate_dtype(params[0].dtype) if params else torch.float32
+    total = torch.zeros((), dtype=acc, device=params[0].device if params else None)
+    for w, g in zip(params, grads):
+        w_acc = w.detach().to(acc)
+        total = total + l1 * w_acc.abs().sum() + l2 * (w_acc * w_acc).sum()
+        update = l1 * torch.sign(w_acc) + (2 * l2) * w_acc
+        g.copy_(update if overwrite else g.to(acc) + update)
+    return total
