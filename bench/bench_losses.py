@@ -644,7 +644,30 @@ def print_table(rows: Sequence[Row]) -> None:
     """The results table, with rich if it is installed, else as plain text."""
     columns = table_columns(rows)
     cells = [table_cells(row, columns) for row in rows]
-    title = "Forward+backward, float32, reduction='mean': median ms per step"
+    section_ends = [
+        next_row is not None and (next_row.n, next_row.threads) != (row.n, row.threads)
+        for row, next_row in zip(rows, [*rows[1:], None])
+    ]
+    render_table(
+        "Forward+backward, float32, reduction='mean': median ms per step",
+        columns, cells, left_columns=4, section_ends=section_ends,
+    )
+
+
+def render_table(
+    title: str,
+    columns: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    left_columns: int = 4,
+    section_ends: Sequence[bool] | None = None,
+    width: int = 160,
+) -> None:
+    """Prints a table of text cells, with rich if it is installed, else as plain text.
+
+    The first ``left_columns`` columns are left-aligned, the others (numbers) right-aligned;
+    ``section_ends[i]`` draws a rule under line i (rich only); ``width`` is rich's line width when
+    the output is not a terminal. Shared with the other benchmarks.
+    """
     try:
         from rich.console import Console
         from rich.table import Table
@@ -652,18 +675,19 @@ def print_table(rows: Sequence[Row]) -> None:
         print(title)
         widths = [max(len(c) for c in column) for column in zip(columns, *cells)]
         for line in [list(columns), *cells]:
-            text, numbers = zip(line[:4], widths[:4]), zip(line[4:], widths[4:])
+            text = zip(line[:left_columns], widths[:left_columns])
+            numbers = zip(line[left_columns:], widths[left_columns:])
             print("  ".join([c.ljust(w) for c, w in text] + [c.rjust(w) for c, w in numbers]))
         return
     table = Table(title=title)
     for i, column in enumerate(columns):
-        table.add_column(column, justify="right" if i >= 4 else "left", no_wrap=True)
-    for row, next_row, line in zip(rows, [*rows[1:], None], cells):
-        group_ends = next_row is not None and (next_row.n, next_row.threads) != (row.n, row.threads)
+        table.add_column(column, justify="right" if i >= left_columns else "left", no_wrap=True)
+    ends = list(section_ends) if section_ends is not None else [False] * len(cells)
+    for line, group_ends in zip(cells, ends):
         table.add_row(*line, end_section=group_ends)
     console = Console()
     if not console.is_terminal:  # piped or redirected: rich would assume 80 columns and squeeze
-        console = Console(width=160)
+        console = Console(width=width)
     console.print(table)
 
 

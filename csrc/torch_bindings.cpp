@@ -20,6 +20,8 @@ TORCH_LIBRARY(fusedmtl, m) {
   m.def("multi_tensor_gramian(Tensor?[] grads, int num_tasks, bool diagonal_only) -> Tensor");
   m.def("multi_tensor_combine(Tensor?[] grads, int num_tasks, Tensor coeffs, Tensor(a!)[] out,"
         " bool accumulate) -> ()");
+  m.def("multi_tensor_normalized_sum(Tensor?[] grads, int num_tasks, float eps, Tensor(a!)[] out,"
+        " bool accumulate) -> Tensor");
   m.def("multi_tensor_add_l1_l2_penalty(Tensor[] params, Tensor(a!)[] grads, bool overwrite,"
         " float l1, float l2) -> Tensor");
 }
@@ -30,6 +32,7 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cpu);
   m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cpu);
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cpu);
+  m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cpu);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
 }
 
@@ -38,5 +41,8 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("regression_loss", &fusedmtl::losses::regression_loss_cuda);
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cuda);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cuda);
+  m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cuda);
+  m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cuda);
+  m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cuda);
 }
 #endif

@@ -21,8 +21,20 @@ at::Tensor gramian_cpu(const TaskGrads& grads, int64_t num_tasks, bool diagonal_
 void combine_cpu(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& coeffs,
                  at::TensorList out, bool accumulate);
 
+// sum_i grads_i / (norm(grads_i) + eps) into out (as combine_cpu); returns the K norms.
+at::Tensor normalized_sum_cpu(const TaskGrads& grads, int64_t num_tasks, double eps,
+                              at::TensorList out, bool accumulate);
+
 // l1 * sum |w| + l2 * sum w^2 over params; writes (overwrite) or adds l1 sign(w) + 2 l2 w into grads.
 at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool overwrite, double l1,
                              double l2);
+
+#ifdef FUSEDMTL_WITH_CUDA
+at::Tensor gramian_cuda(const TaskGrads& grads, int64_t num_tasks, bool diagonal_only);
+void combine_cuda(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& coeffs,
+                  at::TensorList out, bool accumulate);
+at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double eps,
+                               at::TensorList out, bool accumulate);
+#endif
 
 }  // namespace fusedmtl::multi_tensor

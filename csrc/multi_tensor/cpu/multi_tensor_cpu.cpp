@@ -175,6 +175,14 @@ void combine_cpu(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& co
   });
 }
 
+at::Tensor normalized_sum_cpu(const TaskGrads& grads, int64_t num_tasks, double eps,
+                              at::TensorList out, bool accumulate) {
+  // Two passes: the norms, then the combination with coefficients 1 / (norm + eps).
+  const at::Tensor norms = gramian_cpu(grads, num_tasks, /*diagonal_only=*/true).sqrt_();
+  combine_cpu(grads, num_tasks, norms.to(at::kDouble).add(eps).reciprocal(), out, accumulate);
+  return norms;
+}
+
 at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool overwrite, double l1,
                              double l2) {
   const char* op = "fusedmtl::multi_tensor_l1_l2_penalty_";

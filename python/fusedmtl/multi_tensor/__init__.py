@@ -30,12 +30,12 @@ if backend._C is not None:
 
 def norms(task_grads: TaskGrads) -> Tensor:
     """The L2 norm of each task's whole gradient: Tensor[K]."""
-    return _gramian(task_grads, diagonal_only=True).sqrt()
+    return _gramian(*_validated(task_grads), diagonal_only=True).sqrt()
 
 
 def gramian(task_grads: TaskGrads) -> Tensor:
     """All inner products M[i, j] = <g_i, g_j> summed over the P tensors: Tensor[K, K]."""
-    return _gramian(task_grads, diagonal_only=False)
+    return _gramian(*_validated(task_grads), diagonal_only=False)
 
 
 def combine(
@@ -52,31 +52,10 @@ def combine(
     into them instead, the way autograd accumulates gradients.
     """
     table, dtype, device = _validated(task_grads)
-    k, num_params = len(table), len(table[0])
-    coeffs = _coefficients(coeffs, k, device)
-    if out is None:
-        shapes = [_shape_of(table, p) for p in range(num_params)]
-        result: list[Tensor | None] = [
-            torch.empty(shape, dtype=dtype, device=device) if shape is not None else None
-            for shape in shapes
-        ]
-        targets = [t for t in result if t is not None]
-        _combine_into(
-            [[grads[p] for p in range(num_params) if shapes[p] is not None] for grads in table],
-            coeffs, targets, accumulate=False,
-        )
-        return result
-    if len(out) != num_params:
-        raise ValueError(f"combine: {len(out)} output tensors for {num_params} parameters")
-    for p, target in enumerate(out):
-        shape = _shape_of(table, p)
-        if shape is not None and tuple(target.shape) != tuple(shape):
-            raise ValueError(
-                f"combine: output {p} has shape {tuple(target.shape)} but parameter {p}'s "
-                f"gradients have {tuple(shape)}"
-            )
-    _combine_into(table, coeffs, list(out), accumulate)
-    return list(out)
+    coeffs = _coefficients(coeffs, len(table), device)
+    result, table = _outputs(table, dtype, device, out)
+    _combine_into(table, coeffs, [t for t in result if t is not None], accumulate)
+    return result
 
 
 def normalized_sum(
@@ -87,12 +66,21 @@ def normalized_sum(
 ) -> tuple[list[Tensor | None], Tensor]:
     """sum_i g_i / (norm(g_i) + eps) and the norms: Su 2022's gradient normalisation.
 
-    Two passes over the gradients: their norms, then the weighted sum. A zero gradient gets a
-    finite coefficient 1 / eps and contributes nothing. Returns (P tensors, Tensor[K] norms).
+    Two passes over the gradients, their norms and then the weighted sum (one launch on CUDA).
+    A zero gradient gets the finite coefficient 1 / eps and contributes nothing.
+    Returns (P tensors as from :func:`combine`, Tensor[K] norms).
     """
-    task_norms = norms(task_grads)
-    combined = combine(task_grads, 1.0 / (task_norms + eps), out=out, accumulate=accumulate)
-    return combined, task_norms
+    table, dtype, device = _validated(task_grads)
+    result, columns = _outputs(table, dtype, device, out)
+    targets = [t for t in result if t is not None]
+    if _backend(device, dtype) == "native" and targets:
+        task_norms = _into_contiguous(targets, accumulate, lambda direct: (
+            torch.ops.fusedmtl.multi_tensor_normalized_sum(_flat(columns), len(table), float(eps), direct, accumulate)
+        ))
+        return result, task_norms
+    task_norms = _gramian(table, dtype, device, diagonal_only=True).sqrt()
+    _combine_into(columns, 1.0 / (task_norms + eps), targets, accumulate)
+    return result, task_norms
 
 
 def l1_l2_penalty_(params: Sequence[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
@@ -179,7 +167,12 @@ def _check_same(tensors: Sequence[Tensor], op: str, name) -> None:
 
 
 def _coefficients(coeffs, k: int, device: torch.device) -> Tensor:
-    coeffs = torch.as_tensor(coeffs, device=device) if not isinstance(coeffs, Tensor) else coeffs
+    if not isinstance(coeffs, Tensor):  # Python floats are doubles: keep them so for float64 grads
+        coeffs = torch.tensor([float(c) for c in coeffs], dtype=torch.float64)
+        if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            coeffs = coeffs.pin_memory().to(device, non_blocking=True)
+        else:
+            coeffs = coeffs.to(device)
     if coeffs.numel() != k:
         raise ValueError(f"combine: expected {k} coefficients (one per task), got {coeffs.numel()}")
     return coeffs.reshape(k)
@@ -189,38 +182,76 @@ def _flat(table) -> list[Tensor | None]:
     return [g for grads in table for g in grads]
 
 
-def _gramian(task_grads: TaskGrads, diagonal_only: bool) -> Tensor:
-    table, dtype, device = _validated(task_grads)
-    if backend.select(device) == "native" and dtype in _NATIVE_DTYPES:
+def _backend(device: torch.device, dtype: torch.dtype) -> str:
+    return backend.select(device) if dtype in _NATIVE_DTYPES else "reference"
+
+
+def _outputs(table, dtype, device, out):
+    """The result list (new tensors, or ``out`` checked) and the table restricted to the
+    parameters that have an output tensor."""
+    num_params = len(table[0])
+    shapes = [_shape_of(table, p) for p in range(num_params)]
+    if out is None:
+        result = [torch.empty(s, dtype=dtype, device=device) if s is not None else None for s in shapes]
+    else:
+        result = list(out)
+        if len(result) != num_params:
+            raise ValueError(f"multi_tensor: {len(result)} output tensors for {num_params} parameters")
+        for p, (target, shape) in enumerate(zip(result, shapes)):
+            if shape is not None and tuple(target.shape) != tuple(shape):
+                raise ValueError(
+                    f"multi_tensor: output {p} has shape {tuple(target.shape)} but parameter {p}'s "
+                    f"gradients have {tuple(shape)}"
+                )
+    columns = [[grads[p] for p, t in enumerate(result) if t is not None] for grads in table]
+    return result, columns
+
+
+def _into_contiguous(out: list[Tensor], accumulate: bool, kernel):
+    """Runs kernel(outputs) on contiguous outputs: the kernels need them, and a non-contiguous
+    one (rare for .grad) goes through a contiguous copy."""
+    direct = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in out]
+    for t, d in zip(out, direct):
+        if d is not t and accumulate:
+            d.copy_(t)
+    result = kernel(direct)
+    for t, d in zip(out, direct):
+        if d is not t:
+            t.copy_(d)
+    return result
+
+
+def _gramian(table, dtype, device, diagonal_only: bool) -> Tensor:
+    chosen = _backend(device, dtype)
+    if chosen == "native":
         return torch.ops.fusedmtl.multi_tensor_gramian(_flat(table), len(table), diagonal_only)
+    if chosen == "triton":
+        from fusedmtl.multi_tensor import triton_kernels
+
+        return triton_kernels.gramian(table, dtype, device, diagonal_only)
     return naive.gramian(table, dtype, device, diagonal_only)
 
 
 def _combine_into(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) -> None:
     if not out:
         return
-    device = out[0].device
-    if backend.select(device) == "native" and out[0].dtype in _NATIVE_DTYPES:
-        # The kernels write contiguous outputs; others (rare for .grad) go through a copy.
-        direct = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in out]
-        if accumulate:
-            for t, d in zip(out, direct):
-                if d is not t:
-                    d.copy_(t)
-        torch.ops.fusedmtl.multi_tensor_combine(_flat(table), len(table), coeffs, direct, accumulate)
-        for t, d in zip(out, direct):
-            if d is not t:
-                t.copy_(d)
-        return
-    naive.combine(table, coeffs, out, accumulate)
+    chosen = _backend(out[0].device, out[0].dtype)
+    if chosen == "native":
+        _into_contiguous(out, accumulate, lambda direct: torch.ops.fusedmtl.multi_tensor_combine(
+            _flat(table), len(table), coeffs, direct, accumulate
+        ))
+    elif chosen == "triton":
+        from fusedmtl.multi_tensor import triton_kernels
+
+        _into_contiguous(out, accumulate, lambda direct: triton_kernels.combine(table, coeffs, direct, accumulate))
+    else:
+        naive.combine(table, coeffs, out, accumulate)
 
 
 def _penalty(params: list[Tensor], overwrite: bool, l1: float, l2: float) -> Tensor:
     grads = [p.grad for p in params]
-    device = params[0].device
     if (
-        backend.select(device) == "native"
-        and params[0].dtype in _NATIVE_DTYPES
+        _backend(params[0].device, params[0].dtype) == "native"  # no Triton kernel: one small pass
         and all(t.is_contiguous() for t in (*params, *grads))
     ):
         return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(params, grads, overwrite, l1, l2)

@@ -2,7 +2,8 @@
 
 A loop over parameters with torch operations; the 'reference' backend runs it, on any device.
 ``table`` is the validated task-gradient table of :mod:`fusedmtl.multi_tensor` (K lists of P
-tensors or None); results accumulate in float32 (float64 for float64 gradients).
+tensors or None). Gramians accumulate in float64 and are returned in float32 (float64 for float64
+gradients); combinations are computed in float32 (float64) and rounded once.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
-    """K x K inner products (diagonal_only: the K squared norms)."""
+    """K x K inner products (diagonal_only: the K squared norms), accumulated in float64."""
     k = len(table)
-    acc = accumulate_dtype(dtype)
+    acc = torch.float64
     result = torch.zeros((k, k), dtype=acc, device=device)
     for p in range(len(table[0])):
         present = [grads[p] for grads in table if grads[p] is not None]
@@ -34,6 +35,7 @@ def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal
             for grads in table
         ])
         result += (stacked * stacked).sum(1).diag() if diagonal_only else stacked @ stacked.T
+    result = result.to(accumulate_dtype(dtype))
     return result.diagonal().clone() if diagonal_only else result
 
 

@@ -29,6 +29,11 @@ def _combine_fake(grads, num_tasks, coeffs, out, accumulate):
     return None
 
 
+@torch.library.register_fake("fusedmtl::multi_tensor_normalized_sum")
+def _normalized_sum_fake(grads, num_tasks, eps, out, accumulate):
+    return _gramian_fake(grads, num_tasks, True)
+
+
 @torch.library.register_fake("fusedmtl::multi_tensor_add_l1_l2_penalty")
 def _penalty_fake(params, grads, overwrite, l1, l2):
     dtype = accumulate_dtype(params[0].dtype) if params else torch.float32
