@@ -855,11 +855,14 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run_cli(bench, argv: Sequence[str] | None = None) -> int:
+    """The command line of a benchmark module: parse, sweep, print the table, the side notes and
+    the targets, write the JSON. ``bench`` provides build_parser, config_from_args, run_sweep,
+    check_targets, print_table, print_side_notes, targets_line and write_json."""
+    parser = bench.build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = bench.config_from_args(args)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     env = environment(config.device)
@@ -870,21 +873,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}, device {config.device}",
         file=sys.stderr,
     )
-    rows = run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = bench.run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     env["loadavg_end"] = list(os.getloadavg())
     env["elapsed_s"] = round(time.perf_counter() - started, 1)
-    targets = check_targets(rows)
-    print_table(rows)
-    print_side_notes(rows)
-    print(targets_line(targets))
+    targets = bench.check_targets(rows)
+    bench.print_table(rows)
+    bench.print_side_notes(rows)
+    print(bench.targets_line(targets))
     print(
         f"({env['elapsed_s']} s; 1-minute load average {env['loadavg'][0]:.2f} at start, "
         f"{env['loadavg_end'][0]:.2f} at end)"
     )
     if args.json:
-        write_json(args.json, env, config, rows, targets)
+        bench.write_json(args.json, env, config, rows, targets)
         print(f"wrote {args.json}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

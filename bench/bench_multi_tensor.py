@@ -91,6 +91,7 @@ from bench_losses import (  # noqa: E402
     measure_copy_bandwidth,
     parse_threads,
     render_table,
+    run_cli,
     time_interleaved,
 )
 
@@ -780,35 +781,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
-    env = environment(config.device)
-    started = time.perf_counter()
-    print(
-        f"torch {env['torch']}, fusedmtl backend {env['backend']['selected']}, "
-        f"CPU {env['cpu_model']} x{env['cpu_count']}, load {env['loadavg'][0]:.2f}, "
-        f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}, device {config.device}",
-        file=sys.stderr,
-    )
-    rows = run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    env["loadavg_end"] = list(os.getloadavg())
-    env["elapsed_s"] = round(time.perf_counter() - started, 1)
-    targets = check_targets(rows)
-    print_table(rows)
-    print_side_notes(rows)
-    print(targets_line(targets))
-    print(
-        f"({env['elapsed_s']} s; 1-minute load average {env['loadavg'][0]:.2f} at start, "
-        f"{env['loadavg_end'][0]:.2f} at end)"
-    )
-    if args.json:
-        write_json(args.json, env, config, rows, targets)
-        print(f"wrote {args.json}")
-    return 0
+    return run_cli(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,19 @@ LargeBufferCache& large_buffer_cache() {
 
 }  // namespace
 
+ScalarKind scalar_kind(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return ScalarKind::Double;
+    case at::kHalf:
+      return ScalarKind::Half;
+    case at::kBFloat16:
+      return ScalarKind::BFloat16;
+    default:
+      return ScalarKind::Float;
+  }
+}
+
 at::Tensor empty_for_overwrite(const at::Tensor& like) {
   const at::TensorOptions options = like.options().memory_format(at::MemoryFormat::Contiguous);
   const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();

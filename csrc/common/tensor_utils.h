@@ -4,7 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "common/cpu_scalar.h"
+
 namespace fusedmtl {
+
+// The CPU kernels' name for a floating dtype (float32 for anything they do not take).
+ScalarKind scalar_kind(at::ScalarType dtype);
 
 // A contiguous tensor with the shape and options of `like`, for an op to write every element of.
 // Large CPU buffers come from a bounded cache of freed ones (see tensor_utils.cpp): a fresh one

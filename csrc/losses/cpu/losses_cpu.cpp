@@ -22,19 +22,6 @@ constexpr int64_t kBlock = 16384;
 // Fewer elements than this run on the calling thread: waking threads costs more than they save.
 constexpr int64_t kGrainBlocks = 4;
 
-ScalarKind scalar_kind(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble:
-      return ScalarKind::Double;
-    case at::kHalf:
-      return ScalarKind::Half;
-    case at::kBFloat16:
-      return ScalarKind::BFloat16;
-    default:
-      return ScalarKind::Float;
-  }
-}
-
 cpu::LossKernelArgs kernel_args(const LossConfig& config, const at::Tensor& input,
                                 const at::Tensor& target) {
   cpu::LossKernelArgs args{};

@@ -13,6 +13,7 @@
 #include <ATen/ops/scalar_tensor.h>
 
 #include "common/cpu_capability.h"
+#include "common/tensor_utils.h"
 #include "multi_tensor/cpu/multi_tensor_kernels.h"
 #include "multi_tensor/multi_tensor_checks.h"
 
@@ -52,19 +53,6 @@ void for_each_item(const std::vector<WorkItem>& items, int64_t total, const F& f
   at::parallel_for(0, n, total < kParallelMinElements ? n : 1, [&](int64_t first, int64_t last) {
     for (int64_t it = first; it < last; ++it) f(it, items[it]);
   });
-}
-
-ScalarKind scalar_kind(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble:
-      return ScalarKind::Double;
-    case at::kHalf:
-      return ScalarKind::Half;
-    case at::kBFloat16:
-      return ScalarKind::BFloat16;
-    default:
-      return ScalarKind::Float;
-  }
 }
 
 // Pointers to element `begin` of the tasks that reach `param`, and those tasks' indices.

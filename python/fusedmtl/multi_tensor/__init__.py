@@ -223,6 +223,9 @@ def _into_contiguous(out: list[Tensor], accumulate: bool, kernel):
 
 def _gramian(table, dtype, device, diagonal_only: bool) -> Tensor:
     chosen = _backend(device, dtype)
+    if all(g is None for grads in table for g in grads):  # nothing to sum, and no device to run on
+        k = len(table)
+        return torch.zeros((k,) if diagonal_only else (k, k), dtype=naive.accumulate_dtype(dtype), device=device)
     if chosen == "native":
         return torch.ops.fusedmtl.multi_tensor_gramian(_flat(table), len(table), diagonal_only)
     if chosen == "triton":

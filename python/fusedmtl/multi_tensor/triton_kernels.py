@@ -103,7 +103,9 @@ def _work_table(table, outs: list[Tensor] | None, device: torch.device) -> tuple
             row.append(min(CHUNK, numel - begin))
             row += [g.data_ptr() + begin * size if g is not None else 0 for g in grads]
             rows.append(row)
-    cpu = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+    if not rows:
+        return torch.empty(0, dtype=torch.int64, device=device), 0
+    cpu = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":  # pinned, so the copy does not wait for the host
         return cpu.pin_memory().to(device, non_blocking=True), len(rows)
     return cpu, len(rows)
