@@ -322,8 +322,26 @@ def make_inputs(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tens
 # One row: a loss at one size, thread count and backward variant
 
 
+class ContenderResults:
+    """Medians and ratios of a benchmark row; the row provides ``stats`` (contender -> Stats) and
+    ``bound_ms``. Shared by the loss and multi-tensor benchmarks."""
+
+    def median(self, contender: str) -> float | None:
+        stats = self.stats.get(contender)
+        return stats.median_ms if stats else None
+
+    def ratio(self, contender: str) -> float | None:
+        """contender's median / fused's median: how many times faster fused is (>1: fused wins)."""
+        mine, fused = self.median(contender), self.median("fused")
+        return mine / fused if mine and fused else None
+
+    def fraction_of_bound(self, contender: str) -> float | None:
+        median = self.median(contender)
+        return self.bound_ms / median if median else None
+
+
 @dataclass
-class Row:
+class Row(ContenderResults):
     """The measurements of one (loss, N, threads, variant): per-contender step statistics."""
 
     loss: str
@@ -343,18 +361,6 @@ class Row:
     def bound_ms(self) -> float:
         return bound_ms(self.n, self.bandwidth)
 
-    def median(self, contender: str) -> float | None:
-        stats = self.stats.get(contender)
-        return stats.median_ms if stats else None
-
-    def ratio(self, contender: str) -> float | None:
-        """contender's median / fused's median: how many times faster fused is (>1: fused wins)."""
-        mine, fused = self.median(contender), self.median("fused")
-        return mine / fused if mine and fused else None
-
-    def fraction_of_bound(self, contender: str) -> float | None:
-        median = self.median(contender)
-        return self.bound_ms / median if median else None
 
 
 def measure_row(

@@ -85,6 +85,7 @@ from bench_losses import (  # noqa: E402
     DEFAULT_WARMUP,
     Bandwidth,
     Clock,
+    ContenderResults,
     CopyBuffers,
     Stats,
     environment,
@@ -374,7 +375,7 @@ def measure_extra_bytes(fn: Callable[[], object], device: torch.device) -> int |
 
 
 @dataclass
-class Row:
+class Row(ContenderResults):
     """The measurements of one (op, threads): per-contender statistics in ms per call."""
 
     op: str
@@ -398,18 +399,6 @@ class Row:
     def bound_ms(self) -> float:
         return self.bytes / (self.bandwidth.gbytes_per_s * 1e9) * 1e3
 
-    def median(self, contender: str) -> float | None:
-        stats = self.stats.get(contender)
-        return stats.median_ms if stats else None
-
-    def ratio(self, contender: str) -> float | None:
-        """contender's median / fused's median: how many times faster fused is (>1: fused wins)."""
-        mine, fused = self.median(contender), self.median("fused")
-        return mine / fused if mine and fused else None
-
-    def fraction_of_bound(self, contender: str) -> float | None:
-        median = self.median(contender)
-        return self.bound_ms / median if median else None
 
     def extra_bytes(self, contender: str) -> int | None:
         """What the table shows: the estimate on the CPU, the measurement on CUDA."""
