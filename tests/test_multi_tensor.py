@@ -612,6 +612,29 @@ def test_out_twice_accumulates(backend, dtype):
     check_combine(prob, c, out, "combine overwritten")
 
 
+@pytest.mark.parametrize("dtype", dtype_params([torch.float32, torch.float64]))
+@pytest.mark.parametrize("layout", OUT_LAYOUTS)
+def test_combine_into_grad_accumulates_like_autograd(backend, layout, dtype):
+    """Existing .grad: += the combination (as combine(out=, accumulate=True)); .grad None: set to
+    it (as combine()); a parameter no task reaches keeps its .grad, even None."""
+    prob = problem_for(layout, dtype, backend)
+    params = _grads_like(prob)
+    for p in range(0, prob.P, 2):
+        params[p].grad = None
+    c = random_coeffs(prob.K)
+    before = [None if w.grad is None else w.grad.clone() for w in params]
+    fresh = mt.combine(prob.lists(), c)
+    accumulated = mt.combine(prob.lists(), c, out=[b.clone() if b is not None else torch.zeros_like(w) for b, w in zip(before, params)], accumulate=True)
+    mt.combine_into_grad_(params, prob.lists(), c)
+    for p, w in enumerate(params):
+        if fresh[p] is None:  # no task reaches p
+            assert (w.grad is None) if before[p] is None else torch.equal(w.grad, before[p]), f"parameter {p}"
+        elif before[p] is None:
+            assert torch.equal(w.grad, fresh[p]), f"parameter {p} (created)"
+        else:
+            assert torch.equal(w.grad, accumulated[p]), f"parameter {p} (accumulated)"
+
+
 # --------------------------------------------------------------------------------------------
 # K = 1..8, tuples as sequences
 

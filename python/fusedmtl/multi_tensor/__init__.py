@@ -20,7 +20,7 @@ from torch import Tensor
 from fusedmtl import backend
 from fusedmtl.multi_tensor import naive
 
-__all__ = ["combine", "gramian", "l1_l2_penalty_", "normalized_sum", "norms"]
+__all__ = ["combine", "combine_into_grad_", "gramian", "l1_l2_penalty_", "normalized_sum", "norms"]
 
 TaskGrads = Sequence[Sequence["Tensor | None"]]
 
@@ -33,9 +33,11 @@ def norms(task_grads: TaskGrads) -> Tensor:
     return _gramian(*_validated(task_grads), diagonal_only=True).sqrt()
 
 
-def gramian(task_grads: TaskGrads) -> Tensor:
-    """All inner products M[i, j] = <g_i, g_j> summed over the P tensors: Tensor[K, K]."""
-    return _gramian(*_validated(task_grads), diagonal_only=False)
+def gramian(task_grads: TaskGrads, diagonal_only: bool = False) -> Tensor:
+    """All inner products M[i, j] = <g_i, g_j> summed over the P tensors: Tensor[K, K]; with
+    ``diagonal_only`` just the squared norms M[i, i]: Tensor[K] (K dot products instead of
+    K (K + 1) / 2, the same single pass over memory)."""
+    return _gramian(*_validated(task_grads), diagonal_only=diagonal_only)
 
 
 def combine(
@@ -94,16 +96,26 @@ def l1_l2_penalty_(params: Sequence[Tensor], l1: float = 0.0, l2: float = 0.0) -
     _check_same(params, "l1_l2_penalty_", lambda p: f"parameter {p}")
     total = None
     with torch.no_grad():
-        for overwrite in (False, True):
-            chosen = [p for p in params if (p.grad is None) == overwrite]
-            if not chosen:
-                continue
-            if overwrite:
-                for p in chosen:
-                    p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            part = _penalty(chosen, overwrite, float(l1), float(l2))
+        for chosen, fresh in _by_grad_existence(params):
+            part = _penalty([params[p] for p in chosen], fresh, float(l1), float(l2))
             total = part if total is None else total + part
     return total
+
+
+def combine_into_grad_(params: Sequence[Tensor], task_grads: TaskGrads, coeffs: Tensor | Sequence[float]) -> None:
+    """p.grad += sum_i coeffs[i] * task_grads[i][p] for every parameter p, creating .grad where it
+    is None, the way autograd accumulates (a parameter no task reaches keeps its .grad).
+    The update of a shared model from per-task gradients, in one pass over them."""
+    params = list(params)
+    table, dtype, device = _validated(task_grads)
+    if len(table[0]) != len(params):
+        raise ValueError(f"combine_into_grad_: {len(params)} parameters but {len(table[0])} gradients per task")
+    coeffs = _coefficients(coeffs, len(table), device)
+    reached = [p for p in range(len(params)) if _shape_of(table, p) is not None]
+    with torch.no_grad():
+        for chosen, fresh in _by_grad_existence([params[p] for p in reached]):
+            columns = [[grads[reached[p]] for p in chosen] for grads in table]
+            _combine_into(columns, coeffs, [params[reached[p]].grad for p in chosen], accumulate=not fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +160,20 @@ def _validated(task_grads: TaskGrads) -> tuple[list[list[Tensor | None]], torch.
                     f"{first} has {tuple(shape)}"
                 )
     return table, dtype or torch.float32, device or torch.device("cpu")
+
+
+def _by_grad_existence(params: list[Tensor]):
+    """(indices, fresh) for the parameters that have a .grad (fresh False: accumulate into it)
+    and for those that had none (fresh True: given an uninitialised contiguous .grad to
+    overwrite, saving the pass that zeroing it would cost)."""
+    for fresh in (False, True):
+        chosen = [p for p, param in enumerate(params) if (param.grad is None) == fresh]
+        if not chosen:
+            continue
+        if fresh:
+            for p in chosen:
+                params[p].grad = torch.empty_like(params[p], memory_format=torch.contiguous_format)
+        yield chosen, fresh
 
 
 def _shape_of(table, p: int):

@@ -1,0 +1,5 @@
+import sys
+
+from fusedmtl.demo import main
+
+sys.exit(main())

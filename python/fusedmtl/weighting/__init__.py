@@ -1,0 +1,64 @@
+"""Multi-task weighting modules (../shared/METHODS.md, sections 3 and 4).
+
+Loss-based (``forward(losses)`` is the total loss; ``backward(losses)`` backpropagates it):
+Fixed, InitialLoss, PriorLoss, RealTime, GeneralizedMean, AnchorToMain, Uncertainty, DWA, RLW,
+FAMO.
+
+Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
+.grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
+GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL.
+
+    weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
+    weighting.backward({"depth": depth_loss, "seg": seg_loss})
+    optimizer.step(); optimizer.zero_grad()
+"""
+
+from fusedmtl.weighting.aligned_mtl import AlignedMTL
+from fusedmtl.weighting.base import Weighting
+from fusedmtl.weighting.cagrad import CAGrad
+from fusedmtl.weighting.db_mtl import DBMTL
+from fusedmtl.weighting.famo import FAMO
+from fusedmtl.weighting.grad_normalization import GradNormalization
+from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.gradnorm import GradNorm
+from fusedmtl.weighting.imtl import IMTLG
+from fusedmtl.weighting.loss_based import (
+    DWA,
+    RLW,
+    AnchorToMain,
+    Fixed,
+    GeneralizedMean,
+    InitialLoss,
+    LossWeighting,
+    PriorLoss,
+    RealTime,
+    Uncertainty,
+    initial_loss_cross_entropy,
+    initial_loss_l2,
+    prior_loss_classification,
+    prior_loss_l1,
+    prior_loss_l2,
+)
+from fusedmtl.weighting.mgda import MGDA
+from fusedmtl.weighting.nash_mtl import NashMTL
+from fusedmtl.weighting.pcgrad import PCGrad
+from fusedmtl.weighting.upgrad import UPGrad
+
+LOSS_BASED = {
+    "fixed": Fixed, "initial_loss": InitialLoss, "prior_loss": PriorLoss, "real_time": RealTime,
+    "generalized_mean": GeneralizedMean, "anchor_to_main": AnchorToMain, "uncertainty": Uncertainty,
+    "dwa": DWA, "rlw": RLW, "famo": FAMO,
+}
+GRADIENT_BASED = {
+    "grad_normalization": GradNormalization, "gradnorm": GradNorm, "mgda": MGDA, "pcgrad": PCGrad,
+    "cagrad": CAGrad, "imtl_g": IMTLG, "aligned_mtl": AlignedMTL, "nash_mtl": NashMTL, "upgrad": UPGrad,
+    "db_mtl": DBMTL,
+}
+
+__all__ = [
+    "DBMTL", "DWA", "FAMO", "GRADIENT_BASED", "IMTLG", "LOSS_BASED", "MGDA", "RLW", "AlignedMTL",
+    "AnchorToMain", "CAGrad", "Fixed", "GeneralizedMean", "GradNorm", "GradNormalization",
+    "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
+    "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
+    "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
+]

@@ -1,0 +1,46 @@
+"""Aligned-MTL: aligning the gradient system's condition number (Senushkin et al. 2023)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedmtl.weighting.gradient_based import GradientWeighting
+
+SCALE_MODES = ("min", "median", "rmse")
+
+
+class AlignedMTL(GradientWeighting):
+    """Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023.
+
+    With the eigendecomposition M = V diag(lambda) V^T of the Gramian, the aligned system has
+    B = sigma V diag(lambda)^-1/2 V^T and c = B w with w = 1/K: the task gradients are replaced
+    by orthogonal ones of equal norm sigma spanning the same space, condition number 1.
+    Eigenvalues below lambda_max K eps (rank deficiency: identical, opposite or zero gradients)
+    are dropped, as in the paper's code. sigma = sqrt of the smallest kept eigenvalue ('min', the
+    paper), of their median ('median') or of their mean ('rmse').
+    """
+
+    def __init__(self, shared_params, tasks, *, scale_mode: str = "min", **kwargs) -> None:
+        super().__init__(shared_params, tasks, **kwargs)
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+        self.scale_mode = scale_mode
+
+    def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        m = gramian.detach().to("cpu", torch.float64)
+        k = m.shape[0]
+        eigenvalues, eigenvectors = torch.linalg.eigh(m)
+        kept = eigenvalues > eigenvalues.max() * k * torch.finfo(torch.float64).eps
+        if not bool(kept.any()):  # all gradients zero
+            return torch.zeros(k, dtype=gramian.dtype)
+        eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
+        if self.scale_mode == "min":
+            sigma = eigenvalues.min().sqrt()
+        elif self.scale_mode == "median":
+            sigma = eigenvalues.median().sqrt()
+        else:
+            sigma = eigenvalues.mean().sqrt()
+        b = sigma * (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
+        return (b @ torch.full((k,), 1.0 / k, dtype=torch.float64)).to(gramian.dtype)

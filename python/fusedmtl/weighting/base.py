@@ -1,0 +1,142 @@
+"""The framework every weighting shares: task names, input checks, what users log.
+
+A weighting is a torch.nn.Module that turns K scalar task losses into one update of a shared
+model. ``backward(losses)`` writes that update into every parameter's .grad, accumulating like
+autograd, so a training loop reads
+
+    weighting.backward(losses)      # losses: a sequence, or a dict {task name: loss}
+    optimizer.step()
+    optimizer.zero_grad()
+
+State a method keeps (initial losses, histories, learned weights, their optimizer) lives in
+buffers, parameters and the module's extra state, so ``state_dict()`` / ``load_state_dict()``
+resume a run with exactly the weights it would have had.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusedmtl.weighting import distributed
+
+Losses = Sequence[Tensor] | Mapping[str, Tensor]
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+
+class SkipStep(Exception):
+    """Raised inside a weighting when the step is skipped (non-finite losses, policy 'skip')."""
+
+
+class Weighting(nn.Module):
+    """Base class: task bookkeeping, loss checks and the logged quantities.
+
+    Args:
+        tasks: the number of tasks K, or their names (used as keys in :meth:`log`; a dict of
+            losses must then have exactly these keys).
+        on_nonfinite: what a NaN or infinite loss does: 'raise' (ValueError), 'skip' (a warning,
+            and the step leaves every .grad and the method's state untouched) or 'ignore' (no
+            check of the losses, and so no host synchronisation for it). Gradient-based methods
+            apply the same policy to non-finite task gradients; under 'ignore' (or with a
+            GradScaler) those pass through unweighted, so the non-finite .grad is visible.
+
+    Attributes for logging (None before the first step): ``last_weights`` Tensor[K], the weight
+    or coefficient each task got; gradient-based methods add ``last_grad_norms`` Tensor[K] and
+    ``last_cosine`` Tensor[K, K] (when the method computes the full Gramian, or track_conflict).
+    """
+
+    def __init__(self, tasks: int | Sequence[str], on_nonfinite: str = "raise") -> None:
+        super().__init__()
+        if isinstance(tasks, int):
+            if tasks < 1:
+                raise ValueError(f"{type(self).__name__}: tasks must be at least 1, got {tasks}")
+            self.task_names = [str(i) for i in range(tasks)]
+            self._named = False
+        else:
+            self.task_names = [str(name) for name in tasks]
+            if not self.task_names or len(set(self.task_names)) != len(self.task_names):
+                raise ValueError(f"{type(self).__name__}: task names must be distinct and non-empty, got {tasks!r}")
+            self._named = True
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"{type(self).__name__}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.last_weights: Tensor | None = None
+        self.last_grad_norms: Tensor | None = None
+        self.last_cosine: Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def log(self) -> dict[str, float]:
+        """The last step's weights (and gradient norms and cosine similarities, where known) as
+        floats keyed 'weight/<task>', 'grad_norm/<task>', 'cosine/<task>,<task>'. Synchronises
+        with the device: call it when logging, not every step."""
+        out: dict[str, float] = {}
+        names = self.task_names
+        if self.last_weights is not None:
+            out.update({f"weight/{n}": float(w) for n, w in zip(names, self.last_weights.tolist())})
+        if self.last_grad_norms is not None:
+            out.update({f"grad_norm/{n}": float(g) for n, g in zip(names, self.last_grad_norms.tolist())})
+        if self.last_cosine is not None:
+            cosine = self.last_cosine.tolist()
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    out[f"cosine/{names[i]},{names[j]}"] = cosine[i][j]
+        return out
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    def _checked_losses(self, losses: Losses) -> list[Tensor]:
+        """The losses as a list of 0-dim tensors in task order; raises on malformed input and
+        applies the non-finite policy (SkipStep)."""
+        name = type(self).__name__
+        if isinstance(losses, Mapping):
+            keys = [str(k) for k in losses]
+            if not self._named and len(keys) == self.num_tasks:  # names come from the first dict
+                self.task_names, self._named = keys, True
+            if sorted(keys) != sorted(self.task_names):
+                raise ValueError(f"{name}: expected losses for tasks {self.task_names}, got {keys}")
+            by_name = {str(k): v for k, v in losses.items()}
+            losses = [by_name[n] for n in self.task_names]
+        elif isinstance(losses, Tensor):
+            losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
+        else:
+            losses = list(losses)
+        if len(losses) != self.num_tasks:
+            raise ValueError(f"{name}: expected {self.num_tasks} losses (one per task), got {len(losses)}")
+        checked = []
+        for task, loss in zip(self.task_names, losses):
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"{name}: the loss of task {task!r} must be a tensor, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{name}: the loss of task {task!r} has shape {tuple(loss.shape)}; expected a scalar "
+                    "(reduce it with .mean() or .sum() first)"
+                )
+            if not loss.is_floating_point():
+                raise ValueError(f"{name}: the loss of task {task!r} must be floating point, got {loss.dtype}")
+            if loss.device != losses[0].device:
+                raise ValueError(f"{name}: losses are on different devices ({losses[0].device}, {loss.device})")
+            checked.append(loss.reshape(()))
+        if self.on_nonfinite != "ignore":
+            finite = torch.stack([loss.detach() for loss in checked]).isfinite().tolist()
+            if not all(finite):
+                bad = [task for task, ok in zip(self.task_names, finite) if not ok]
+                message = f"{name}: non-finite loss for task(s) {bad}"
+                if self.on_nonfinite == "raise":
+                    raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
+                warnings.warn(message + "; skipping this step", stacklevel=3)
+                raise SkipStep(message)
+        return checked
+
+    def _loss_values(self, losses: list[Tensor]) -> Tensor:
+        """The detached losses as a float Tensor[K], averaged across data-parallel ranks (so
+        every rank derives the same weights from them)."""
+        values = torch.stack([loss.detach().float() if loss.dtype != torch.float64 else loss.detach() for loss in losses])
+        size = distributed.world_size()
+        return distributed.sum_(values) / size if size > 1 else values
+

@@ -1,0 +1,64 @@
+"""FAMO: fast adaptive multitask optimisation (Liu et al. 2023), loss-based, O(1) per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fusedmtl.weighting.loss_based import LossWeighting
+from fusedmtl.weighting.state import BufferOptimizer
+
+
+class FAMO(LossWeighting):
+    """Liu, Liang, Chen, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023.
+
+    Task logits xi (start at 0), z = softmax(xi). The total is sum_i z_i log(L_i + eps) / c with
+    c = sg(sum_i z_i / (L_i + eps)), so the update is sum_i (z_i / (c (L_i + eps))) grad L_i:
+    a convex combination in log-loss space that decreases every loss at the same rate.
+    From the second step on, before weighting, the logits take one optimizer step on
+    J_softmax(xi)^T delta, delta_i = log(L_i(t-1) + eps) - log(L_i(t) + eps), the log-loss
+    decrease since the previous step (the paper's practical variant uses the losses of the next
+    batch instead of a second forward pass on the same one). No per-task gradients: O(K) extra
+    memory and time.
+
+    Args:
+        weight_optimizer: params -> optimizer for the logits; default Adam(lr=0.025,
+            weight_decay=gamma), as in the paper.
+        gamma: the logits' weight decay (regularisation towards equal weights).
+    """
+
+    def __init__(
+        self,
+        tasks,
+        gamma: float = 0.01,
+        weight_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+        eps: float = 1e-8,
+        **kwargs,
+    ) -> None:
+        super().__init__(tasks, **kwargs)
+        self.eps = float(eps)
+        k = self.num_tasks
+        self.register_buffer("logits", torch.zeros(k))
+        self.register_buffer("previous_losses", torch.full((k,), float("nan")))
+        self._optimizer = BufferOptimizer(
+            self, "logits", weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025, weight_decay=gamma))
+        )
+
+    def total(self, values):
+        log_values = (values + self.eps).log().to(self.logits)
+        if not bool(self.previous_losses.isnan().any()):
+            decrease = (self.previous_losses + self.eps).log() - log_values
+            z = torch.softmax(self.logits, 0)
+            self._optimizer.step(z * (decrease - (z * decrease).sum()))  # J_softmax^T delta
+        self.previous_losses.copy_(values)
+        z = torch.softmax(self.logits, 0).to(values)
+        norm = (z / (values + self.eps)).sum()
+        return (z * (values + self.eps).log()).sum() / norm, z / (norm * (values + self.eps))
+
+    def get_extra_state(self) -> dict:
+        return {"optimizer": self._optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._optimizer.load_state_dict(state["optimizer"])

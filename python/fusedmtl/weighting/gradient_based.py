@@ -1,0 +1,222 @@
+"""The machinery of the gradient-based weightings (../shared/METHODS.md, section 4).
+
+Every method there produces the shared update d = sum_i c_i g_i with coefficients c computed from
+the K x K Gramian M_ij = <g_i, g_j> of the task gradients (and, for some, the losses). So a step is
+  1. per-task gradients of the shared parameters (K autograd passes, or one batched pass),
+  2. averaged across data-parallel ranks (coalesced buckets), when a process group is initialised,
+  3. M (or its diagonal) in one multi-tensor pass over them,
+  4. c = method.coefficients(M, losses), a tiny K x K problem,
+  5. d accumulated into every shared parameter's .grad in a second multi-tensor pass,
+and the gradients are never flattened into a K x G matrix. Task-specific parameters get the
+gradient of their own loss, from the same autograd passes.
+
+Representation mode (``backward(losses, features=z)``, MGDA-UB): the task gradients are taken with
+respect to the shared features z only, the coefficients from their Gramian, and one backward pass
+of sum_i c_i dL_i/dz through the trunk gives the shared update.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusedmtl import multi_tensor
+from fusedmtl.weighting import distributed
+from fusedmtl.weighting.base import Losses, SkipStep, Weighting
+from fusedmtl.weighting.task_gradients import task_gradients
+
+
+class GradientWeighting(Weighting):
+    """Base class of the methods that weight task gradients.
+
+    Args:
+        shared_params: the shared parameters (an iterable of tensors, e.g. ``trunk.parameters()``);
+            each gets sum_i c_i g_i. Any other parameter a loss reaches is task-specific and gets
+            the unweighted gradient of the losses that reach it.
+        tasks, on_nonfinite: see :class:`~fusedmtl.weighting.base.Weighting`.
+        grad_mode: 'loop' (K autograd passes, the default: measured faster, see the README) or
+            'batched' (one pass with is_grads_batched=True).
+        track_conflict: compute the full Gramian even when the method needs only its diagonal,
+            so ``last_cosine`` is available (one pass either way; more arithmetic).
+        eps: keeps norms away from zero in divisions.
+
+    Subclasses implement :meth:`coefficients` and set ``needs_full_gramian``.
+    """
+
+    needs_full_gramian = True
+
+    def __init__(
+        self,
+        shared_params,
+        tasks: int | Sequence[str],
+        *,
+        on_nonfinite: str = "raise",
+        grad_mode: str = "loop",
+        track_conflict: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(tasks, on_nonfinite)
+        params = list(shared_params)
+        if not params:
+            raise ValueError(f"{type(self).__name__}: no shared parameters given")
+        if any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
+            raise ValueError(f"{type(self).__name__}: shared parameters must be tensors that require grad")
+        # Kept out of the module's parameters: they belong to the model, not the weighting.
+        self._shared = params
+        self.grad_mode = grad_mode
+        self.track_conflict = track_conflict
+        self.eps = float(eps)
+
+    def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The coefficients c (Tensor[K]) of d = sum_i c_i g_i from the Gramian (Tensor[K, K]; only
+        its diagonal is meaningful when ``needs_full_gramian`` is False) and the detached losses
+        (Tensor[K]). Stateful methods update their state here."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Losses,
+        features: Tensor | Sequence[Tensor] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        retain_graph: bool = False,
+    ) -> Tensor | None:
+        """Accumulates the method's update into .grad; returns the coefficients (None if the step
+        was skipped).
+
+        features: the shared representation z (a tensor or several): differentiate the losses only
+            down to z and backpropagate sum_i c_i dL_i/dz through the trunk once.
+        grad_scaler: a torch.amp.GradScaler: the losses are scaled for backward, the coefficients
+            computed from the unscaled Gramian and losses, so ``grad_scaler.step`` unscales to the
+            method's update. Non-finite gradients then pass through unweighted, so the scaler sees
+            them and skips the step; the method's state is not updated on such steps.
+        """
+        try:
+            losses = self._checked_losses(losses)
+        except SkipStep:
+            return None
+        values = self._loss_values(losses)
+        scale = 1.0
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            losses = [grad_scaler.scale(loss) for loss in losses]
+            scale = float(grad_scaler.get_scale())
+        if features is not None:
+            features = [features] if isinstance(features, Tensor) else list(features)
+        grads = task_gradients(
+            losses,
+            features if features is not None else self._shared,
+            self.grad_mode,
+            retain_graph=retain_graph or features is not None,
+            names=self.task_names,
+        )
+        if features is None:
+            distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
+        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph)
+        if coeffs is None:
+            return None
+        if features is not None:  # (else averaged above)
+            distributed.mean_([g for _, g in grads.specific])
+        _accumulate_grad(grads.specific)
+        return coeffs
+
+    def step(self, task_grads: Sequence[Sequence[Tensor | None]], losses: Tensor | Sequence[float] | None = None) -> Tensor | None:
+        """The weighting step alone, for per-task gradients obtained elsewhere: accumulates
+        sum_i c_i task_grads[i][p] into the shared parameters' .grad and returns c.
+
+        task_grads: K sequences of P tensors (None where a task does not reach a parameter), in
+        the order of the shared parameters, already averaged across ranks if data-parallel.
+        losses: Tensor[K] or K floats, for the methods that use them.
+        """
+        table = [list(row) for row in task_grads]
+        if len(table) != self.num_tasks or any(len(row) != len(self._shared) for row in table):
+            raise ValueError(
+                f"{type(self).__name__}.step: expected {self.num_tasks} tasks x {len(self._shared)} shared "
+                f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
+            )
+        values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
+        return self._weigh(table, values, 1.0, None, None, False)
+
+    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph) -> Tensor | None:
+        """Gramian, coefficients, update: everything after the per-task gradients."""
+        representation = features is not None
+        table, table_scale = self._task_table(table, values, scale, representation)
+        gramian = self._gramian(table, representation)
+        size = distributed.world_size()
+        if representation and size > 1:
+            # The features of different ranks are disjoint parts of the batch: their Gramians add,
+            # and each loss is a mean over ranks, hence the 1 / size^2.
+            gramian = distributed.sum_(gramian) / size**2
+        if table_scale != 1.0:
+            gramian = gramian / table_scale**2
+        coeffs = self._coefficients_or_passthrough(gramian, values, grad_scaler)
+        if coeffs is None:
+            return None
+        self._commit(table)
+        coeffs = coeffs.to(device=gramian.device)
+        # The table carries the loss scale: so must the update, which the scaler then unscales.
+        applied = coeffs * (scale / table_scale) if scale != table_scale else coeffs
+        if representation:
+            self._backward_through_trunk(features, table, applied, retain_graph)
+        else:
+            multi_tensor.combine_into_grad_(self._shared, table, applied)
+        return coeffs
+
+    # -- steps, overridable -----------------------------------------------------------------------
+
+    def _task_table(self, shared, values: Tensor, scale: float, representation: bool):
+        """The per-task gradients the coefficients apply to, and the loss scale they carry: the
+        gradients themselves by default. (DB-MTL substitutes running averages.)"""
+        return shared, scale
+
+    def _commit(self, table) -> None:
+        """Called once the step's coefficients are known to be finite: the place to update state
+        that depends on the table."""
+
+    def _gramian(self, shared: list[list[Tensor | None]], representation: bool = False) -> Tensor:
+        """The Gramian the coefficients are computed from (only the diagonal filled when the
+        method needs no more and conflicts are not tracked)."""
+        if self.needs_full_gramian or self.track_conflict:
+            return multi_tensor.gramian(shared)
+        return torch.diag_embed(multi_tensor.gramian(shared, diagonal_only=True))
+
+    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler) -> Tensor | None:
+        """The method's coefficients, logged; with non-finite gradients either the policy
+        (without a scaler) or ones (with a scaler, which then skips the step)."""
+        if not bool(gramian.isfinite().all()):
+            if grad_scaler is None:
+                message = f"{type(self).__name__}: non-finite task gradients"
+                if self.on_nonfinite == "raise":
+                    raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
+                if self.on_nonfinite == "skip":
+                    warnings.warn(message + "; skipping this step", stacklevel=3)
+                    return None
+            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
+        coeffs = self.coefficients(gramian, values)
+        norms = gramian.diagonal().clamp_min(0).sqrt()
+        self.last_weights = coeffs.detach()
+        self.last_grad_norms = norms
+        if self.needs_full_gramian or self.track_conflict:
+            self.last_cosine = gramian / (norms[:, None] * norms[None, :]).clamp_min(self.eps)
+        return coeffs
+
+    def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
+        combined = multi_tensor.combine(feature_grads, coeffs)
+        pairs = [(z, g) for z, g in zip(features, combined) if g is not None]
+        trunk = torch.autograd.grad(
+            [z for z, _ in pairs], self._shared, [g for _, g in pairs], retain_graph=retain_graph, allow_unused=True
+        )
+        reached = [(p, g) for p, g in zip(self._shared, trunk) if g is not None]
+        distributed.mean_([g for _, g in reached])
+        _accumulate_grad(reached)
+
+
+def _accumulate_grad(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """leaf.grad += g, taking g itself where .grad is None (autograd's accumulation)."""
+    with torch.no_grad():
+        for leaf, g in pairs:
+            if leaf.grad is None:
+                leaf.grad = g
+            else:
+                leaf.grad.add_(g)

@@ -1,0 +1,66 @@
+"""Two kinds of method state that live outside buffers and parameters, checkpointed through the
+module's extra state: an optimizer the method runs on its own weights, and a random generator
+that draws the same numbers on every rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fusedmtl.weighting import distributed
+
+
+class BufferOptimizer:
+    """An optimizer over one buffer of ``module`` (learned task weights or logits), stepped with
+    gradients the method computes in closed form.
+
+    Built on first use, after the module has been moved to its device (moving replaces the
+    buffer, which an optimizer built earlier would still hold), and rebuilt if that happens later.
+    """
+
+    def __init__(self, module: nn.Module, buffer: str, factory: Callable[[list[Tensor]], torch.optim.Optimizer]) -> None:
+        self._module, self._buffer, self._factory = module, buffer, factory
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None
+
+    def step(self, grad: Tensor) -> None:
+        target = getattr(self._module, self._buffer)
+        if self._optimizer is None or self._optimizer.param_groups[0]["params"][0] is not target:
+            self._optimizer = self._factory([target])
+            if self._pending is not None:
+                self._optimizer.load_state_dict(self._pending)
+                self._pending = None
+        target.grad = grad.to(target)
+        self._optimizer.step()
+        target.grad = None
+
+    def state_dict(self) -> dict | None:
+        return self._optimizer.state_dict() if self._optimizer is not None else self._pending
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self._optimizer, self._pending = None, state
+
+
+class SharedGenerator:
+    """A CPU generator seeded by ``seed``, or by a seed rank 0 draws and broadcasts on first use,
+    so randomised methods draw the same numbers on every rank."""
+
+    def __init__(self, seed: int | None) -> None:
+        self._seed = seed
+        self._generator: torch.Generator | None = None
+
+    def get(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(distributed.shared_seed(self._seed))
+        return self._generator
+
+    # Saving must not draw the seed: only rank 0 may be saving, and drawing is a collective.
+    def state_dict(self) -> Tensor | None:
+        return self._generator.get_state() if self._generator is not None else None
+
+    def load_state_dict(self, state: Tensor | None) -> None:
+        if state is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state)

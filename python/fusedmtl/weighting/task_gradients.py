@@ -1,0 +1,119 @@
+"""Per-task gradients: the autograd machinery the gradient-based weightings share.
+
+Shared parameters (or shared features, in representation mode) get one gradient per task; every
+other parameter a loss reaches is task-specific and gets the gradient of the losses that reach it,
+unweighted (the convention of LibMTL and torchjd). Both come out of the same autograd passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("loop", "batched")
+
+
+@dataclass
+class TaskGradients:
+    """shared[i][p]: task i's gradient with respect to shared input p (None: no path).
+    specific: (leaf, gradient) for every task-specific leaf, summed over the tasks."""
+
+    shared: list[list[Tensor | None]]
+    specific: list[tuple[Tensor, Tensor]]
+
+
+def task_gradients(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    mode: str = "loop",
+    retain_graph: bool = False,
+    names: Sequence[str] | None = None,
+) -> TaskGradients:
+    """The gradient of each loss with respect to the ``shared`` tensors (parameters, or features
+    in representation mode), and of their sum with respect to every other leaf they reach.
+
+    mode 'loop': one torch.autograd.grad per task, the graph retained between them.
+    mode 'batched': one torch.autograd.grad(..., is_grads_batched=True) over the K losses (vmap
+    over the backward pass; the shared gradients then come as one K x shape tensor per input).
+    """
+    if mode not in MODES:
+        raise ValueError(f"per-task gradient mode must be one of {MODES}, got {mode!r}")
+    shared = list(shared)
+    shared_ids = {id(t) for t in shared}
+    stops = {t.grad_fn for t in shared if t.grad_fn is not None}
+    specific, reaches_shared = [], []
+    for loss in losses:
+        leaves, stopped = _reachable_leaves(loss, stops)
+        specific.append([leaf for leaf in leaves if id(leaf) not in shared_ids])
+        reaches_shared.append(stopped or len(specific[-1]) < len(leaves))
+    if mode == "batched":
+        result = _batched(losses, shared, specific, retain_graph)
+    else:
+        result = _loop(losses, shared, specific, retain_graph)
+    for i, reaches in enumerate(reaches_shared):
+        if not reaches:
+            name = names[i] if names is not None else i
+            warnings.warn(
+                f"task {name!r}: its loss has no path to any shared parameter; its shared gradient "
+                "is taken as zero",
+                stacklevel=4,
+            )
+    return result
+
+
+def _loop(losses, shared, specific, retain_graph) -> TaskGradients:
+    table, own = [], {}
+    for i, loss in enumerate(losses):
+        inputs = shared + specific[i]
+        if not loss.requires_grad:
+            grads = [None] * len(inputs)
+        else:
+            last = i == len(losses) - 1
+            grads = torch.autograd.grad(
+                loss, inputs, retain_graph=retain_graph or not last, allow_unused=True, materialize_grads=False
+            )
+        table.append(list(grads[: len(shared)]))
+        for leaf, g in zip(specific[i], grads[len(shared):]):
+            if g is not None:
+                own[id(leaf)] = (leaf, g if id(leaf) not in own else own[id(leaf)][1] + g)
+    return TaskGradients(table, list(own.values()))
+
+
+def _batched(losses, shared, specific, retain_graph) -> TaskGradients:
+    leaves = list({id(leaf): leaf for leaves in specific for leaf in leaves}.values())
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    if not stacked.requires_grad:
+        return TaskGradients([[None] * len(shared) for _ in losses], [])
+    seeds = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked, shared + leaves, seeds, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
+    )
+    table = [[g[i] if g is not None else None for g in grads[: len(shared)]] for i in range(len(losses))]
+    own = [(leaf, g.sum(0)) for leaf, g in zip(leaves, grads[len(shared):]) if g is not None]
+    return TaskGradients(table, own)
+
+
+def _reachable_leaves(root: Tensor, stops: set) -> tuple[list[Tensor], bool]:
+    """The leaves requiring grad that ``root``'s graph reaches without passing through a node in
+    ``stops``, in a deterministic (depth-first) order, and whether it reached a stop."""
+    if root.grad_fn is None:
+        return ([root] if root.requires_grad else []), False
+    leaves, seen, stack, stopped = [], set(), [root.grad_fn], False
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in stops:
+            stopped = True
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            leaves.append(variable)
+            continue
+        stack.extend(next_node for next_node, _ in reversed(node.next_functions))
+    return leaves, stopped
