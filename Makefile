@@ -39,8 +39,10 @@ $(CUDA_VENV)/.fusedmtl-deps: Makefile
 install: $(VENV)/.fusedmtl-deps
 	FUSEDMTL_CUDA=$(FUSEDMTL_CUDA) $(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
+# Every sweep (losses, multi_tensor, weighting_step, training_step); e.g. BENCH_ARGS='--quick'
+# or BENCH_ARGS='--sweeps losses --json bench.json --plot plots' (see fusedmtl-bench --help).
 bench: install
-	$(PY) bench/bench_losses.py $(BENCH_ARGS)
+	$(PY) -m fusedmtl.bench $(BENCH_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,10 @@ TORCH_LIBRARY(fusedmtl, m) {
         " int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
   m.def("regression_loss_backward(Tensor grad_output, Tensor input, Tensor target, str kind,"
         " float param, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  // The eager CPU fast path of a reduced loss: the gradient is computed in forward and handed to
+  // autograd as it is (its autograd kernel is in C++); below autograd it is regression_loss.
+  m.def("regression_loss_eager(Tensor input, Tensor target, str kind, float param, int reduction)"
+        " -> Tensor");
 
   // Multi-tensor kernels over task gradients: grads holds K lists of P optional tensors, task i's
   // gradient of parameter p at index i * P + p (None: the task does not reach the parameter).
@@ -30,10 +34,15 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("regression_loss", &fusedmtl::losses::regression_loss_cpu);
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cpu);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cpu);
+  m.impl("regression_loss_eager", &fusedmtl::losses::regression_loss_cpu);
   m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cpu);
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cpu);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cpu);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedmtl, AutogradCPU, m) {
+  m.impl("regression_loss_eager", &fusedmtl::losses::regression_loss_eager_autograd_cpu);
 }
 
 #ifdef FUSEDMTL_WITH_CUDA

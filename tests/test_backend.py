@@ -199,7 +199,7 @@ from fusedmtl import backend
 x = torch.randn(8, requires_grad=True)
 loss = fusedmtl.mse_loss(x, torch.zeros(8))
 print(json.dumps({"current": backend.current(), "cpu": backend.info()["selected"]["cpu"],
-                  "grad_fn": type(loss.grad_fn).__name__, "capability": fusedmtl._C.cpu_capability(),
+                  "grad_fn": loss.grad_fn.name(), "capability": fusedmtl._C.cpu_capability(),
                   "loss_ok": bool(torch.allclose(loss, (x * x).mean()))}))
 """
 

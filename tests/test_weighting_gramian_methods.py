@@ -255,6 +255,19 @@ def test_db_mtl_running_average_and_checkpoint():
     )
 
 
+@pytest.mark.parametrize("name", list(weighting.GRADIENT_BASED))
+def test_step_leaves_the_given_gradients_untouched(name):
+    """step() reads the caller's gradients; methods that transform them (DB-MTL) work on copies,
+    so calling it twice with the same gradients is two steps on the same input."""
+    task_grads = _task_grads(_jacobian(3, 5, conflicting=True))
+    before = [[g.clone() for g in row] for row in task_grads]
+    method = _method(name, _params(), 3)
+    method.step(task_grads, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    for row, row_before in zip(task_grads, before):
+        for g, g_before in zip(row, row_before):
+            assert torch.equal(g, g_before)
+
+
 # -- FAMO --------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,12 @@ std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad);
 
+// The eager CPU fast path (AutogradCPU kernel of regression_loss_eager): the reduced loss, with the
+// gradient computed in forward and handed to autograd in backward (loss_autograd_cpu.cpp).
+at::Tensor regression_loss_eager_autograd_cpu(const at::Tensor& input, const at::Tensor& target,
+                                              c10::string_view kind, double param,
+                                              int64_t reduction);
+
 #ifdef FUSEDMTL_WITH_CUDA
 at::Tensor regression_loss_cuda(const at::Tensor& input, const at::Tensor& target,
                                 c10::string_view kind, double param, int64_t reduction);

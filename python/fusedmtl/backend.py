@@ -72,6 +72,12 @@ def current() -> str:
     return _forced
 
 
+def cpu_runs_native() -> bool:
+    """select('cpu') == 'native', without building a device object (the losses' fast path asks
+    this every call)."""
+    return _C is not None and _forced in ("auto", "native")
+
+
 def select(device: torch.device | str) -> str:
     """The backend that runs for tensors on ``device``: 'native', 'triton' or 'reference'."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type

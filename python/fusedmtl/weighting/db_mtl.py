@@ -41,20 +41,28 @@ class DBMTL(GradientWeighting):
         norms = gramian.diagonal().clamp_min(0).sqrt()
         return norms.max() / norms.clamp_min(self.eps)
 
-    def _task_table(self, shared, values, scale, representation):
+    def _task_table(self, shared, values, scale, representation, owned):
         if representation and self.beta > 0:
             raise ValueError("DBMTL: representation mode needs beta=0 (no running average over features)")
-        # g_i / (L_i scale), in place: the gradients are this step's temporaries.
         inverse = (1.0 / (values.double().clamp_min(self.eps) * scale)).tolist()
-        table = [[g.mul_(inverse[i]) if g is not None else None for g in row] for i, row in enumerate(shared)]
-        if self.beta == 0:
-            return table, 1.0
         beta_t = self.beta / float(self.steps_done + 1) ** self.beta_sigma
-        for i, row in enumerate(table):
-            for p, g in enumerate(row):
-                if g is None:
-                    row[p] = g = torch.zeros_like(self._shared[p])
-                g.lerp_(getattr(self, f"grad_ema_{i}_{p}"), beta_t)
+        table = []
+        for i, row in enumerate(shared):
+            if self.beta > 0:  # every parameter has an average, reached this step or not
+                row = [g if g is not None else torch.zeros_like(self._shared[p]) for p, g in enumerate(row)]
+            present = [p for p, g in enumerate(row) if g is not None]
+            grads = [row[p] for p in present]
+            # g_i / (L_i scale): in place when the gradients are this step's temporaries
+            if owned:
+                torch._foreach_mul_(grads, inverse[i])
+            else:
+                grads = torch._foreach_mul(grads, inverse[i])
+            if self.beta > 0:
+                torch._foreach_lerp_(grads, [getattr(self, f"grad_ema_{i}_{p}") for p in present], beta_t)
+            row = list(row)
+            for p, g in zip(present, grads):
+                row[p] = g
+            table.append(row)
         return table, 1.0
 
     def _commit(self, table) -> None:

@@ -113,7 +113,7 @@ class GradientWeighting(Weighting):
         )
         if features is None:
             distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
-        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph)
+        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True)
         if coeffs is None:
             return None
         if features is not None:  # (else averaged above)
@@ -136,12 +136,13 @@ class GradientWeighting(Weighting):
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
-        return self._weigh(table, values, 1.0, None, None, False)
+        return self._weigh(table, values, 1.0, None, None, False, owned=False)
 
-    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph) -> Tensor | None:
-        """Gramian, coefficients, update: everything after the per-task gradients."""
+    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool) -> Tensor | None:
+        """Gramian, coefficients, update: everything after the per-task gradients (``owned``:
+        the gradients are this step's temporaries, free to be modified)."""
         representation = features is not None
-        table, table_scale = self._task_table(table, values, scale, representation)
+        table, table_scale = self._task_table(table, values, scale, representation, owned)
         gramian = self._gramian(table, representation)
         size = distributed.world_size()
         if representation and size > 1:
@@ -165,7 +166,7 @@ class GradientWeighting(Weighting):
 
     # -- steps, overridable -----------------------------------------------------------------------
 
-    def _task_table(self, shared, values: Tensor, scale: float, representation: bool):
+    def _task_table(self, shared, values: Tensor, scale: float, representation: bool, owned: bool):
         """The per-task gradients the coefficients apply to, and the loss scale they carry: the
         gradients themselves by default. (DB-MTL substitutes running averages.)"""
         return shared, scale
