@@ -91,8 +91,7 @@ class Weighting(nn.Module):
     # -- input checks ---------------------------------------------------------------------------
 
     def _checked_losses(self, losses: Losses) -> list[Tensor]:
-        """The losses as a list of 0-dim tensors in task order; raises on malformed input and
-        applies the non-finite policy (SkipStep)."""
+        """The losses as a list of 0-dim tensors in task order; raises on malformed input."""
         name = type(self).__name__
         if isinstance(losses, Mapping):
             keys = [str(k) for k in losses]
@@ -108,7 +107,7 @@ class Weighting(nn.Module):
             losses = list(losses)
         if len(losses) != self.num_tasks:
             raise ValueError(f"{name}: expected {self.num_tasks} losses (one per task), got {len(losses)}")
-        checked = []
+        first = losses[0]
         for task, loss in zip(self.task_names, losses):
             if not isinstance(loss, Tensor):
                 raise TypeError(f"{name}: the loss of task {task!r} must be a tensor, got {type(loss).__name__}")
@@ -119,24 +118,21 @@ class Weighting(nn.Module):
                 )
             if not loss.is_floating_point():
                 raise ValueError(f"{name}: the loss of task {task!r} must be floating point, got {loss.dtype}")
-            if loss.device != losses[0].device:
-                raise ValueError(f"{name}: losses are on different devices ({losses[0].device}, {loss.device})")
-            checked.append(loss.reshape(()))
-        if self.on_nonfinite != "ignore":
-            finite = torch.stack([loss.detach() for loss in checked]).isfinite().tolist()
-            if not all(finite):
-                bad = [task for task, ok in zip(self.task_names, finite) if not ok]
-                message = f"{name}: non-finite loss for task(s) {bad}"
-                if self.on_nonfinite == "raise":
-                    raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
-                warnings.warn(message + "; skipping this step", stacklevel=3)
-                raise SkipStep(message)
-        return checked
+            if loss.device != first.device:
+                raise ValueError(f"{name}: losses are on different devices ({first.device}, {loss.device})")
+        return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
 
-    def _loss_values(self, losses: list[Tensor]) -> Tensor:
-        """The detached losses as a float Tensor[K], averaged across data-parallel ranks (so
-        every rank derives the same weights from them)."""
-        values = torch.stack([loss.detach().float() if loss.dtype != torch.float64 else loss.detach() for loss in losses])
+    def _loss_values(self, detached: Tensor) -> Tensor:
+        """The detached losses (Tensor[K]) as float32 or float64, checked by the non-finite policy
+        (SkipStep) and averaged across data-parallel ranks (so every rank derives the same
+        weights from them)."""
+        values = detached if detached.dtype == torch.float64 else detached.float()
+        if self.on_nonfinite != "ignore" and not bool(values.isfinite().all()):
+            bad = [task for task, ok in zip(self.task_names, values.isfinite().tolist()) if not ok]
+            message = f"{type(self).__name__}: non-finite loss for task(s) {bad}"
+            if self.on_nonfinite == "raise":
+                raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
+            warnings.warn(message + "; skipping this step", stacklevel=4)
+            raise SkipStep(message)
         size = distributed.world_size()
         return distributed.sum_(values) / size if size > 1 else values
-

@@ -93,11 +93,11 @@ class GradientWeighting(Weighting):
             method's update. Non-finite gradients then pass through unweighted, so the scaler sees
             them and skips the step; the method's state is not updated on such steps.
         """
+        losses = self._checked_losses(losses)
         try:
-            losses = self._checked_losses(losses)
+            values = self._loss_values(torch.stack([loss.detach() for loss in losses]))
         except SkipStep:
             return None
-        values = self._loss_values(losses)
         scale = 1.0
         if grad_scaler is not None and grad_scaler.is_enabled():
             losses = [grad_scaler.scale(loss) for loss in losses]

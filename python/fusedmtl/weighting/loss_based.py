@@ -31,13 +31,13 @@ class LossWeighting(Weighting):
 
     def forward(self, losses: Losses) -> Tensor:
         """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is skipped)."""
-        try:
-            checked = self._checked_losses(losses)
-        except SkipStep:
-            return torch.zeros((), requires_grad=True)
+        checked = self._checked_losses(losses)
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
         stacked = torch.stack([loss.to(dtype) for loss in checked])
-        values = self._loss_values(checked)
+        try:
+            values = self._loss_values(stacked.detach())
+        except SkipStep:
+            return torch.zeros((), requires_grad=True)
         value, weights = self.total(values)
         weights = weights.detach()
         self.last_weights = weights
