@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help=f"fewer sizes and repeats ({QUICK_REPEATS}), {QUICK_THREADS} thread: about a minute")
     add("--threads", help=f"comma-separated thread counts, 'all' = torch's default "
-        f"({ALL_THREADS}); default {FULL_THREADS} (--quick: {QUICK_THREADS})")
+        f"({ALL_THREADS}); default {FULL_THREADS} (weighting_step and training_step: 1; --quick: "
+        f"{QUICK_THREADS})")
     add("--repeats", type=int, help=f"timed samples per contender and row (default "
         f"{FULL_REPEATS}; --quick: {QUICK_REPEATS})")
     add("--warmup", type=int, help=f"untimed rounds per row (default {DEFAULT_WARMUP}; "
@@ -81,19 +82,21 @@ def devices(text: str) -> list[str]:
 def configs_from_args(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(sweep name, config) for every chosen sweep and device."""
     names = parse_choices(args.sweeps, tuple(SWEEPS), "sweeps")
-    threads = parse_threads(args.threads or (QUICK_THREADS if args.quick else FULL_THREADS))
     configs = []
     for device in devices(args.device):
-        common = {
-            # Thread count changes nothing a GPU does: one setting is enough there.
-            "threads": threads if device == "cpu" else threads[-1:],
-            "repeats": args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS),
-            "warmup": args.warmup if args.warmup is not None
-            else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP),
-            "device": device,
-        }
         for name in names:
-            configs.append((name, SWEEPS[name].config_from_args(args, dict(common))))
+            # A sweep may default to fewer thread counts (FULL_THREADS) to keep the full run short.
+            default = QUICK_THREADS if args.quick else getattr(SWEEPS[name], "FULL_THREADS", FULL_THREADS)
+            threads = parse_threads(args.threads or default)
+            common = {
+                # Thread count changes nothing a GPU does: one setting is enough there.
+                "threads": threads if device == "cpu" else threads[-1:],
+                "repeats": args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS),
+                "warmup": args.warmup if args.warmup is not None
+                else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP),
+                "device": device,
+            }
+            configs.append((name, SWEEPS[name].config_from_args(args, common)))
     return configs
 
 

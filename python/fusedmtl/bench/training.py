@@ -50,6 +50,9 @@ from fusedmtl.bench.weighting import (
     AGREEMENT_TOLERANCE, chosen_methods, flatten_step, gramian_columns, make_method,
 )
 
+# The full run measures 1 thread only: a small model's step scales with
+# threads the same way for every method.
+FULL_THREADS = "1"
 NAME = "training_step"
 CONTENDERS = ("fused", "plain", "torchjd", "libmtl")
 DEFAULT_BATCH = 32

@@ -51,6 +51,9 @@ from fusedmtl.bench.common import (
 )
 from fusedmtl.bench.multi_tensor import DEFAULT_TASKS, max_rel_diff, model_shapes
 
+# The full run measures 1 thread only: the step is memory-bound like the
+# multi_tensor ops, whose sweep shows the 2-thread scaling.
+FULL_THREADS = "1"
 NAME = "weighting_step"
 CONTENDERS = ("fused", "flatten")
 # GradNorm balances the gradient norms on the last shared layer: here the last weight and bias.
