@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedmtl.ops.loss_autograd import register_heteroscedastic_autograd
-from fusedmtl.ops.losses_triton import BLOCK, _is_power_of_two, _reduced
+from fusedmtl.ops.losses_triton import BLOCK, _is_power_of_two, _programs, _reduced
 
 KIND_CODES = {"l1": 0, "l2": 1, "smooth_l1": 2}  # LossKind of the base loss, as in C++
 
@@ -118,13 +118,8 @@ def _launch(
     if kind == "smooth_l1" and beta == 0:
         kind = "l1"
     n = input.numel()
-    num_programs = max(1, triton.cdiv(n, BLOCK))
+    num_programs, block_sums = _programs(input, reduce)
     fp64 = input.dtype == torch.float64
-    block_sums = (
-        torch.empty(num_programs, device=input.device, dtype=torch.float64 if fp64 else torch.float32)
-        if reduce
-        else None
-    )
     dummy = input  # pointer arguments that a specialisation never touches
     _heteroscedastic_kernel[(num_programs,)](
         input,
