@@ -78,7 +78,8 @@ FUSEDMTL_HOST_DEVICE double exp_of(double x) {
   const double exp_r = p * (r * r) + r + 1.0;
   const int64_t n_int = static_cast<int64_t>(__builtin_bit_cast(uint64_t, shifted) -
                                              __builtin_bit_cast(uint64_t, kShift));
-  const int64_t half = n_int >> 1;
+  // floor(n / 2) by a logical shift of the biased value: AVX2 has no 64-bit arithmetic shift
+  const int64_t half = static_cast<int64_t>(static_cast<uint64_t>(n_int + 2048) >> 1) - 1024;
   const double scale_a = __builtin_bit_cast(double, static_cast<uint64_t>(half + 1023) << 52);
   const double scale_b = __builtin_bit_cast(double, static_cast<uint64_t>(n_int - half + 1023) << 52);
   return exp_r * scale_a * scale_b;
@@ -91,8 +92,11 @@ FUSEDMTL_HOST_DEVICE C heteroscedastic_weight() {
   return K == LossKind::MSE ? C(0.5) : C(1);
 }
 
-// w * d b / d d: sign(d) (0 at 0 and NaN, as torch), 0.5 * 2d = d, and smooth-L1's slope with
-// torch's branches (linear at |d| >= beta, NaN through the inner one).
+// w * d b / d d: sign(d) (0 at 0 and NaN, as torch), 0.5 * 2d = d, and smooth-L1's slope d / beta
+// clamped to [-1, 1]. The clamp gives torch's branches exactly (d / beta is >= 1 in magnitude
+// exactly when |d| >= beta, as rounding is monotonic and beta / beta == 1; a NaN passes through);
+// comparing d with beta instead, as torch does, makes GCC fold the comparisons against those of
+// the loss value in different forms per unrolled lane, and the loop no longer vectorizes.
 template <LossKind K, bool kDivide, typename C>
 FUSEDMTL_HOST_DEVICE C heteroscedastic_slope(C d, const LossParams<C>& p) {
   static_assert(K != LossKind::Huber, "no heteroscedastic Huber loss");
@@ -102,7 +106,7 @@ FUSEDMTL_HOST_DEVICE C heteroscedastic_slope(C d, const LossParams<C>& p) {
     return d;
   } else {
     const C inner = divide_by_param<kDivide>(d, p);
-    return d <= -p.param ? C(-1) : (d >= p.param ? C(1) : inner);
+    return inner > C(1) ? C(1) : (inner < C(-1) ? C(-1) : inner);
   }
 }
 
