@@ -19,6 +19,18 @@ TORCH_LIBRARY(fusedmtl, m) {
   m.def("regression_loss_eager(Tensor input, Tensor target, str kind, float param, int reduction)"
         " -> Tensor");
 
+  // Heteroscedastic regression losses (Kendall & Gal 2017): log_var = s = log sigma^2 per element.
+  // kind: 'l2' (0.5 exp(-s) d^2 + 0.5 s) | 'l1' (exp(-s) |d| + s) | 'smooth_l1' (exp(-s)
+  // smooth_l1(d; beta) + s); input, target and log_var: same shape and dtype. The backward ops
+  // return grad_input and grad_log_var; the target's gradient is -grad_input.
+  m.def("heteroscedastic_loss(Tensor input, Tensor target, Tensor log_var, str kind, float beta,"
+        " int reduction) -> Tensor");
+  m.def("heteroscedastic_loss_with_grad(Tensor input, Tensor target, Tensor log_var, str kind,"
+        " float beta, int reduction, bool input_grad, bool log_var_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("heteroscedastic_loss_backward(Tensor grad_output, Tensor input, Tensor target,"
+        " Tensor log_var, str kind, float beta, int reduction, bool input_grad,"
+        " bool log_var_grad) -> (Tensor, Tensor)");
+
   // Multi-tensor kernels over task gradients: grads holds K lists of P optional tensors, task i's
   // gradient of parameter p at index i * P + p (None: the task does not reach the parameter).
   m.def("multi_tensor_gramian(Tensor?[] grads, int num_tasks, bool diagonal_only) -> Tensor");
@@ -35,6 +47,9 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cpu);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cpu);
   m.impl("regression_loss_eager", &fusedmtl::losses::regression_loss_cpu);
+  m.impl("heteroscedastic_loss", &fusedmtl::losses::heteroscedastic_loss_cpu);
+  m.impl("heteroscedastic_loss_with_grad", &fusedmtl::losses::heteroscedastic_loss_with_grad_cpu);
+  m.impl("heteroscedastic_loss_backward", &fusedmtl::losses::heteroscedastic_loss_backward_cpu);
   m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cpu);
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cpu);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cpu);
@@ -50,6 +65,9 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("regression_loss", &fusedmtl::losses::regression_loss_cuda);
   m.impl("regression_loss_with_grad", &fusedmtl::losses::regression_loss_with_grad_cuda);
   m.impl("regression_loss_backward", &fusedmtl::losses::regression_loss_backward_cuda);
+  m.impl("heteroscedastic_loss", &fusedmtl::losses::heteroscedastic_loss_cuda);
+  m.impl("heteroscedastic_loss_with_grad", &fusedmtl::losses::heteroscedastic_loss_with_grad_cuda);
+  m.impl("heteroscedastic_loss_backward", &fusedmtl::losses::heteroscedastic_loss_backward_cuda);
   m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cuda);
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cuda);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cuda);

@@ -15,12 +15,19 @@ struct LossConfig {
   LossKind kind;
   double param;  // beta or delta
   Reduction reduction;
+  bool heteroscedastic = false;  // the heteroscedastic loss of `kind` (heteroscedastic_math.h)
 };
 
 // Validates the arguments of a loss op and returns them parsed. smooth_l1 with beta == 0 becomes
 // l1, as torch.nn.functional routes it.
 LossConfig check_loss_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                            c10::string_view kind, double param, int64_t reduction);
+
+// The same for the heteroscedastic losses: kind 'l2' | 'l1' | 'smooth_l1', and a log_var of the
+// input's shape, dtype and device.
+LossConfig check_heteroscedastic_args(const char* op, const at::Tensor& input,
+                                      const at::Tensor& target, const at::Tensor& log_var,
+                                      c10::string_view kind, double beta, int64_t reduction);
 
 // ATen's "norm" of the backward kernels and the grad_output scale, see LossParams.
 double loss_norm(const LossConfig& config, int64_t numel);

@@ -29,6 +29,21 @@ std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(
 at::Tensor regression_loss_eager_autograd_cpu(const at::Tensor& input, const at::Tensor& target,
                                               c10::string_view kind, double param,
                                               int64_t reduction);
+// Heteroscedastic losses (Kendall & Gal 2017, heteroscedastic_math.h). kind: 'l2' | 'l1' |
+// 'smooth_l1'; input, target and log_var: same shape and dtype. The gradient w.r.t. target is
+// the negated grad_input, which the caller forms.
+at::Tensor heteroscedastic_loss_cpu(const at::Tensor& input, const at::Tensor& target,
+                                    const at::Tensor& log_var, c10::string_view kind, double beta,
+                                    int64_t reduction);
+// (loss, grad_input, grad_log_var) for grad_output == 1; reduction must be mean or sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const at::Tensor& log_var,
+    c10::string_view kind, double beta, int64_t reduction, bool input_grad, bool log_var_grad);
+// (grad_input, grad_log_var) with grad_output folded in, in one pass.
+std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const at::Tensor& log_var, c10::string_view kind, double beta, int64_t reduction,
+    bool input_grad, bool log_var_grad);
 
 #ifdef FUSEDMTL_WITH_CUDA
 at::Tensor regression_loss_cuda(const at::Tensor& input, const at::Tensor& target,
@@ -39,6 +54,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
 std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad);
+at::Tensor heteroscedastic_loss_cuda(const at::Tensor& input, const at::Tensor& target,
+                                     const at::Tensor& log_var, c10::string_view kind, double beta,
+                                     int64_t reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, const at::Tensor& log_var,
+    c10::string_view kind, double beta, int64_t reduction, bool input_grad, bool log_var_grad);
+std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const at::Tensor& log_var, c10::string_view kind, double beta, int64_t reduction,
+    bool input_grad, bool log_var_grad);
 #endif
 
 }  // namespace fusedmtl::losses

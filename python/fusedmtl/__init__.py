@@ -4,17 +4,18 @@ PyTorch.
     import fusedmtl
     loss = fusedmtl.smooth_l1_loss(pred, target)   # drop-in for torch.nn.functional
     criterion = fusedmtl.nn.MSELoss()              # drop-in for torch.nn
+    loss = fusedmtl.heteroscedastic_loss(pred, target, log_var)  # Kendall & Gal 2017
     fusedmtl.backend.info()                        # what runs, for bug reports
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from fusedmtl import backend, nn, ops
-from fusedmtl.ops import huber_loss, l1_loss, mse_loss, smooth_l1_loss
+from fusedmtl.ops import heteroscedastic_loss, huber_loss, l1_loss, mse_loss, smooth_l1_loss
 
 __version__ = "0.1.0"
 __all__ = [
-    "backend", "empty_cache", "huber_loss", "l1_loss", "mse_loss", "nn", "ops", "smooth_l1_loss",
+    "backend", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "mse_loss", "nn", "ops", "smooth_l1_loss",
 ]
 
 

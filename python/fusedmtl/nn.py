@@ -1,7 +1,8 @@
-"""Drop-in replacements for torch.nn's regression loss modules, running fusedmtl's fused ops.
+"""Drop-in replacements for torch.nn's regression loss modules, running fusedmtl's fused ops, and
+the heteroscedastic loss module.
 
-Each subclasses the torch.nn module it replaces: same constructor, attributes, state_dict and
-repr, and ``isinstance(fusedmtl.nn.MSELoss(), torch.nn.MSELoss)`` holds.
+Each drop-in subclasses the torch.nn module it replaces: same constructor, attributes, state_dict
+and repr, and ``isinstance(fusedmtl.nn.MSELoss(), torch.nn.MSELoss)`` holds.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.ops import losses
+from fusedmtl.ops import heteroscedastic, losses
 
-__all__ = ["HuberLoss", "L1Loss", "MSELoss", "SmoothL1Loss"]
+__all__ = ["HeteroscedasticLoss", "HuberLoss", "L1Loss", "MSELoss", "SmoothL1Loss"]
 
 
 class SmoothL1Loss(torch.nn.SmoothL1Loss):
@@ -40,3 +41,27 @@ class MSELoss(torch.nn.MSELoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return losses.mse_loss(input, target, reduction=self.reduction)
+
+
+class HeteroscedasticLoss(torch.nn.Module):
+    """Heteroscedastic regression loss (Kendall & Gal 2017) as a module:
+    ``forward(input, target, log_var)`` is :func:`fusedmtl.heteroscedastic_loss` with this module's
+    ``kind`` ('l2' | 'l1' | 'smooth_l1'), ``beta`` and ``reduction``; see there for the formulas,
+    shapes and dtypes. ``HeteroscedasticLoss('l2')`` is :class:`torch.nn.GaussianNLLLoss`
+    (``full=False``, ``eps`` -> 0) with var = exp(log_var). No parameters: log_var comes from the
+    model.
+    """
+
+    def __init__(self, kind: str = "l2", beta: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        self.kind = kind
+        self.beta = beta
+        self.reduction = reduction
+
+    def forward(self, input: Tensor, target: Tensor, log_var: Tensor) -> Tensor:
+        return heteroscedastic.heteroscedastic_loss(
+            input, target, log_var, kind=self.kind, beta=self.beta, reduction=self.reduction
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, beta={self.beta}, reduction={self.reduction!r}"

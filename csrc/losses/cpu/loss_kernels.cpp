@@ -1,7 +1,8 @@
 // Fused regression-loss kernels over a contiguous range, compiled once per CPU capability.
 //
-// One pass reads input and target and writes any subset of: the element-wise loss, the sum of the
-// losses, the gradient w.r.t. input, the gradient w.r.t. target. The inner loop handles kLanes
+// One pass reads input and target (and log_var for the heteroscedastic losses) and writes any
+// subset of: the element-wise loss, the sum of the losses, the gradient w.r.t. input, the gradient
+// w.r.t. target (regression losses) or w.r.t. log_var (heteroscedastic losses). The inner loop handles kLanes
 // elements with independent accumulators so that it vectorizes without reassociating float sums
 // (no -ffast-math) and keeps enough additions in flight to hide their latency.
 #include <cmath>
@@ -21,6 +22,7 @@ enum Mode : unsigned {
   kGradInput = 4u,
   kGradTarget = 8u,
   kGradTensor = 16u,  // grad_output is element-wise rather than one scalar
+  kGradLogVar = 32u,  // heteroscedastic losses only
 };
 
 template <typename C>
@@ -31,14 +33,17 @@ C pairwise_sum(C* values, int count) {
   return values[0];
 }
 
-template <LossKind K, bool kDivide, typename S, unsigned kMode>
+// kLogVar: the heteroscedastic loss of K (heteroscedastic_math.h) rather than K itself.
+template <LossKind K, bool kDivide, bool kLogVar, typename S, unsigned kMode>
 double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
   using C = compute_t<S>;
   const S* __restrict__ input = static_cast<const S*>(args.input);
   const S* __restrict__ target = static_cast<const S*>(args.target);
+  const S* __restrict__ log_var = static_cast<const S*>(args.log_var);
   S* __restrict__ loss = static_cast<S*>(args.loss);
   S* __restrict__ grad_input = static_cast<S*>(args.grad_input);
   S* __restrict__ grad_target = static_cast<S*>(args.grad_target);
+  S* __restrict__ grad_log_var = static_cast<S*>(args.grad_log_var);
   const S* __restrict__ grad_output = static_cast<const S*>(args.grad_output);
   LossParams<C> params;
   params.param = static_cast<C>(args.param);
@@ -49,17 +54,30 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
   C acc[kLanes] = {};
   auto element = [&](int64_t i, C& sum) __attribute__((always_inline)) {
     const C d = to_compute(input[i]) - to_compute(target[i]);
+    C s = C(0);
+    if constexpr (kLogVar) s = to_compute(log_var[i]);
     if constexpr ((kMode & (kReduce | kLoss)) != 0) {
-      const C value = loss_value<K, kDivide>(d, params);
+      C value;
+      if constexpr (kLogVar) {
+        value = heteroscedastic_value<K, kDivide>(d, s, params);
+      } else {
+        value = loss_value<K, kDivide>(d, params);
+      }
       if constexpr ((kMode & kReduce) != 0) sum += value;
       if constexpr ((kMode & kLoss) != 0) loss[i] = from_compute<S>(value);
     }
-    if constexpr ((kMode & (kGradInput | kGradTarget)) != 0) {
+    if constexpr ((kMode & (kGradInput | kGradTarget | kGradLogVar)) != 0) {
       C g = params.grad_scale;
       if constexpr ((kMode & kGradTensor) != 0) g = to_compute(grad_output[i]);
-      const C grad = loss_grad<K, kDivide>(d, g, params);
-      if constexpr ((kMode & kGradInput) != 0) grad_input[i] = from_compute<S>(grad);
-      if constexpr ((kMode & kGradTarget) != 0) grad_target[i] = from_compute<S>(-grad);
+      if constexpr (kLogVar) {
+        const HeteroscedasticGrad<C> grad = heteroscedastic_grad<K, kDivide>(d, s, g, params);
+        if constexpr ((kMode & kGradInput) != 0) grad_input[i] = from_compute<S>(grad.input);
+        if constexpr ((kMode & kGradLogVar) != 0) grad_log_var[i] = from_compute<S>(grad.log_var);
+      } else {
+        const C grad = loss_grad<K, kDivide>(d, g, params);
+        if constexpr ((kMode & kGradInput) != 0) grad_input[i] = from_compute<S>(grad);
+        if constexpr ((kMode & kGradTarget) != 0) grad_target[i] = from_compute<S>(-grad);
+      }
     }
   };
 
@@ -76,30 +94,34 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
   }
 }
 
-// Runtime arguments -> template arguments.
-template <LossKind K, bool kDivide, typename S>
+// Runtime arguments -> template arguments. The two gradients besides the input's are the target's
+// (regression losses) or log_var's (heteroscedastic losses), so each family has as many
+// specialisations as the other.
+template <LossKind K, bool kDivide, bool kLogVar, typename S>
 double with_mode(const LossKernelArgs& args, int64_t begin, int64_t end) {
+  constexpr unsigned kGradOther = kLogVar ? kGradLogVar : kGradTarget;
   const unsigned mode = (args.reduce ? kReduce : 0u) | (args.loss ? kLoss : 0u) |
                         (args.grad_input ? kGradInput : 0u) |
                         (args.grad_target ? kGradTarget : 0u) |
+                        (args.grad_log_var ? kGradLogVar : 0u) |
                         (args.grad_output ? kGradTensor : 0u);
   switch (mode) {
 #define FUSEDMTL_MODE_CASE(m) \
   case (m):                   \
-    return loss_range<K, kDivide, S, (m)>(args, begin, end);
+    return loss_range<K, kDivide, kLogVar, S, (m)>(args, begin, end);
     // forward: sum, element-wise loss, sum fused with the gradients
     FUSEDMTL_MODE_CASE(kReduce)
     FUSEDMTL_MODE_CASE(kLoss)
     FUSEDMTL_MODE_CASE(kReduce | kGradInput)
-    FUSEDMTL_MODE_CASE(kReduce | kGradTarget)
-    FUSEDMTL_MODE_CASE(kReduce | kGradInput | kGradTarget)
+    FUSEDMTL_MODE_CASE(kReduce | kGradOther)
+    FUSEDMTL_MODE_CASE(kReduce | kGradInput | kGradOther)
     // backward with a scalar or an element-wise grad_output
     FUSEDMTL_MODE_CASE(kGradInput)
-    FUSEDMTL_MODE_CASE(kGradTarget)
-    FUSEDMTL_MODE_CASE(kGradInput | kGradTarget)
+    FUSEDMTL_MODE_CASE(kGradOther)
+    FUSEDMTL_MODE_CASE(kGradInput | kGradOther)
     FUSEDMTL_MODE_CASE(kGradInput | kGradTensor)
-    FUSEDMTL_MODE_CASE(kGradTarget | kGradTensor)
-    FUSEDMTL_MODE_CASE(kGradInput | kGradTarget | kGradTensor)
+    FUSEDMTL_MODE_CASE(kGradOther | kGradTensor)
+    FUSEDMTL_MODE_CASE(kGradInput | kGradOther | kGradTensor)
 #undef FUSEDMTL_MODE_CASE
     default:
       return 0.0;  // nothing asked for
@@ -111,23 +133,30 @@ bool is_power_of_two(double x) {
   return x > 0 && std::frexp(x, &exponent) == 0.5;
 }
 
-template <typename S>
+template <bool kLogVar, typename S>
 double with_kind(const LossKernelArgs& args, int64_t begin, int64_t end) {
   switch (args.kind) {
     case LossKind::L1:
-      return with_mode<LossKind::L1, false, S>(args, begin, end);
+      return with_mode<LossKind::L1, false, kLogVar, S>(args, begin, end);
     case LossKind::MSE:
-      return with_mode<LossKind::MSE, false, S>(args, begin, end);
+      return with_mode<LossKind::MSE, false, kLogVar, S>(args, begin, end);
     case LossKind::SmoothL1:
       // x / beta == x * (1 / beta) exactly when beta is a power of two (the default 1.0):
       // the division, the slowest instruction of the loop, is then skipped at no cost in accuracy.
       return is_power_of_two(args.param)
-                 ? with_mode<LossKind::SmoothL1, false, S>(args, begin, end)
-                 : with_mode<LossKind::SmoothL1, true, S>(args, begin, end);
+                 ? with_mode<LossKind::SmoothL1, false, kLogVar, S>(args, begin, end)
+                 : with_mode<LossKind::SmoothL1, true, kLogVar, S>(args, begin, end);
     case LossKind::Huber:
-      return with_mode<LossKind::Huber, false, S>(args, begin, end);
+      if constexpr (!kLogVar) return with_mode<LossKind::Huber, false, false, S>(args, begin, end);
+      break;  // no heteroscedastic Huber loss (rejected by the argument checks)
   }
   return 0.0;
+}
+
+template <typename S>
+double with_family(const LossKernelArgs& args, int64_t begin, int64_t end) {
+  return args.log_var != nullptr ? with_kind<true, S>(args, begin, end)
+                                 : with_kind<false, S>(args, begin, end);
 }
 
 }  // namespace
@@ -135,13 +164,13 @@ double with_kind(const LossKernelArgs& args, int64_t begin, int64_t end) {
 double loss_block(const LossKernelArgs& args, int64_t begin, int64_t end) {
   switch (args.dtype) {
     case ScalarKind::Float:
-      return with_kind<float>(args, begin, end);
+      return with_family<float>(args, begin, end);
     case ScalarKind::Double:
-      return with_kind<double>(args, begin, end);
+      return with_family<double>(args, begin, end);
     case ScalarKind::Half:
-      return with_kind<_Float16>(args, begin, end);
+      return with_family<_Float16>(args, begin, end);
     case ScalarKind::BFloat16:
-      return with_kind<BFloat16Bits>(args, begin, end);
+      return with_family<BFloat16Bits>(args, begin, end);
   }
   return 0.0;
 }

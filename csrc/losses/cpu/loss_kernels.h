@@ -5,12 +5,15 @@
 
 #include "common/cpu_capability.h"
 #include "common/cpu_scalar.h"
+#include "losses/heteroscedastic_math.h"
 #include "losses/loss_math.h"
 
 namespace fusedmtl::losses::cpu {
 
 // What one call computes. Pointers are to contiguous arrays of `dtype` of the call's numel;
-// a null pointer means "not wanted".
+// a null pointer means "not wanted". A log_var makes it the heteroscedastic loss of `kind` (L1,
+// MSE for 'l2', or SmoothL1), which writes its input gradient to grad_input only (grad_target
+// stays null: the caller negates).
 struct LossKernelArgs {
   LossKind kind;
   ScalarKind dtype;
@@ -20,9 +23,11 @@ struct LossKernelArgs {
   bool reduce;            // return the sum of the losses of [begin, end)
   const void* input;
   const void* target;
+  const void* log_var;    // heteroscedastic losses only
   void* loss;             // element-wise loss (reduction='none')
   void* grad_input;
   void* grad_target;
+  void* grad_log_var;     // heteroscedastic losses only
   const void* grad_output;  // element-wise grad_output (reduction='none'); else grad_scale is used
 };
 

@@ -1,5 +1,6 @@
-// CUDA implementations of the loss ops. The per-element math is loss_math.h, the same code the CPU
-// kernels run (and the CPU tests cover).
+// CUDA implementations of the loss ops: the regression losses and the heteroscedastic ones. The
+// per-element math is loss_math.h and heteroscedastic_math.h, the same code the CPU kernels run (and
+// the CPU tests cover).
 //
 // One kernel does every pass: grid-stride over the elements (16-byte vector loads when every
 // pointer is aligned), writing what the call asks for. Which outputs are wanted is a uniform
@@ -18,6 +19,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include "losses/heteroscedastic_math.h"
 #include "losses/loss_checks.h"
 #include "losses/loss_math.h"
 #include "losses/losses.h"
@@ -33,9 +35,11 @@ template <typename S>
 struct LossPointers {
   const S* input;
   const S* target;
+  const S* log_var;        // heteroscedastic losses only, else null
   S* loss;                 // element-wise loss, or null
   S* grad_input;           // or null
-  S* grad_target;          // or null
+  S* grad_target;          // regression losses only (the heteroscedastic caller negates), or null
+  S* grad_log_var;         // heteroscedastic losses only, or null
   const S* grad_output;    // element-wise grad_output, or null
   const S* grad_scalar;    // 0-dim grad_output on the device, or null (then grad_scale is used)
 };
@@ -45,7 +49,8 @@ struct alignas(sizeof(S) * kWidth) Packed {
   S values[kWidth];
 };
 
-template <LossKind K, typename S, int kWidth>
+// kLogVar: the heteroscedastic loss of K rather than K itself.
+template <LossKind K, bool kLogVar, typename S, int kWidth>
 __global__ void __launch_bounds__(kThreads)
     loss_kernel(LossPointers<S> ptr, LossParams<at::opmath_type<S>> params, bool divide,
                 bool l1_mean, int64_t n, at::opmath_type<S>* block_sums) {
@@ -58,21 +63,38 @@ __global__ void __launch_bounds__(kThreads)
     // autograd's mean backward divides grad_output by N in the tensor's dtype before sign(d)
     if (l1_mean) params.grad_scale = static_cast<C>(static_cast<S>(params.grad_scale / C(n)));
   }
-  const bool want_grad = ptr.grad_input != nullptr || ptr.grad_target != nullptr;
+  const bool want_grad =
+      ptr.grad_input != nullptr || ptr.grad_target != nullptr || ptr.grad_log_var != nullptr;
 
-  auto element = [&](C x, C y, C g, S* loss_out, S* grad_in_out, S* grad_tgt_out, C& sum) {
+  // s: log_var (heteroscedastic losses; 0 otherwise). grad_other_out: the target's gradient
+  // (regression losses) or log_var's (heteroscedastic losses).
+  auto element = [&](C x, C y, C s, C g, S* loss_out, S* grad_in_out, S* grad_other_out, C& sum) {
     const C d = x - y;
     if (block_sums != nullptr || loss_out != nullptr) {
-      const C value = divide ? loss_value<K, true>(d, params) : loss_value<K, false>(d, params);
+      C value;
+      if constexpr (kLogVar) {
+        value = divide ? heteroscedastic_value<K, true>(d, s, params)
+                       : heteroscedastic_value<K, false>(d, s, params);
+      } else {
+        value = divide ? loss_value<K, true>(d, params) : loss_value<K, false>(d, params);
+      }
       sum += value;
       if (loss_out != nullptr) *loss_out = static_cast<S>(value);
     }
     if (want_grad) {
-      const C grad = divide ? loss_grad<K, true>(d, g, params) : loss_grad<K, false>(d, g, params);
-      if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
-      if (grad_tgt_out != nullptr) *grad_tgt_out = static_cast<S>(-grad);
+      if constexpr (kLogVar) {
+        const HeteroscedasticGrad<C> grad = divide ? heteroscedastic_grad<K, true>(d, s, g, params)
+                                                   : heteroscedastic_grad<K, false>(d, s, g, params);
+        if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad.input);
+        if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(grad.log_var);
+      } else {
+        const C grad = divide ? loss_grad<K, true>(d, g, params) : loss_grad<K, false>(d, g, params);
+        if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
+        if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(-grad);
+      }
     }
   };
+  S* const grad_other = kLogVar ? ptr.grad_log_var : ptr.grad_target;
 
   C sum = C(0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kWidth;
@@ -82,24 +104,29 @@ __global__ void __launch_bounds__(kThreads)
       using P = Packed<S, kWidth>;
       const P x = *reinterpret_cast<const P*>(ptr.input + base);
       const P y = *reinterpret_cast<const P*>(ptr.target + base);
-      P g_in, g_out, l_out, g_tgt;
+      P lv, g_in, g_out, l_out, g_oth;
+      if constexpr (kLogVar) lv = *reinterpret_cast<const P*>(ptr.log_var + base);
       if (ptr.grad_output != nullptr) g_in = *reinterpret_cast<const P*>(ptr.grad_output + base);
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         const C g = ptr.grad_output != nullptr ? static_cast<C>(g_in.values[j]) : params.grad_scale;
-        element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), g,
+        C s = C(0);
+        if constexpr (kLogVar) s = static_cast<C>(lv.values[j]);
+        element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), s, g,
                 ptr.loss ? &l_out.values[j] : nullptr, ptr.grad_input ? &g_out.values[j] : nullptr,
-                ptr.grad_target ? &g_tgt.values[j] : nullptr, sum);
+                grad_other ? &g_oth.values[j] : nullptr, sum);
       }
       if (ptr.loss) *reinterpret_cast<P*>(ptr.loss + base) = l_out;
       if (ptr.grad_input) *reinterpret_cast<P*>(ptr.grad_input + base) = g_out;
-      if (ptr.grad_target) *reinterpret_cast<P*>(ptr.grad_target + base) = g_tgt;
+      if (grad_other) *reinterpret_cast<P*>(grad_other + base) = g_oth;
     } else {
       for (int64_t i = base; i < n && i < base + kWidth; ++i) {
         const C g = ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
-        element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), g,
+        C s = C(0);
+        if constexpr (kLogVar) s = static_cast<C>(ptr.log_var[i]);
+        element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g,
                 ptr.loss ? ptr.loss + i : nullptr, ptr.grad_input ? ptr.grad_input + i : nullptr,
-                ptr.grad_target ? ptr.grad_target + i : nullptr, sum);
+                grad_other ? grad_other + i : nullptr, sum);
       }
     }
   }
@@ -134,8 +161,10 @@ bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorByt
 template <typename S>
 bool all_aligned(const LossPointers<S>& ptr) {
   for (const void* p : {static_cast<const void*>(ptr.input), static_cast<const void*>(ptr.target),
-                        static_cast<const void*>(ptr.loss), static_cast<const void*>(ptr.grad_input),
+                        static_cast<const void*>(ptr.log_var), static_cast<const void*>(ptr.loss),
+                        static_cast<const void*>(ptr.grad_input),
                         static_cast<const void*>(ptr.grad_target),
+                        static_cast<const void*>(ptr.grad_log_var),
                         static_cast<const void*>(ptr.grad_output)}) {
     if (p != nullptr && !aligned(p)) return false;
   }
@@ -153,7 +182,8 @@ void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n
   params.norm = static_cast<C>(loss_norm(config, n));
   params.grad_scale = static_cast<C>(grad_scale);
   const bool divide = config.kind == LossKind::SmoothL1 && !is_power_of_two(config.param);
-  const bool l1_mean = config.kind == LossKind::L1 && config.reduction == Reduction::Mean;
+  const bool l1_mean = config.kind == LossKind::L1 && config.reduction == Reduction::Mean &&
+                       !config.heteroscedastic;
   constexpr int kWidth = kVectorBytes / sizeof(S);
   const bool vectorized = all_aligned(ptr);
   const int64_t per_block = static_cast<int64_t>(kThreads) * (vectorized ? kWidth : 1);
@@ -167,30 +197,40 @@ void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n
     block_sums = at::empty({num_blocks}, reduced.options().dtype(c10::CppTypeToScalarType<C>::value));
     block_sums_ptr = block_sums.mutable_data_ptr<C>();
   }
-  auto launch = [&](auto kind_tag) {
+  auto launch = [&](auto kind_tag, auto log_var_tag) {
     constexpr LossKind K = decltype(kind_tag)::value;
+    constexpr bool kLogVar = decltype(log_var_tag)::value;
     if (vectorized) {
-      loss_kernel<K, S, kWidth><<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n,
-                                                                      block_sums_ptr);
+      loss_kernel<K, kLogVar, S, kWidth><<<num_blocks, kThreads, 0, stream>>>(
+          ptr, params, divide, l1_mean, n, block_sums_ptr);
     } else {
-      loss_kernel<K, S, 1><<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n,
-                                                                 block_sums_ptr);
+      loss_kernel<K, kLogVar, S, 1><<<num_blocks, kThreads, 0, stream>>>(
+          ptr, params, divide, l1_mean, n, block_sums_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  switch (config.kind) {
-    case LossKind::L1:
-      launch(std::integral_constant<LossKind, LossKind::L1>{});
-      break;
-    case LossKind::MSE:
-      launch(std::integral_constant<LossKind, LossKind::MSE>{});
-      break;
-    case LossKind::SmoothL1:
-      launch(std::integral_constant<LossKind, LossKind::SmoothL1>{});
-      break;
-    case LossKind::Huber:
-      launch(std::integral_constant<LossKind, LossKind::Huber>{});
-      break;
+  auto launch_kind = [&](auto log_var_tag) {
+    switch (config.kind) {
+      case LossKind::L1:
+        launch(std::integral_constant<LossKind, LossKind::L1>{}, log_var_tag);
+        break;
+      case LossKind::MSE:
+        launch(std::integral_constant<LossKind, LossKind::MSE>{}, log_var_tag);
+        break;
+      case LossKind::SmoothL1:
+        launch(std::integral_constant<LossKind, LossKind::SmoothL1>{}, log_var_tag);
+        break;
+      case LossKind::Huber:  // no heteroscedastic Huber loss (rejected by the argument checks)
+        if constexpr (!decltype(log_var_tag)::value) {
+          launch(std::integral_constant<LossKind, LossKind::Huber>{}, log_var_tag);
+        }
+        break;
+    }
+  };
+  if (config.heteroscedastic) {
+    launch_kind(std::true_type{});
+  } else {
+    launch_kind(std::false_type{});
   }
   if (reduced.defined()) {
     finish_reduction_kernel<S><<<1, kThreads, 0, stream>>>(
@@ -209,74 +249,146 @@ S* optional_ptr(at::Tensor& t, bool wanted) {
   return wanted ? t.mutable_data_ptr<S>() : nullptr;
 }
 
-}  // namespace
+// The operands of one call, contiguous, on the device the guard selects; log_var is undefined for
+// the regression losses. The second gradient below is the target's (regression losses) or
+// log_var's (heteroscedastic losses, whose target gradient the caller negates).
+struct Operands {
+  at::Tensor input, target, log_var;
 
-at::Tensor regression_loss_cuda(const at::Tensor& input_, const at::Tensor& target_,
-                                c10::string_view kind, double param, int64_t reduction) {
-  const LossConfig config =
-      check_loss_args("fusedmtl::regression_loss", input_, target_, kind, param, reduction);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
+  template <typename S>
+  LossPointers<S> pointers() const {
+    LossPointers<S> ptr{};
+    ptr.input = input.const_data_ptr<S>();
+    ptr.target = target.const_data_ptr<S>();
+    if (log_var.defined()) ptr.log_var = log_var.const_data_ptr<S>();
+    return ptr;
+  }
+
+  template <typename S>
+  void set_second_grad(LossPointers<S>& ptr, at::Tensor& grad, bool wanted) const {
+    (log_var.defined() ? ptr.grad_log_var : ptr.grad_target) = optional_ptr<S>(grad, wanted);
+  }
+};
+
+Operands contiguous_operands(const at::Tensor& input, const at::Tensor& target,
+                             const at::Tensor& log_var = {}) {
+  return {input.contiguous(), target.contiguous(),
+          log_var.defined() ? log_var.contiguous() : at::Tensor()};
+}
+
+at::Tensor forward(const LossConfig& config, const Operands& op) {
+  const at::Tensor& input = op.input;
   const bool reduce = config.reduction != Reduction::None;
   at::Tensor out = reduce ? at::empty({}, input.options()) : at::empty(input.sizes(), input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_cuda", [&] {
-    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
-                               reduce ? nullptr : out.mutable_data_ptr<scalar_t>(),
-                               nullptr, nullptr, nullptr, nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_cuda", [&] {
+    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    if (!reduce) ptr.loss = out.mutable_data_ptr<scalar_t>();
     launch_loss<scalar_t>(config, ptr, input.numel(), reduce ? out : at::Tensor(), 1.0);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
-    const at::Tensor& input_, const at::Tensor& target_, c10::string_view kind, double param,
-    int64_t reduction, bool input_grad, bool target_grad) {
-  const LossConfig config = check_loss_args("fusedmtl::regression_loss_with_grad", input_, target_,
-                                            kind, param, reduction);
-  TORCH_CHECK(config.reduction != Reduction::None,
-              "fusedmtl::regression_loss_with_grad: reduction must be mean or sum");
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad(const char* name,
+                                                                 const LossConfig& config,
+                                                                 const Operands& op, bool input_grad,
+                                                                 bool second_grad) {
+  TORCH_CHECK(config.reduction != Reduction::None, name, ": reduction must be mean or sum");
+  const at::Tensor& input = op.input;
   at::Tensor out = at::empty({}, input.options());
   at::Tensor grad_input = new_gradient(input, input_grad);
-  at::Tensor grad_target = new_gradient(input, target_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_with_grad_cuda", [&] {
-    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
-                               nullptr, optional_ptr<scalar_t>(grad_input, input_grad),
-                               optional_ptr<scalar_t>(grad_target, target_grad), nullptr, nullptr};
+  at::Tensor grad_second = new_gradient(input, second_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_with_grad_cuda", [&] {
+    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
+    op.set_second_grad(ptr, grad_second, second_grad);
     launch_loss<scalar_t>(config, ptr, input.numel(), out,
                           loss_grad_scale(config, input.numel(), 1.0, input.scalar_type()));
   });
-  return {out, grad_input, grad_target};
+  return {out, grad_input, grad_second};
 }
 
-std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& target_,
-    c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad) {
-  const LossConfig config = check_loss_args("fusedmtl::regression_loss_backward", input_, target_,
-                                            kind, param, reduction);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
+std::tuple<at::Tensor, at::Tensor> backward(const char* name, const LossConfig& config,
+                                            const at::Tensor& grad_output_, const Operands& op,
+                                            bool input_grad, bool second_grad) {
+  const at::Tensor& input = op.input;
   const bool reduce = config.reduction != Reduction::None;
-  TORCH_CHECK(reduce ? grad_output_.numel() == 1 : grad_output_.sizes() == input.sizes(),
-              "fusedmtl::regression_loss_backward: grad_output must be a scalar for a reduced loss "
-              "and have the input's shape for reduction='none', but got ", grad_output_.sizes());
+  TORCH_CHECK(reduce ? grad_output_.numel() == 1 : grad_output_.sizes() == input.sizes(), name,
+              ": grad_output must be a scalar for a reduced loss and have the input's shape for "
+              "reduction='none', but got ", grad_output_.sizes());
   // Converted on the device: reading the scalar on the host would synchronise.
   const at::Tensor grad_output = grad_output_.to(input.device(), input.scalar_type()).contiguous();
   at::Tensor grad_input = new_gradient(input, input_grad);
-  at::Tensor grad_target = new_gradient(input, target_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_backward_cuda", [&] {
+  at::Tensor grad_second = new_gradient(input, second_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_backward_cuda", [&] {
     const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-    LossPointers<scalar_t> ptr{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
-                               nullptr, optional_ptr<scalar_t>(grad_input, input_grad),
-                               optional_ptr<scalar_t>(grad_target, target_grad),
-                               reduce ? nullptr : g, reduce ? g : nullptr};
+    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
+    op.set_second_grad(ptr, grad_second, second_grad);
+    (reduce ? ptr.grad_scalar : ptr.grad_output) = g;
     launch_loss<scalar_t>(config, ptr, input.numel(), at::Tensor(), 1.0);
   });
-  return {grad_input, grad_target};
+  return {grad_input, grad_second};
+}
+
+}  // namespace
+
+at::Tensor regression_loss_cuda(const at::Tensor& input, const at::Tensor& target,
+                                c10::string_view kind, double param, int64_t reduction) {
+  const LossConfig config =
+      check_loss_args("fusedmtl::regression_loss", input, target, kind, param, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return forward(config, contiguous_operands(input, target));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
+    int64_t reduction, bool input_grad, bool target_grad) {
+  constexpr const char* name = "fusedmtl::regression_loss_with_grad";
+  const LossConfig config = check_loss_args(name, input, target, kind, param, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return forward_with_grad(name, config, contiguous_operands(input, target), input_grad, target_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad) {
+  constexpr const char* name = "fusedmtl::regression_loss_backward";
+  const LossConfig config = check_loss_args(name, input, target, kind, param, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return backward(name, config, grad_output, contiguous_operands(input, target), input_grad,
+                  target_grad);
+}
+
+at::Tensor heteroscedastic_loss_cuda(const at::Tensor& input, const at::Tensor& target,
+                                     const at::Tensor& log_var, c10::string_view kind, double beta,
+                                     int64_t reduction) {
+  const LossConfig config = check_heteroscedastic_args("fusedmtl::heteroscedastic_loss", input,
+                                                       target, log_var, kind, beta, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return forward(config, contiguous_operands(input, target, log_var));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, const at::Tensor& log_var,
+    c10::string_view kind, double beta, int64_t reduction, bool input_grad, bool log_var_grad) {
+  constexpr const char* name = "fusedmtl::heteroscedastic_loss_with_grad";
+  const LossConfig config =
+      check_heteroscedastic_args(name, input, target, log_var, kind, beta, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return forward_with_grad(name, config, contiguous_operands(input, target, log_var), input_grad,
+                           log_var_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const at::Tensor& log_var, c10::string_view kind, double beta, int64_t reduction,
+    bool input_grad, bool log_var_grad) {
+  constexpr const char* name = "fusedmtl::heteroscedastic_loss_backward";
+  const LossConfig config =
+      check_heteroscedastic_args(name, input, target, log_var, kind, beta, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return backward(name, config, grad_output, contiguous_operands(input, target, log_var),
+                  input_grad, log_var_grad);
 }
 
 }  // namespace fusedmtl::losses

@@ -59,3 +59,55 @@ def register_loss_autograd(forward_op: str, backward_op) -> None:
         return *grads, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def heteroscedastic_backward(
+    backward_op,
+    grad_output: Tensor,
+    input: Tensor,
+    target: Tensor,
+    log_var: Tensor,
+    kind: str,
+    beta: float,
+    reduction: int,
+    needs_input_grad: bool,
+    needs_target_grad: bool,
+    needs_log_var_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_target, grad_log_var) of a heteroscedastic loss, None where not needed.
+
+    backward_op has the schema of ``fusedmtl::heteroscedastic_loss_backward`` (one pass giving
+    grad_input and grad_log_var); the target's gradient is -grad_input. Under create_graph=True the
+    differentiable reference formula runs instead, so that double backward works.
+    """
+    d_wanted = needs_input_grad or needs_target_grad
+    if torch.is_grad_enabled():
+        grad_input, grad_log_var = naive.heteroscedastic_grad(
+            grad_output, input, target, log_var, kind, beta, REDUCTION_NAMES[reduction]
+        )
+    else:
+        grad_input, grad_log_var = backward_op(
+            grad_output, input, target, log_var, kind, beta, reduction, d_wanted, needs_log_var_grad
+        )
+    return (
+        grad_input if needs_input_grad else None,
+        -grad_input if needs_target_grad else None,
+        grad_log_var if needs_log_var_grad else None,
+    )
+
+
+def register_heteroscedastic_autograd(forward_op: str, backward_op) -> None:
+    """Autograd for an op of schema (input, target, log_var, kind, beta, reduction) -> loss."""
+
+    def setup_context(ctx, inputs, output):
+        input, target, log_var, kind, beta, reduction = inputs
+        ctx.save_for_backward(input, target, log_var)
+        ctx.config = (kind, beta, reduction)
+
+    def backward(ctx, grad_output):
+        grads = heteroscedastic_backward(
+            backward_op, grad_output, *ctx.saved_tensors, *ctx.config, *ctx.needs_input_grad[:3]
+        )
+        return *grads, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

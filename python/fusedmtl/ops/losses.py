@@ -187,14 +187,15 @@ def _eager_fast_path(input: Tensor, target: Tensor) -> bool:
     )
 
 
-def _eager_gradient_wanted(input: Tensor, target: Tensor) -> bool:
-    """Whether the eager fast path (gradient computed in forward) applies."""
+def _eager_gradient_wanted(input: Tensor, *others: Tensor) -> bool:
+    """Whether the eager fast path (gradient computed in forward) applies to a loss of input and
+    the other operands (on input's device)."""
+    operands = (input, *others)
     return (
         torch.is_grad_enabled()
-        and (input.requires_grad or target.requires_grad)
+        and any(t.requires_grad for t in operands)
         and input.device.type == "cpu"
-        and type(input) is Tensor
-        and type(target) is Tensor
+        and all(type(t) is Tensor for t in operands)
         and not torch.compiler.is_compiling()
     )
 

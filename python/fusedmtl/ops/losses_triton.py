@@ -117,6 +117,16 @@ def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
 
+def _programs(input: Tensor, reduce: bool) -> tuple[int, Tensor | None]:
+    """How many programs cover input's elements, and the buffer for their partial loss sums when
+    ``reduce`` (in the compute type: float64 for float64, else float32)."""
+    num_programs = max(1, triton.cdiv(input.numel(), BLOCK))
+    if not reduce:
+        return num_programs, None
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return num_programs, torch.empty(num_programs, device=input.device, dtype=dtype)
+
+
 def _launch(
     input: Tensor,
     target: Tensor,
@@ -135,13 +145,8 @@ def _launch(
     if kind == "smooth_l1" and param == 0:
         kind = "l1"
     n = input.numel()
-    num_programs = max(1, triton.cdiv(n, BLOCK))
+    num_programs, block_sums = _programs(input, reduce)
     fp64 = input.dtype == torch.float64
-    block_sums = (
-        torch.empty(num_programs, device=input.device, dtype=torch.float64 if fp64 else torch.float32)
-        if reduce
-        else None
-    )
     factor = 2.0 if kind == "mse" else 1.0
     norm = factor / n if reduction == 1 and n > 0 else factor
     dummy = input  # pointer arguments that a specialisation never touches

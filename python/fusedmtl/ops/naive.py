@@ -121,3 +121,109 @@ def regression_loss(input: Tensor, target: Tensor, kind: str, param: float, redu
         # integer l1_loss: torch composes sub, abs and the reduction, and so errors or not as they do
         return _reduce((input - target).abs(), reduction)
     return _ReferenceLoss.apply(input, target, kind, param, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Heteroscedastic regression losses (Kendall & Gal 2017), as csrc/losses/heteroscedastic_math.h
+
+HETEROSCEDASTIC_KINDS = ("l2", "l1", "smooth_l1")
+
+
+def _heteroscedastic_base(d: Tensor, kind: str, beta: float) -> tuple[Tensor, float]:
+    """(b(d), w): the base loss and the leading factor of ``w * (exp(-s) * b + s)``."""
+    if kind == "l2":
+        return d * d, 0.5
+    if kind == "l1" or (kind == "smooth_l1" and beta == 0):
+        return d.abs(), 1.0
+    if kind == "smooth_l1":
+        z = d.abs()
+        return torch.where(z < beta, 0.5 * z * z / beta, z - 0.5 * beta), 1.0
+    raise ValueError(f"unknown heteroscedastic loss kind {kind!r}; expected one of {HETEROSCEDASTIC_KINDS}")
+
+
+def heteroscedastic_value(
+    input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float, reduction: str
+) -> Tensor:
+    """The heteroscedastic loss, without autograd's help: w * (exp(-s) * b(input - target) + s).
+
+    input, target, log_var: one shape and dtype. Computed in float32 for float16/bfloat16 and
+    rounded once to their dtype.
+    """
+    compute = _compute_dtype(input.dtype)
+    d = input.to(compute) - target.to(compute)
+    s = log_var.to(compute)
+    base, weight = _heteroscedastic_base(d, kind, beta)
+    return _reduce(weight * (torch.exp(-s) * base + s), reduction).to(input.dtype)
+
+
+def heteroscedastic_grad(
+    grad_output: Tensor,
+    input: Tensor,
+    target: Tensor,
+    log_var: Tensor,
+    kind: str,
+    beta: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """(d loss / d input, d loss / d log_var) times grad_output; the target's is -grad_input.
+
+    d loss / d input = w exp(-s) b'(d) and d loss / d s = w (1 - exp(-s) b(d)), with torch's
+    conventions for b' (sign(d) is 0 at 0 and NaN; smooth-L1's slope is linear at |d| >= beta).
+    Differentiable, so that double backward through the compiled ops works.
+    """
+    compute = _compute_dtype(input.dtype)
+    d = input.to(compute) - target.to(compute)
+    s = log_var.to(compute)
+    base, weight = _heteroscedastic_base(d, kind, beta)
+    if kind == "l2":
+        slope = d  # 0.5 * 2d
+    elif kind == "l1" or beta == 0:
+        slope = torch.sign(d)
+    else:
+        slope = torch.where(d <= -beta, -1.0, torch.where(d >= beta, 1.0, d / beta))
+    g = grad_output.to(compute)
+    if reduction == "mean":
+        g = g / d.numel()
+    precision = torch.exp(-s)
+    grad_input = g * (precision * slope)
+    grad_log_var = g * (weight * (1 - precision * base))
+    return grad_input.to(input.dtype), grad_log_var.to(input.dtype)
+
+
+class _ReferenceHeteroscedastic(torch.autograd.Function):
+    """heteroscedastic_value with heteroscedastic_grad as its backward: the kernels' conventions
+    at the kinks and at NaN (autograd through torch.where would take the other branch's), double
+    backward through the differentiable formula, and torch.func transforms."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, log_var, kind, beta, reduction):
+        return heteroscedastic_value(input, target, log_var, kind, beta, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, log_var, kind, beta, reduction = inputs
+        ctx.save_for_backward(input, target, log_var)
+        ctx.config = (kind, beta, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_log_var = heteroscedastic_grad(grad_output, *ctx.saved_tensors, *ctx.config)
+        needs_input, needs_target, needs_log_var = ctx.needs_input_grad[:3]
+        return (
+            grad_input if needs_input else None,
+            -grad_input if needs_target else None,
+            grad_log_var if needs_log_var else None,
+            None,
+            None,
+            None,
+        )
+
+
+def heteroscedastic_loss(
+    input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float, reduction: str
+) -> Tensor:
+    """The heteroscedastic loss of (input, target, log_var) (one shape and floating dtype),
+    differentiable. kind: 'l2' | 'l1' | 'smooth_l1'; reduction: 'none' | 'mean' | 'sum'."""
+    return _ReferenceHeteroscedastic.apply(input, target, log_var, kind, beta, reduction)

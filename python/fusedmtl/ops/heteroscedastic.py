@@ -1,0 +1,105 @@
+"""Heteroscedastic (per-element uncertainty) regression losses with fused kernels.
+
+Which implementation runs is chosen by :mod:`fusedmtl.backend`, as for the other losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from fusedmtl import backend
+from fusedmtl.ops import naive
+from fusedmtl.ops.losses import _eager_gradient_wanted
+
+if backend._C is not None:
+    from fusedmtl.ops.native import FusedHeteroscedasticWithGrad
+
+__all__ = ["heteroscedastic_loss"]
+
+
+def heteroscedastic_loss(
+    input: Tensor,
+    target: Tensor,
+    log_var: Tensor,
+    kind: str = "l2",
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Heteroscedastic regression loss (Kendall & Gal, "What Uncertainties Do We Need in Bayesian
+    Deep Learning for Computer Vision?", NeurIPS 2017).
+
+    The network predicts, besides ``input``, the log-variance ``log_var`` = s = log sigma^2 of each
+    element: elements it is unsure of are down-weighted by exp(-s) at the price of the penalty s.
+    With d = input - target, per element:
+
+    - ``kind='l2'`` (Gaussian likelihood): 0.5 * exp(-s) * d^2 + 0.5 * s. This is
+      :class:`torch.nn.GaussianNLLLoss` (``full=False``, ``eps`` -> 0) with var = exp(log_var).
+    - ``kind='l1'`` (Laplace likelihood): exp(-s) * |d| + s.
+    - ``kind='smooth_l1'``: exp(-s) * smooth_l1(d; beta) + s, smooth_l1 exactly as
+      :func:`torch.nn.functional.smooth_l1_loss` (beta == 0 is the L1 form).
+
+    Gradients flow to input, target (the negation of input's) and log_var:
+    d/d input = w exp(-s) b'(d), d/d s = w (1 - exp(-s) b(d)) with b the base loss and w = 0.5
+    for 'l2', 1 otherwise.
+
+    Args:
+        input, target, log_var: tensors broadcastable together (as :func:`torch.broadcast_tensors`)
+            of float32, float64, float16 or bfloat16 (mixed dtypes promote as in torch; float16
+            and bfloat16 are computed and accumulated in float32, and the result rounded once).
+            Gradients of broadcast arguments are summed back to their shapes.
+        kind: 'l2' | 'l1' | 'smooth_l1'.
+        beta: the smooth-L1 threshold, >= 0 (ignored by the other kinds, but still checked).
+        reduction: 'none' (the element-wise loss, of the broadcast shape) | 'mean' | 'sum' (0-dim);
+            'mean' of an empty tensor is nan, as in torch.
+
+    Mean and sum are computed in fixed blocks added in order: the result does not depend on the
+    number of threads.
+    """
+    if has_torch_function_variadic(input, target, log_var):
+        return handle_torch_function(
+            heteroscedastic_loss, (input, target, log_var), input, target, log_var,
+            kind=kind, beta=beta, reduction=reduction,
+        )
+    reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
+    if kind not in naive.HETEROSCEDASTIC_KINDS:
+        raise ValueError(
+            f"{kind!r} is not a valid heteroscedastic loss kind; expected one of "
+            f"{naive.HETEROSCEDASTIC_KINDS}"
+        )
+    if beta < 0:
+        raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
+    if not (input.device == target.device == log_var.device):
+        raise RuntimeError(
+            "Expected all tensors to be on the same device, but found input on "
+            f"{input.device}, target on {target.device} and log_var on {log_var.device}"
+        )
+    dtype = torch.promote_types(torch.promote_types(input.dtype, target.dtype), log_var.dtype)
+    if not dtype.is_floating_point:
+        raise NotImplementedError(
+            f"\"heteroscedastic_loss\" not implemented for '{dtype}': input, target and log_var "
+            "must include a floating-point tensor"
+        )
+    input, target, log_var = input.to(dtype), target.to(dtype), log_var.to(dtype)
+    if not (input.shape == target.shape == log_var.shape):
+        # The kernels take one shape: expand (autograd sums the gradients of a broadcast
+        # argument back to its shape, with sum_to_size) and copy into contiguous memory.
+        input, target, log_var = (t.contiguous() for t in torch.broadcast_tensors(input, target, log_var))
+
+    chosen = backend.select(input.device)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func transforms do not support ops with torch.library autograd yet (see losses.py)
+        chosen = "reference"
+    if chosen == "native":
+        if reduction_code != 0 and _eager_gradient_wanted(input, target, log_var):
+            return FusedHeteroscedasticWithGrad.apply(input, target, log_var, kind, beta, reduction_code)
+        return torch.ops.fusedmtl.heteroscedastic_loss(input, target, log_var, kind, beta, reduction_code)
+    if chosen == "triton":
+        from fusedmtl.ops import heteroscedastic_triton  # noqa: F401  (registers the op on first use)
+
+        return torch.ops.fusedmtl.triton_heteroscedastic_loss(
+            input, target, log_var, kind, beta, reduction_code
+        )
+    return naive.heteroscedastic_loss(input, target, log_var, kind, beta, reduction)
