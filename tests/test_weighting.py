@@ -11,7 +11,6 @@ active sets (``min_norm_simplex64``), cross-checked against its K = 2 closed for
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import itertools
 import math
@@ -23,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedmtl.weighting import (
+    DBMTL,
     DWA,
+    FAMO,
+    MGDA,
     RLW,
     AnchorToMain,
     Fixed,
@@ -31,6 +33,8 @@ from fusedmtl.weighting import (
     GradNorm,
     GradNormalization,
     InitialLoss,
+    NashMTL,
+    PCGrad,
     PriorLoss,
     RealTime,
     Uncertainty,
@@ -45,16 +49,6 @@ K = 3
 EPS = 1e-8
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 GRAD_MODES = ("loop", "batched")
-
-
-def mgda_cls():
-    """MGDA, once fusedmtl.weighting.solvers (written concurrently) exists; skipped until then
-    (any other import error fails the test)."""
-    if importlib.util.find_spec("fusedmtl.weighting.solvers") is None:  # pragma: no cover
-        pytest.skip("fusedmtl.weighting.solvers does not exist yet")
-    from fusedmtl.weighting.mgda import MGDA
-
-    return MGDA
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +682,6 @@ SPECIAL_GRADIENTS = {
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("case", ["random0", "random1", "random2", "scaled"] + list(SPECIAL_GRADIENTS))
 def test_mgda_coefficients_are_the_min_norm_point(case, k):
-    MGDA = mgda_cls()
     if case in SPECIAL_GRADIENTS:
         g = torch.tensor(SPECIAL_GRADIENTS[case], dtype=torch.float64)[:k]
         M = g @ g.T
@@ -715,7 +708,6 @@ def test_mgda_coefficients_are_the_min_norm_point(case, k):
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_mgda_coefficients_and_update_match_float64_oracle(normalization, grad_mode, model, batch):
-    MGDA = mgda_cls()
     losses = model_losses(model, batch)
     G = task_grads64(losses, model.shared)
     heads = head_grads64(model, losses)
@@ -738,7 +730,6 @@ def test_mgda_coefficients_and_update_match_float64_oracle(normalization, grad_m
 def test_mgda_direction_decreases_no_task_loss(normalization, seed):
     """<d, g_i> >= 0 for every task: d is the min-norm point of the hull of u_i = s_i g_i, so
     <d, u_i> >= |d|^2."""
-    MGDA = mgda_cls()
     model = MTLModel(seed=10 + seed)
     losses = model_losses(model, make_batch(seed))
     G = task_grads64(losses, model.shared)
@@ -750,7 +741,6 @@ def test_mgda_direction_decreases_no_task_loss(normalization, seed):
 
 
 def test_mgda_l2_update_invariant_to_loss_scale(batch):
-    MGDA = mgda_cls()
     reference, scaled = MTLModel(seed=3), MTLModel(seed=3)
     MGDA(reference.shared, K, normalization="l2", eps=1e-30).backward(model_losses(reference, batch))
     MGDA(scaled.shared, K, normalization="l2", eps=1e-30).backward(_transformed(model_losses(scaled, batch), (100.0, 0.01, 3.0), (0.0, 0.0, 0.0)))
@@ -760,7 +750,6 @@ def test_mgda_l2_update_invariant_to_loss_scale(batch):
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_mgda_representation_mode_equals_feature_gradients_and_one_trunk_backward(normalization, model, batch):
-    MGDA = mgda_cls()
     losses, z = model_losses(model, batch, features=True)
     Z = task_grads64(losses, [z])
     heads = head_grads64(model, losses)
@@ -797,7 +786,7 @@ def _gradnorm_factory(shared, tasks, model=None, **kw):
 
 
 def _mgda_factory(shared, tasks, model=None, **kw):
-    return mgda_cls()(shared, tasks, **kw)
+    return MGDA(shared, tasks, **kw)
 
 
 GRADIENT_METHODS = [
@@ -1041,7 +1030,6 @@ def test_gradient_based_nonfinite_raise_skip_ignore(make, batch):
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_mgda_zero_gradient_task_gives_finite_coefficients(normalization, model, batch):
-    MGDA = mgda_cls()
     l0, l1, l2 = model_losses(model, batch)
     losses = [0.0 * l0, l1, l2]
     coeffs = MGDA(model.shared, K, normalization=normalization).backward(losses)
@@ -1123,13 +1111,18 @@ class LossRun:
         return weighting, ctx
 
 
-class GradNormRun:
-    """GradNorm (default Adam weight optimizer) training a model with SGD."""
+class GradientRun:
+    """A gradient-based method (made by ``factory(model)``) training a model with SGD; the
+    default is GradNorm with its Adam weight optimizer."""
+
+    def __init__(self, factory=None):
+        self.factory = factory or (
+            lambda model: GradNorm(model.shared, K, last_shared_layer=model.last_shared_layer, alpha=1.0)
+        )
 
     def build(self, seed=12):
         model = MTLModel(seed=seed)
-        weighting = GradNorm(model.shared, K, last_shared_layer=model.last_shared_layer, alpha=1.0)
-        return weighting, {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.02)}
+        return self.factory(model), {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.02)}
 
     def step(self, weighting, ctx, t):
         coeffs = weighting.backward(model_losses(ctx["model"], make_batch(t)))
@@ -1152,7 +1145,11 @@ ROUND_TRIPS = [
     pytest.param(LossRun(lambda: DWA(K, period_steps=2)), id="dwa"),
     pytest.param(LossRun(lambda: RLW(K, seed=5)), id="rlw"),
     pytest.param(LossRun(lambda: Uncertainty(K, kinds=["regression", "regression", "classification"]), trains=True), id="uncertainty"),
-    pytest.param(GradNormRun(), id="gradnorm-adam"),
+    pytest.param(GradientRun(), id="gradnorm-adam"),
+    pytest.param(LossRun(lambda: FAMO(K)), id="famo-adam"),
+    pytest.param(GradientRun(lambda model: PCGrad(model.shared, K, seed=3)), id="pcgrad-generator"),
+    pytest.param(GradientRun(lambda model: NashMTL(model.shared, K, update_every=4)), id="nash-mtl-reused-solution"),
+    pytest.param(GradientRun(lambda model: DBMTL(model.shared, K)), id="db-mtl-running-averages"),
 ]
 
 
@@ -1172,7 +1169,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(run):
         assert torch.equal(a, b), f"step {before + t}: {a.tolist()} != {b.tolist()}"
     # the check has teeth: a fresh module without the state gives other weights
     fresh, fresh_ctx = run.build()
-    if isinstance(run, GradNormRun):
+    if isinstance(run, GradientRun):
         fresh_ctx["model"].load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False)["model"])
     unrestored = [run.step(fresh, fresh_ctx, t) for t in range(before, before + after)]
     assert any(not torch.equal(a, b) for a, b in zip(continued, unrestored))

@@ -74,6 +74,7 @@ LOSS_BASED = {
     "uncertainty": lambda net: W.Uncertainty(NAMES, kinds=["regression", "regression", "classification"]),
     "dwa": lambda net: W.DWA(NAMES, period_steps=5),
     "rlw": lambda net: W.RLW(NAMES, seed=0),
+    "famo": lambda net: W.FAMO(NAMES),
 }
 GRADIENT_BASED = {
     "gradnormalization": lambda net: W.GradNormalization(net.trunk.parameters(), NAMES),
@@ -83,6 +84,13 @@ GRADIENT_BASED = {
     "mgda-l2": "l2",
     "mgda-loss": "loss",
     "mgda-loss+": "loss+",
+    "pcgrad": lambda net: W.PCGrad(net.trunk.parameters(), NAMES, seed=0),
+    "cagrad": lambda net: W.CAGrad(net.trunk.parameters(), NAMES),
+    "imtl-g": lambda net: W.IMTLG(net.trunk.parameters(), NAMES),
+    "aligned-mtl": lambda net: W.AlignedMTL(net.trunk.parameters(), NAMES),
+    "nash-mtl": lambda net: W.NashMTL(net.trunk.parameters(), NAMES),
+    "upgrad": lambda net: W.UPGrad(net.trunk.parameters(), NAMES),
+    "db-mtl": lambda net: W.DBMTL(net.trunk.parameters(), NAMES),
 }
 REPRESENTATION = {"mgda-ub-l2", "gradnormalization-features"}
 
