@@ -35,6 +35,9 @@ def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal
             for grads in table
         ])
         result += (stacked * stacked).sum(1).diag() if diagonal_only else stacked @ stacked.T
+    # BLAS need not round <g_i, g_j> and <g_j, g_i> alike (it depends on alignment and the CPU):
+    # mirror the upper triangle so that the result is exactly symmetric.
+    result = result.triu() + result.triu(1).mT
     result = result.to(accumulate_dtype(dtype))
     return result.diagonal().clone() if diagonal_only else result
 
