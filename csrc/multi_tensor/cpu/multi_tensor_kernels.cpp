@@ -1,134 +1,125 @@
 // Multi-tensor kernels over one contiguous range, compiled once per CPU capability.
 //
 // The Gramian reads each element of the k gradients once and updates all k(k+1)/2 products from
-// registers; for k <= kMaxUnrolledTasks the task count is a template argument so that the
-// accumulators (kLanes wide per pair) stay in vector registers.
+// registers; for k <= 8 (with_task_count) the task count is a template argument so that the
+// accumulators (one vector of kLanes per pair) stay in registers. Element e of a range goes to lane
+// e % kLanes (a zero-padded tail to lanes 0, 1, ...) and the lanes are summed pairwise at the end:
+// every capability, and the run-time-k path, gives bitwise the same sums.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "common/cpu_vector.h"
 #include "multi_tensor/cpu/multi_tensor_kernels.h"
 
 namespace fusedmtl::multi_tensor::cpu::FUSEDMTL_CPU_NS {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int kMaxUnrolledTasks = 8;
+using namespace ::fusedmtl::simd::FUSEDMTL_CPU_NS;
+
 constexpr int kMaxTasks = 64;
 
-template <typename S>
-compute_t<S> load(const void* p, int64_t e) {
-  return to_compute(static_cast<const S*>(p)[e]);
+// kK > 0: the task count at compile time; kK == 0: k at run time (up to kMaxTasks).
+template <int kK>
+constexpr int task_capacity = kK > 0 ? kK : kMaxTasks;
+
+// Calls block(offset, lanes) for every kLanes-element block of [0, n), the last one partial.
+template <typename Block>
+__attribute__((always_inline)) inline void for_each_block(int64_t n, const Block& block) {
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) block(e, kLanes);
+  if (e < n) block(e, static_cast<int>(n - e));
 }
 
-// kK > 0: the task count at compile time; kK == 0: k at run time (up to kMaxTasks).
-template <int kK, typename S>
-void gramian_range(const void* const* grads, int k_runtime, int64_t n, bool diagonal_only,
-                   double* out) {
-  using C = compute_t<S>;
-  const int k = kK > 0 ? kK : k_runtime;
-  constexpr int kSlots = kK > 0 ? kK * (kK + 1) / 2 : kMaxTasks * (kMaxTasks + 1) / 2;
-  const int pairs = diagonal_only ? k : k * (k + 1) / 2;
-  C acc[kSlots][kLanes];
-  for (int q = 0; q < pairs; ++q) {
-    for (int l = 0; l < kLanes; ++l) acc[q][l] = C(0);
-  }
-  const S* g[kK > 0 ? kK : kMaxTasks];
-  for (int i = 0; i < k; ++i) g[i] = static_cast<const S*>(grads[i]);
+template <typename S>
+__attribute__((always_inline)) inline Vec<S> load_block(const S* p, int lanes) {
+  return lanes == kLanes ? load(p) : load_partial(p, lanes);
+}
 
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) {
-    C v[kK > 0 ? kK : kMaxTasks][kLanes];
-    for (int i = 0; i < k; ++i) {
-      for (int l = 0; l < kLanes; ++l) v[i][l] = to_compute(g[i][e + l]);
-    }
-    if (diagonal_only) {
-      for (int i = 0; i < k; ++i) {
-        for (int l = 0; l < kLanes; ++l) acc[i][l] += v[i][l] * v[i][l];
-      }
-    } else {
-      int q = 0;
-      for (int i = 0; i < k; ++i) {
-        for (int j = i; j < k; ++j, ++q) {
-          for (int l = 0; l < kLanes; ++l) acc[q][l] += v[i][l] * v[j][l];
-        }
-      }
-    }
-  }
-  for (int l = 0; e < n; ++e, ++l) {
+template <int kK, bool kDiagonal, typename S>
+void gramian_range(const void* const* grads, int k_runtime, int64_t n, double* out) {
+  constexpr int kCapacity = task_capacity<kK>;
+  const int k = kK > 0 ? kK : k_runtime;
+  const S* g[kCapacity];
+  for (int i = 0; i < k; ++i) g[i] = static_cast<const S*>(grads[i]);
+  Vec<S> acc[kDiagonal ? kCapacity : kCapacity * (kCapacity + 1) / 2];
+  const int pairs = kDiagonal ? k : k * (k + 1) / 2;
+  for (int q = 0; q < pairs; ++q) acc[q] = Vec<S>{};
+
+  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    Vec<S> v[kCapacity];
+    for (int i = 0; i < k; ++i) v[i] = load_block(g[i] + e, lanes);
     int q = 0;
     for (int i = 0; i < k; ++i) {
-      const C vi = to_compute(g[i][e]);
-      if (diagonal_only) {
-        acc[i][l] += vi * vi;
-        continue;
-      }
-      for (int j = i; j < k; ++j, ++q) acc[q][l] += vi * to_compute(g[j][e]);
+      for (int j = i; j < (kDiagonal ? i + 1 : k); ++j, ++q) acc[q] += v[i] * v[j];
     }
-  }
-  // Lanes are added pairwise, a fixed order: the result depends only on the range.
+  });
   int q = 0;
   for (int i = 0; i < k; ++i) {
-    for (int j = i; j < (diagonal_only ? i + 1 : k); ++j, ++q) {
-      for (int width = kLanes / 2; width > 0; width /= 2) {
-        for (int l = 0; l < width; ++l) acc[q][l] += acc[q][l + width];
-      }
-      out[i * k + j] += static_cast<double>(acc[q][0]);
+    for (int j = i; j < (kDiagonal ? i + 1 : k); ++j, ++q) {
+      out[i * k + j] += static_cast<double>(pairwise_sum(acc[q]));
     }
   }
 }
 
-template <int kK, typename S>
+template <int kK, bool kAccumulate, typename S>
 void combine_range(const void* const* grads, const double* coeffs, int k_runtime, int64_t n,
-                   void* out_, bool accumulate) {
+                   void* out_) {
   using C = compute_t<S>;
+  constexpr int kCapacity = task_capacity<kK>;
   const int k = kK > 0 ? kK : k_runtime;
-  S* __restrict__ out = static_cast<S*>(out_);
-  const S* g[kK > 0 ? kK : kMaxTasks];
-  C c[kK > 0 ? kK : kMaxTasks];
+  S* out = static_cast<S*>(out_);
+  const S* g[kCapacity];
+  C c[kCapacity];
   for (int i = 0; i < k; ++i) {
     g[i] = static_cast<const S*>(grads[i]);
     c[i] = static_cast<C>(coeffs[i]);
   }
-  for (int64_t e = 0; e < n; ++e) {
-    C sum = accumulate ? to_compute(out[e]) : C(0);
-    for (int i = 0; i < k; ++i) sum += c[i] * to_compute(g[i][e]);
-    out[e] = from_compute<S>(sum);
-  }
+  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    Vec<S> sum = kAccumulate ? load_block(out + e, lanes) : Vec<S>{};
+    for (int i = 0; i < k; ++i) sum += c[i] * load_block(g[i] + e, lanes);
+    if (lanes == kLanes) {
+      store(out + e, sum);
+    } else {
+      store_partial(out + e, sum, lanes);
+    }
+  });
 }
 
-template <typename S>
-double penalty_range(const void* w_, void* grad_, bool overwrite, int64_t n, double l1_,
-                     double l2_) {
+template <bool kOverwrite, typename S>
+double penalty_range(const void* w_, void* grad_, int64_t n, double l1_, double l2_) {
   using C = compute_t<S>;
-  const S* __restrict__ w = static_cast<const S*>(w_);
-  S* __restrict__ grad = static_cast<S*>(grad_);
+  const S* w = static_cast<const S*>(w_);
+  S* grad = static_cast<S*>(grad_);
   const C l1 = static_cast<C>(l1_);
   const C two_l2 = static_cast<C>(2 * l2_);
-  C abs_acc[kLanes] = {};
-  C sq_acc[kLanes] = {};
-  auto element = [&](int64_t e, int l) __attribute__((always_inline)) {
-    const C x = to_compute(w[e]);
-    const C sign = x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0));
-    abs_acc[l] += x < C(0) ? -x : x;
-    sq_acc[l] += x * x;
-    const C g = l1 * sign + two_l2 * x;
-    grad[e] = from_compute<S>(overwrite ? g : to_compute(grad[e]) + g);
-  };
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(e + l, l);
-  }
-  for (int l = 0; e < n; ++e, ++l) element(e, l);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) {
-      abs_acc[l] += abs_acc[l + width];
-      sq_acc[l] += sq_acc[l + width];
+  const Vec<S> zero{};
+  Vec<S> abs_acc{};
+  Vec<S> sq_acc{};
+  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    const Vec<S> x = load_block(w + e, lanes);
+    // Comparisons give all-ones lanes (-1 as an integer): sign = (x > 0) - (x < 0).
+    const Vec<S> sign = __builtin_convertvector((x < zero) - (x > zero), Vec<S>);
+    abs_acc += x < zero ? -x : x;
+    sq_acc += x * x;
+    const Vec<S> update = l1 * sign + two_l2 * x;
+    const Vec<S> result = kOverwrite ? update : load_block(grad + e, lanes) + update;
+    if (lanes == kLanes) {
+      store(grad + e, result);
+    } else {
+      store_partial(grad + e, result, lanes);
     }
-  }
-  return l1_ * static_cast<double>(abs_acc[0]) + l2_ * static_cast<double>(sq_acc[0]);
+  });
+  return l1_ * static_cast<double>(pairwise_sum(abs_acc)) +
+         l2_ * static_cast<double>(pairwise_sum(sq_acc));
 }
 
-template <typename S, typename Visitor>
+template <typename Visitor>
+auto with_flag(bool flag, Visitor&& visit) {
+  return flag ? visit(std::true_type{}) : visit(std::false_type{});
+}
+
+template <typename Visitor>
 void with_task_count(int k, Visitor&& visit) {
   switch (k) {
 #define FUSEDMTL_TASKS_CASE(K) \
@@ -168,8 +159,10 @@ void gramian_block(ScalarKind dtype, const void* const* grads, int k, int64_t n,
                    double* out) {
   with_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    with_task_count<S>(k, [&](auto tasks) {
-      gramian_range<decltype(tasks)::value, S>(grads, k, n, diagonal_only, out);
+    with_task_count(k, [&](auto tasks) {
+      with_flag(diagonal_only, [&](auto diagonal) {
+        gramian_range<decltype(tasks)::value, decltype(diagonal)::value, S>(grads, k, n, out);
+      });
     });
   });
 }
@@ -178,8 +171,10 @@ void combine_block(ScalarKind dtype, const void* const* grads, const double* coe
                    int64_t n, void* out, bool accumulate) {
   with_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    with_task_count<S>(k, [&](auto tasks) {
-      combine_range<decltype(tasks)::value, S>(grads, coeffs, k, n, out, accumulate);
+    with_task_count(k, [&](auto tasks) {
+      with_flag(accumulate, [&](auto add) {
+        combine_range<decltype(tasks)::value, decltype(add)::value, S>(grads, coeffs, k, n, out);
+      });
     });
   });
 }
@@ -187,7 +182,9 @@ void combine_block(ScalarKind dtype, const void* const* grads, const double* coe
 double penalty_block(ScalarKind dtype, const void* w, void* grad, bool overwrite, int64_t n,
                      double l1, double l2) {
   return with_dtype(dtype, [&](auto tag) {
-    return penalty_range<decltype(tag)>(w, grad, overwrite, n, l1, l2);
+    return with_flag(overwrite, [&](auto overwriting) {
+      return penalty_range<decltype(overwriting)::value, decltype(tag)>(w, grad, n, l1, l2);
+    });
   });
 }
 

@@ -1,0 +1,100 @@
+// A fixed number of lanes of the compute type as one GCC vector (GCC/Clang vector extensions), for
+// CPU kernels whose loop nests the auto-vectorizer handles for some dtypes and task counts and not
+// for others. Lane l always holds the same element, so results are bitwise the same on every
+// instruction set: the compiler maps a vector to one zmm register, two ymm or four xmm.
+//
+// Include only from per-capability kernel translation units (see cpu_capability.h): everything here
+// lives in FUSEDMTL_CPU_NS.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/cpu_capability.h"
+#include "common/cpu_scalar.h"
+
+namespace fusedmtl::simd::FUSEDMTL_CPU_NS {
+
+// 16 lanes: 64 bytes of float (one AVX-512 register), and enough independent additions in flight
+// to hide their latency.
+constexpr int kLanes = 16;
+
+template <typename T>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+// kLanes values of the compute type of the storage type S (fp32 for fp32/fp16/bf16, fp64 for fp64).
+template <typename S>
+using Vec = typename VectorOf<compute_t<S>>::type;
+
+#define FUSEDMTL_VEC_INLINE inline __attribute__((always_inline))
+
+// Loads p[0:kLanes] converted to the compute type.
+template <typename S>
+FUSEDMTL_VEC_INLINE Vec<S> load(const S* p) {
+  if constexpr (__is_same(S, BFloat16Bits)) {
+    // The bits of a bfloat16 are the high half of the float's.
+    typename VectorOf<uint16_t>::type bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return reinterpret_cast<Vec<S>>(__builtin_convertvector(bits, VectorOf<uint32_t>::type) << 16);
+  } else {
+    typename VectorOf<S>::type raw;
+    std::memcpy(&raw, p, sizeof raw);
+    if constexpr (__is_same(S, compute_t<S>)) {
+      return raw;
+    } else {
+      return __builtin_convertvector(raw, Vec<S>);
+    }
+  }
+}
+
+// Stores v to p[0:kLanes] rounded to S (to nearest even, as from_compute does).
+template <typename S>
+FUSEDMTL_VEC_INLINE void store(S* p, Vec<S> v) {
+  if constexpr (__is_same(S, BFloat16Bits)) {
+    using U32 = VectorOf<uint32_t>::type;
+    const U32 u = reinterpret_cast<U32>(v);
+    const U32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const U32 is_nan = reinterpret_cast<U32>(v != v);  // all ones where NaN
+    const U32 bits = (is_nan & 0x7FC0u) | (~is_nan & rounded);  // NaN stays a quiet NaN
+    const auto narrow = __builtin_convertvector(bits, VectorOf<uint16_t>::type);
+    std::memcpy(p, &narrow, sizeof narrow);
+  } else if constexpr (__is_same(S, compute_t<S>)) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    const auto narrow = __builtin_convertvector(v, typename VectorOf<S>::type);
+    std::memcpy(p, &narrow, sizeof narrow);
+  }
+}
+
+// The first n < kLanes elements of p, zero-padded (+0.0 in every dtype), for a range's tail.
+template <typename S>
+FUSEDMTL_VEC_INLINE Vec<S> load_partial(const S* p, int n) {
+  S padded[kLanes];
+  std::memset(padded, 0, sizeof padded);
+  std::memcpy(padded, p, n * sizeof(S));
+  return load(padded);
+}
+
+template <typename S>
+FUSEDMTL_VEC_INLINE void store_partial(S* p, Vec<S> v, int n) {
+  S lanes[kLanes];
+  store(lanes, v);
+  std::memcpy(p, lanes, n * sizeof(S));
+}
+
+// The lanes added pairwise (lane l + lane l + width, halving the width): a fixed order.
+template <typename V>
+FUSEDMTL_VEC_INLINE auto pairwise_sum(const V& v) {
+  using C = decltype(v[0] + 0);
+  C lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
+#undef FUSEDMTL_VEC_INLINE
+
+}  // namespace fusedmtl::simd::FUSEDMTL_CPU_NS
