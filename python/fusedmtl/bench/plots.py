@@ -101,7 +101,7 @@ def plot_multi_tensor(rows: Sequence, directory: str) -> list[str]:
     if not rows:
         return []
     first = rows[0]
-    return [_bars(rows, lambda row: row.op, ("fused", "foreach", "flatten"),
+    return [_bars(rows, lambda row: row.op, ("fused", "foreach", "foreach_sync", "flatten"),
                   f"multi-tensor ops, K={first.k}, G={first.g:,}, {first.device}", directory,
                   f"multi_tensor_{first.device}.png".replace(":", ""), horizontal=False)]
 
