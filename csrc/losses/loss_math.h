@@ -76,7 +76,9 @@ FUSEDMTL_HOST_DEVICE C loss_grad(C d, C g, const LossParams<C>& p) {
     const C inner = divide_by_param<kDivide>(d, p) * p.norm * g;
     return d <= -p.param ? -outer : (d >= p.param ? outer : inner);
   } else {
-    const C outer = p.norm * g * p.param;
+    // grad_output last, as torch's vectorized kernel: scaling the gradient computed at
+    // grad_output 1 then gives the same bits as computing it at grad_output.
+    const C outer = p.norm * p.param * g;
     const C inner = p.norm * d * g;
     return d <= -p.param ? -outer : (d >= p.param ? outer : inner);
   }

@@ -16,12 +16,15 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // grad_output != 1 may scale the precomputed gradient in place only where that is bitwise torch's
-// result: float32/float64 mse and smooth_l1, and l1 with reduction sum, whose kernels multiply by
-// grad_output last. Elsewhere the gradient is recomputed with grad_output folded in.
-bool scales_exactly(at::ScalarType dtype, LossKind kind, Reduction reduction) {
-  const bool full_precision = dtype == at::kFloat || dtype == at::kDouble;
-  return full_precision && (kind == LossKind::MSE || kind == LossKind::SmoothL1 ||
-                            (kind == LossKind::L1 && reduction == Reduction::Sum));
+// result (float32/float64; torch's half-precision kernels round intermediate products):
+// - mse, smooth_l1 and huber: torch's vectorized kernels multiply by grad_output last;
+// - l1: torch's gradient is sign(d) * (grad_output / N), ours at grad_output 1 is sign(d) * (1 / N):
+//   the same after scaling when 1 / N is exact, i.e. for reduction sum or N a power of two.
+bool scales_exactly(at::ScalarType dtype, LossKind kind, Reduction reduction, int64_t numel) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  if (kind != LossKind::L1) return true;
+  const bool power_of_two = numel > 0 && (numel & (numel - 1)) == 0;
+  return reduction == Reduction::Sum || power_of_two;
 }
 
 at::Tensor take(AutogradContext* ctx, const char* key) {
@@ -88,7 +91,7 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     const LossConfig config = check_loss_args("fusedmtl::regression_loss_eager", input, target,
                                               kind, param, reduction);
     if (!precomputed || (scale != 1.0 && !scales_exactly(input.scalar_type(), config.kind,
-                                                          config.reduction))) {
+                                                          config.reduction, input.numel()))) {
       grad_input.reset();  // back to the buffer cache before the recomputation allocates
       grad_target.reset();
       static const auto recompute =

@@ -48,7 +48,10 @@ buffers page-fault on first touch, a real cost of that approach (THP_MEM_ALLOC_E
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -274,6 +277,21 @@ def estimate_extra_bytes(op: str, contender: str, k: int, g: int, p: int) -> int
     return elements * BYTES_PER_ELEMENT
 
 
+@contextlib.contextmanager
+def stderr_to_devnull() -> Iterator[None]:
+    """Silences file descriptor 2: kineto writes a "USDT: ... profiler_start" line per profile
+    straight to it, with no setting to turn it off, and they would break up the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def measure_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated by one call of ``fn`` above what was allocated before it.
 
@@ -292,7 +310,9 @@ def measure_extra_bytes(fn: Callable[[], object], device: torch.device) -> int |
         return peak
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with stderr_to_devnull(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         result = fn()
         del result
     try:

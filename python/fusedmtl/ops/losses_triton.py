@@ -105,7 +105,7 @@ def _loss_kernel(
                 outer = s * g
             else:
                 inner = s * d * g
-                outer = s * g * p
+                outer = s * p * g  # grad_output last, as torch's vectorized kernel
             grad = tl.where(d <= -p, -outer, tl.where(d >= p, outer, inner))
         if GRAD_INPUT:
             tl.store(grad_input_ptr + offsets, grad.to(grad_input_ptr.dtype.element_ty), mask=mask)

@@ -80,7 +80,8 @@ def regression_loss_grad(
         outer = norm * g
     elif kind == "huber":
         inner = norm * d * g
-        outer = norm * g * param
+        # grad_output last, as torch's vectorized kernel; norm * param rounded in the compute dtype
+        outer = g.new_tensor(norm) * param * g
     else:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
     return torch.where(d <= -param, -outer, torch.where(d >= param, outer, inner)).to(input.dtype)
