@@ -255,6 +255,26 @@ def test_db_mtl_running_average_and_checkpoint():
     )
 
 
+def test_db_mtl_skipped_step_keeps_the_running_averages():
+    """A step with a non-finite gradient, skipped, leaves the averages as they were (step() writes
+    the new ones into spare buffers first); the next finite step continues the recurrence."""
+    params = _params()
+    method = weighting.DBMTL(params, 2, beta=0.9, on_nonfinite="skip")
+    losses = torch.tensor([1.5, 0.5], dtype=torch.float64)
+    method.step(_task_grads(_jacobian(2, 1)), losses)
+    before = {name: b.clone() for name, b in method.named_buffers()}
+    bad = _jacobian(2, 2)
+    bad[0, 3] = math.inf
+    with pytest.warns(UserWarning, match="skipping"):
+        assert method.step(_task_grads(bad), losses) is None
+    for name, b in method.named_buffers():
+        assert torch.equal(b, before[name]), name
+    fresh = weighting.DBMTL(_params(), 2, beta=0.9)
+    fresh.load_state_dict(method.state_dict())
+    step_input = _task_grads(_jacobian(2, 3))
+    torch.testing.assert_close(method.step(step_input, losses), fresh.step(step_input, losses), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", list(weighting.GRADIENT_BASED))
 def test_step_leaves_the_given_gradients_untouched(name):
     """step() reads the caller's gradients; methods that transform them (DB-MTL) work on copies,

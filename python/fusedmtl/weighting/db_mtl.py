@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import multi_tensor
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -20,8 +21,12 @@ class DBMTL(GradientWeighting):
 
     The running averages are K gradient-sized buffers per shared parameter (beta = 0 keeps none:
     h_i = g_i / L_i). They are buffers of this module, so state_dict holds them; they are
-    updated only on steps with finite gradients. Representation mode needs beta = 0 (features
-    differ from batch to batch).
+    updated only on steps with finite gradients. Each step writes the new averages in one
+    multi-tensor pass, beta_t h_i + (1 - beta_t) / L_i g_i, into this step's own gradients
+    (``backward``) or into a second set of buffers kept for ``step`` (the caller's gradients are
+    not touched, and no K x G memory is allocated, or page-faulted, per step); a step with
+    non-finite gradients leaves the averages as they were. Representation mode needs beta = 0
+    (features differ from batch to batch).
     """
 
     needs_full_gramian = False
@@ -44,30 +49,53 @@ class DBMTL(GradientWeighting):
     def _task_table(self, shared, values, scale, representation, owned):
         if representation and self.beta > 0:
             raise ValueError("DBMTL: representation mode needs beta=0 (no running average over features)")
-        inverse = (1.0 / (values.double().clamp_min(self.eps) * scale)).tolist()
+        inverse = 1.0 / (values.double().clamp_min(self.eps) * scale)
+        if self.beta == 0:  # h_i = g_i / L_i: in place when the gradients are this step's temporaries
+            table = []
+            for row, factor in zip(shared, inverse.tolist()):
+                present = [p for p, g in enumerate(row) if g is not None]
+                grads = [row[p] for p in present]
+                if owned:
+                    torch._foreach_mul_(grads, factor)
+                else:
+                    grads = torch._foreach_mul(grads, factor)
+                row = list(row)
+                for p, g in zip(present, grads):
+                    row[p] = g
+                table.append(row)
+            return table, 1.0
         beta_t = self.beta / float(self.steps_done + 1) ** self.beta_sigma
         table = []
         for i, row in enumerate(shared):
-            if self.beta > 0:  # every parameter has an average, reached this step or not
-                row = [g if g is not None else torch.zeros_like(self._shared[p]) for p, g in enumerate(row)]
-            present = [p for p, g in enumerate(row) if g is not None]
-            grads = [row[p] for p in present]
-            # g_i / (L_i scale): in place when the gradients are this step's temporaries
-            if owned:
-                torch._foreach_mul_(grads, inverse[i])
+            averages = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(self._shared))]
+            if owned:  # overwrite this step's gradients (a parameter not reached gets a tensor)
+                out = [g if g is not None else torch.empty_like(h) for g, h in zip(row, averages)]
             else:
-                grads = torch._foreach_mul(grads, inverse[i])
-            if self.beta > 0:
-                torch._foreach_lerp_(grads, [getattr(self, f"grad_ema_{i}_{p}") for p in present], beta_t)
-            row = list(row)
-            for p, g in zip(present, grads):
-                row[p] = g
-            table.append(row)
+                out = self._spare_averages(i)
+            coeffs = torch.stack([inverse.new_tensor(beta_t), (1.0 - beta_t) * inverse[i]])
+            # a task gradient that is None counts as zeros, as for the averages' definition
+            multi_tensor.combine([averages, list(row)], coeffs, out=out)
+            table.append(out)
         return table, 1.0
+
+    def _spare_averages(self, task: int) -> list[Tensor]:
+        """The second set of average buffers that step() writes into (not module state, so made
+        again after the module moved to another device or dtype)."""
+        if not hasattr(self, "_spare"):
+            self._spare = [None] * self.num_tasks
+        averages = [getattr(self, f"grad_ema_{task}_{p}") for p in range(len(self._shared))]
+        spare = self._spare[task]
+        if spare is None or any(s.device != h.device or s.dtype != h.dtype for s, h in zip(spare, averages)):
+            self._spare[task] = [torch.empty_like(h) for h in averages]
+        return self._spare[task]
 
     def _commit(self, table) -> None:
         self.steps_done += 1
-        if self.beta > 0:  # the new averages are this step's tensors: no copy
+        if self.beta > 0:  # the new averages become the buffers; step()'s old ones its spares
             for i, row in enumerate(table):
-                for p, g in enumerate(row):
-                    setattr(self, f"grad_ema_{i}_{p}", g)
+                spare = getattr(self, "_spare", [None] * self.num_tasks)[i]
+                previous = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(row))]
+                for p, h in enumerate(row):
+                    setattr(self, f"grad_ema_{i}_{p}", h)
+                if spare is not None and row is spare:
+                    self._spare[i] = previous
