@@ -29,8 +29,9 @@ bytes. Methods that transform the gradients first (DB-MTL) move more by design.
 Extra memory (estimated from the tensors each approach allocates, float32):
   fused    the K x K Gramian and a few K-vectors;
   flatten  the K x G matrix and the combined G vector (plus the K x K Gramian);
-  both, DB-MTL: the K x G running averages it keeps between steps (the fused method keeps the
-           previous step's gradient tensors themselves).
+  both, DB-MTL: the K x G running averages it keeps between steps; the fused method's step()
+           keeps a second K x G set that it writes the new averages into (no allocation per
+           step, no page faults), so 2 K x G in all.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def estimate_extra_bytes(name: str, contender: str, k: int, g: int) -> int:
     small = k * k + 3 * k
     elements = small if contender == "fused" else k * g + g + small
     if name == "db_mtl":
-        elements += k * g
+        elements += 2 * k * g if contender == "fused" else k * g
     return elements * 4
 
 
