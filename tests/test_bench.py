@@ -119,8 +119,11 @@ def test_weighting_step_covers_every_gradient_method(run):
         assert record["max_rel_diff"] < 1e-3, record["method"]
     extra = {(r["method"], r["contender"]): r["extra_bytes_estimate"] for r in records}
     elements = records[0]["elements"]
-    for name in weighting.GRADIENT_BASED:  # flatten holds at least the K x G matrix and G more
-        assert extra[name, "flatten"] - extra[name, "fused"] >= (3 + 1) * elements * 4
+    for name in weighting.GRADIENT_BASED:
+        # flatten holds at least the K x G matrix and G more; DB-MTL's fused step() keeps a second
+        # set of its K x G averages instead of the matrix, so there only the G vector is extra
+        extra_elements = elements if name == "db_mtl" else (3 + 1) * elements
+        assert extra[name, "flatten"] - extra[name, "fused"] >= extra_elements * 4
 
 
 def test_training_step_covers_every_method(run):
