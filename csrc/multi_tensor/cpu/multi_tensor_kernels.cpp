@@ -36,6 +36,15 @@ __attribute__((always_inline)) inline Vec<S> load_block(const S* p, int lanes) {
   return lanes == kLanes ? load(p) : load_partial(p, lanes);
 }
 
+template <typename S>
+__attribute__((always_inline)) inline void store_block(S* p, Vec<S> v, int lanes) {
+  if (lanes == kLanes) {
+    store(p, v);
+  } else {
+    store_partial(p, v, lanes);
+  }
+}
+
 template <int kK, bool kDiagonal, typename S>
 void gramian_range(const void* const* grads, int k_runtime, int64_t n, double* out) {
   constexpr int kCapacity = task_capacity<kK>;
@@ -78,11 +87,7 @@ void combine_range(const void* const* grads, const double* coeffs, int k_runtime
   for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
     Vec<S> sum = kAccumulate ? load_block(out + e, lanes) : Vec<S>{};
     for (int i = 0; i < k; ++i) sum += c[i] * load_block(g[i] + e, lanes);
-    if (lanes == kLanes) {
-      store(out + e, sum);
-    } else {
-      store_partial(out + e, sum, lanes);
-    }
+    store_block(out + e, sum, lanes);
   });
 }
 
@@ -104,11 +109,7 @@ double penalty_range(const void* w_, void* grad_, int64_t n, double l1_, double 
     sq_acc += x * x;
     const Vec<S> update = l1 * sign + two_l2 * x;
     const Vec<S> result = kOverwrite ? update : load_block(grad + e, lanes) + update;
-    if (lanes == kLanes) {
-      store(grad + e, result);
-    } else {
-      store_partial(grad + e, result, lanes);
-    }
+    store_block(grad + e, result, lanes);
   });
   return l1_ * static_cast<double>(pairwise_sum(abs_acc)) +
          l2_ * static_cast<double>(pairwise_sum(sq_acc));

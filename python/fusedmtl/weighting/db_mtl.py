@@ -37,6 +37,7 @@ class DBMTL(GradientWeighting):
             raise ValueError(f"DBMTL: beta must be in [0, 1), got {beta}")
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.register_buffer("steps_done", torch.tensor(0))
+        self._spare: list[list[Tensor] | None] = [None] * self.num_tasks  # see _spare_averages
         if self.beta > 0:
             for i in range(self.num_tasks):
                 for p, param in enumerate(self._shared):
@@ -81,8 +82,6 @@ class DBMTL(GradientWeighting):
     def _spare_averages(self, task: int) -> list[Tensor]:
         """The second set of average buffers that step() writes into (not module state, so made
         again after the module moved to another device or dtype)."""
-        if not hasattr(self, "_spare"):
-            self._spare = [None] * self.num_tasks
         averages = [getattr(self, f"grad_ema_{task}_{p}") for p in range(len(self._shared))]
         spare = self._spare[task]
         if spare is None or any(s.device != h.device or s.dtype != h.dtype for s, h in zip(spare, averages)):
@@ -93,7 +92,7 @@ class DBMTL(GradientWeighting):
         self.steps_done += 1
         if self.beta > 0:  # the new averages become the buffers; step()'s old ones its spares
             for i, row in enumerate(table):
-                spare = getattr(self, "_spare", [None] * self.num_tasks)[i]
+                spare = self._spare[i]
                 previous = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(row))]
                 for p, h in enumerate(row):
                     setattr(self, f"grad_ema_{i}_{p}", h)
