@@ -88,6 +88,10 @@ def _worker(rank: int, directory: str, case: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
     try:
         torch.save(_train(case, rank, WORLD), os.path.join(directory, f"rank{rank}.pt"))
+        # No rank tears its connections down while another may still be finishing the last
+        # collective: without this barrier, one CI run in about twenty lost a rank to SIGABRT
+        # ("terminate called without an active exception") in gloo's teardown.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
