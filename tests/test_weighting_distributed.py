@@ -87,13 +87,17 @@ def _worker(rank: int, directory: str, case: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        torch.save(_train(case, rank, WORLD), os.path.join(directory, f"rank{rank}.pt"))
-        # No rank tears its connections down while another may still be finishing the last
-        # collective: without this barrier, one CI run in about twenty lost a rank to SIGABRT
-        # ("terminate called without an active exception") in gloo's teardown.
-        dist.barrier()
+        result = _train(case, rank, WORLD)
+        dist.barrier()  # no rank tears its connections down while another is in a collective
     finally:
         dist.destroy_process_group()
+    torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
+    # CI twice lost a rank to SIGABRT ("terminate called without an active exception", no Python
+    # error), with and without DistributedDataParallel, never in 200 local runs; where in torch's
+    # native teardown is not known. The barrier above keeps ranks from closing connections another
+    # still uses; leaving without the interpreter's teardown skips the rest, which this test of
+    # the trained parameters has no business in.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
