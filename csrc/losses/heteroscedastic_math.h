@@ -97,7 +97,7 @@ FUSEDMTL_HOST_DEVICE C heteroscedastic_weight() {
 // exactly when |d| >= beta, as rounding is monotonic and beta / beta == 1; a NaN passes through);
 // comparing d with beta instead, as torch does, makes GCC fold the comparisons against those of
 // the loss value in different forms per unrolled lane, and the loop no longer vectorizes.
-template <LossKind K, bool kDivide, typename C>
+template <LossKind K, ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE C heteroscedastic_slope(C d, const LossParams<C>& p) {
   static_assert(K != LossKind::Huber, "no heteroscedastic Huber loss");
   if constexpr (K == LossKind::L1) {
@@ -105,15 +105,15 @@ FUSEDMTL_HOST_DEVICE C heteroscedastic_slope(C d, const LossParams<C>& p) {
   } else if constexpr (K == LossKind::MSE) {
     return d;
   } else {
-    const C inner = divide_by_param<kDivide>(d, p);
+    const C inner = divide_by_param<kDivision>(d, p);
     return inner > C(1) ? C(1) : (inner < C(-1) ? C(-1) : inner);
   }
 }
 
 // Loss of one element; d = input - target, s = log_var.
-template <LossKind K, bool kDivide, typename C>
+template <LossKind K, ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE C heteroscedastic_value(C d, C s, const LossParams<C>& p) {
-  return heteroscedastic_weight<K, C>() * (exp_of(-s) * loss_value<K, kDivide>(d, p) + s);
+  return heteroscedastic_weight<K, C>() * (exp_of(-s) * loss_value<K, kDivision>(d, p) + s);
 }
 
 template <typename C>
@@ -125,13 +125,13 @@ struct HeteroscedasticGrad {
 // Gradients of one element times its grad_output g; p.norm is 1/N for reduction='mean', else 1.
 // Shares exp(-s) and b(d) with heteroscedastic_value: inlined side by side, the compiler computes
 // them once.
-template <LossKind K, bool kDivide, typename C>
+template <LossKind K, ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE HeteroscedasticGrad<C> heteroscedastic_grad(C d, C s, C g,
                                                                  const LossParams<C>& p) {
   const C precision = exp_of(-s);
   const C scale = g * p.norm;
-  const C base = loss_value<K, kDivide>(d, p);
-  return {scale * (precision * heteroscedastic_slope<K, kDivide>(d, p)),
+  const C base = loss_value<K, kDivision>(d, p);
+  return {scale * (precision * heteroscedastic_slope<K, kDivision>(d, p)),
           scale * (heteroscedastic_weight<K, C>() * (C(1) - precision * base))};
 }
 

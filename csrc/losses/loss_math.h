@@ -6,6 +6,8 @@
 // Selects are plain ternaries on values, which compilers turn into blends (no branches).
 #pragma once
 
+#include <math.h>
+
 #include "common/macros.h"
 
 namespace fusedmtl::losses {
@@ -17,17 +19,21 @@ enum class LossKind : int { L1 = 0, MSE = 1, SmoothL1 = 2, Huber = 3 };
 template <typename C>
 struct LossParams {
   C param;       // beta (smooth-L1) or delta (Huber); unused otherwise
-  C inv_param;   // 1 / param; used instead of a division only when param is a power of two,
-                 // where x * (1 / param) == x / param exactly
+  C inv_param;   // 1 / param (see ParamDivision)
   C norm;        // ATen's "norm": 1/N (2/N for MSE) for reduction='mean', 1 (2) otherwise
   C grad_scale;  // scalar grad_output; for L1 with reduction='mean' already divided by N,
                  // because autograd's mean backward divides grad_output before sign(d) multiplies it
 };
 
-// |x| with abs(-0) == +0, as torch.abs (adding +0 turns -0 into +0 and leaves NaN a NaN).
+// |x| by clearing the sign bit, as torch.abs does (abs(-0) == +0, NaN stays NaN): one AND where a
+// compare-and-select costs three instructions.
 template <typename C>
 FUSEDMTL_HOST_DEVICE C abs_of(C x) {
-  return x < C(0) ? -x : x + C(0);
+  if constexpr (sizeof(C) == sizeof(float)) {
+    return ::fabsf(x);
+  } else {
+    return ::fabs(x);
+  }
 }
 
 // torch.sign: 0 at 0 and at NaN. Selects rather than bool-to-float conversions, which GCC does
@@ -37,17 +43,23 @@ FUSEDMTL_HOST_DEVICE C sign_of(C x) {
   return x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0));
 }
 
-template <bool kDivide, typename C>
+// How x / param is evaluated; each way gives the division's exact result for the params it is
+// chosen for: a power of two (x * (1 / param) is exact), 1 (the default beta: x itself), any other.
+enum class ParamDivision { kDivide, kMultiplyByInverse, kByOne };
+
+template <ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE C divide_by_param(C x, const LossParams<C>& p) {
-  if constexpr (kDivide) {
+  if constexpr (kDivision == ParamDivision::kDivide) {
     return x / p.param;
-  } else {
+  } else if constexpr (kDivision == ParamDivision::kMultiplyByInverse) {
     return x * p.inv_param;
+  } else {
+    return x;
   }
 }
 
 // Loss of one element, d = input - target.
-template <LossKind K, bool kDivide, typename C>
+template <LossKind K, ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE C loss_value(C d, const LossParams<C>& p) {
   if constexpr (K == LossKind::L1) {
     return abs_of(d);
@@ -55,7 +67,7 @@ FUSEDMTL_HOST_DEVICE C loss_value(C d, const LossParams<C>& p) {
     return d * d;
   } else if constexpr (K == LossKind::SmoothL1) {
     const C z = abs_of(d);
-    const C quadratic = divide_by_param<kDivide>(C(0.5) * z * z, p);
+    const C quadratic = divide_by_param<kDivision>(C(0.5) * z * z, p);
     return z < p.param ? quadratic : z - C(0.5) * p.param;
   } else {
     const C z = abs_of(d);
@@ -65,7 +77,7 @@ FUSEDMTL_HOST_DEVICE C loss_value(C d, const LossParams<C>& p) {
 
 // d loss / d input of one element times its grad_output g (already divided by N for L1 mean).
 // The gradient w.r.t. target is its negation.
-template <LossKind K, bool kDivide, typename C>
+template <LossKind K, ParamDivision kDivision, typename C>
 FUSEDMTL_HOST_DEVICE C loss_grad(C d, C g, const LossParams<C>& p) {
   if constexpr (K == LossKind::L1) {
     return g * sign_of(d);
@@ -73,7 +85,7 @@ FUSEDMTL_HOST_DEVICE C loss_grad(C d, C g, const LossParams<C>& p) {
     return p.norm * d * g;
   } else if constexpr (K == LossKind::SmoothL1) {
     const C outer = p.norm * g;
-    const C inner = divide_by_param<kDivide>(d, p) * p.norm * g;
+    const C inner = divide_by_param<kDivision>(d, p) * p.norm * g;
     return d <= -p.param ? -outer : (d >= p.param ? outer : inner);
   } else {
     // grad_output last, as torch's vectorized kernel: scaling the gradient computed at

@@ -34,7 +34,7 @@ C pairwise_sum(C* values, int count) {
 }
 
 // kLogVar: the heteroscedastic loss of K (heteroscedastic_math.h) rather than K itself.
-template <LossKind K, bool kDivide, bool kLogVar, typename S, unsigned kMode>
+template <LossKind K, ParamDivision kDivision, bool kLogVar, typename S, unsigned kMode>
 double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
   using C = compute_t<S>;
   const S* __restrict__ input = static_cast<const S*>(args.input);
@@ -59,9 +59,9 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
     if constexpr ((kMode & (kReduce | kLoss)) != 0) {
       C value;
       if constexpr (kLogVar) {
-        value = heteroscedastic_value<K, kDivide>(d, s, params);
+        value = heteroscedastic_value<K, kDivision>(d, s, params);
       } else {
-        value = loss_value<K, kDivide>(d, params);
+        value = loss_value<K, kDivision>(d, params);
       }
       if constexpr ((kMode & kReduce) != 0) sum += value;
       if constexpr ((kMode & kLoss) != 0) loss[i] = from_compute<S>(value);
@@ -70,11 +70,11 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
       C g = params.grad_scale;
       if constexpr ((kMode & kGradTensor) != 0) g = to_compute(grad_output[i]);
       if constexpr (kLogVar) {
-        const HeteroscedasticGrad<C> grad = heteroscedastic_grad<K, kDivide>(d, s, g, params);
+        const HeteroscedasticGrad<C> grad = heteroscedastic_grad<K, kDivision>(d, s, g, params);
         if constexpr ((kMode & kGradInput) != 0) grad_input[i] = from_compute<S>(grad.input);
         if constexpr ((kMode & kGradLogVar) != 0) grad_log_var[i] = from_compute<S>(grad.log_var);
       } else {
-        const C grad = loss_grad<K, kDivide>(d, g, params);
+        const C grad = loss_grad<K, kDivision>(d, g, params);
         if constexpr ((kMode & kGradInput) != 0) grad_input[i] = from_compute<S>(grad);
         if constexpr ((kMode & kGradTarget) != 0) grad_target[i] = from_compute<S>(-grad);
       }
@@ -100,7 +100,7 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
 // Runtime arguments -> template arguments. The two gradients besides the input's are the target's
 // (regression losses) or log_var's (heteroscedastic losses), so each family has as many
 // specialisations as the other.
-template <LossKind K, bool kDivide, bool kLogVar, typename S>
+template <LossKind K, ParamDivision kDivision, bool kLogVar, typename S>
 double with_mode(const LossKernelArgs& args, int64_t begin, int64_t end) {
   constexpr unsigned kGradOther = kLogVar ? kGradLogVar : kGradTarget;
   const unsigned mode = (args.reduce ? kReduce : 0u) | (args.loss ? kLoss : 0u) |
@@ -111,7 +111,7 @@ double with_mode(const LossKernelArgs& args, int64_t begin, int64_t end) {
   switch (mode) {
 #define FUSEDMTL_MODE_CASE(m) \
   case (m):                   \
-    return loss_range<K, kDivide, kLogVar, S, (m)>(args, begin, end);
+    return loss_range<K, kDivision, kLogVar, S, (m)>(args, begin, end);
     // forward: sum, element-wise loss, sum fused with the gradients
     FUSEDMTL_MODE_CASE(kReduce)
     FUSEDMTL_MODE_CASE(kLoss)
@@ -131,26 +131,36 @@ double with_mode(const LossKernelArgs& args, int64_t begin, int64_t end) {
   }
 }
 
-bool is_power_of_two(double x) {
+// The cheapest exact way to divide by a smooth-L1 beta (see ParamDivision).
+ParamDivision param_division(double beta) {
   int exponent;
-  return x > 0 && std::frexp(x, &exponent) == 0.5;
+  if (beta == 1.0) return ParamDivision::kByOne;
+  return std::frexp(beta, &exponent) == 0.5 ? ParamDivision::kMultiplyByInverse
+                                            : ParamDivision::kDivide;
 }
 
 template <bool kLogVar, typename S>
 double with_kind(const LossKernelArgs& args, int64_t begin, int64_t end) {
+  constexpr ParamDivision kUnused = ParamDivision::kMultiplyByInverse;
   switch (args.kind) {
     case LossKind::L1:
-      return with_mode<LossKind::L1, false, kLogVar, S>(args, begin, end);
+      return with_mode<LossKind::L1, kUnused, kLogVar, S>(args, begin, end);
     case LossKind::MSE:
-      return with_mode<LossKind::MSE, false, kLogVar, S>(args, begin, end);
+      return with_mode<LossKind::MSE, kUnused, kLogVar, S>(args, begin, end);
     case LossKind::SmoothL1:
-      // x / beta == x * (1 / beta) exactly when beta is a power of two (the default 1.0):
-      // the division, the slowest instruction of the loop, is then skipped at no cost in accuracy.
-      return is_power_of_two(args.param)
-                 ? with_mode<LossKind::SmoothL1, false, kLogVar, S>(args, begin, end)
-                 : with_mode<LossKind::SmoothL1, true, kLogVar, S>(args, begin, end);
+      // The division, the slowest instruction of the loop, only where it is needed.
+      switch (param_division(args.param)) {
+        case ParamDivision::kByOne:
+          return with_mode<LossKind::SmoothL1, ParamDivision::kByOne, kLogVar, S>(args, begin, end);
+        case ParamDivision::kMultiplyByInverse:
+          return with_mode<LossKind::SmoothL1, ParamDivision::kMultiplyByInverse, kLogVar, S>(
+              args, begin, end);
+        case ParamDivision::kDivide:
+          return with_mode<LossKind::SmoothL1, ParamDivision::kDivide, kLogVar, S>(args, begin, end);
+      }
+      break;
     case LossKind::Huber:
-      if constexpr (!kLogVar) return with_mode<LossKind::Huber, false, false, S>(args, begin, end);
+      if constexpr (!kLogVar) return with_mode<LossKind::Huber, kUnused, false, S>(args, begin, end);
       break;  // no heteroscedastic Huber loss (rejected by the argument checks)
   }
   return 0.0;

@@ -66,6 +66,10 @@ __global__ void __launch_bounds__(kThreads)
   const bool want_grad =
       ptr.grad_input != nullptr || ptr.grad_target != nullptr || ptr.grad_log_var != nullptr;
 
+  // smooth-L1's x / beta: a division, or a multiplication by 1 / beta where that is exact.
+  constexpr ParamDivision kDivide = ParamDivision::kDivide;
+  constexpr ParamDivision kInverse = ParamDivision::kMultiplyByInverse;
+
   // s: log_var (heteroscedastic losses; 0 otherwise). grad_other_out: the target's gradient
   // (regression losses) or log_var's (heteroscedastic losses).
   auto element = [&](C x, C y, C s, C g, S* loss_out, S* grad_in_out, S* grad_other_out, C& sum) {
@@ -73,22 +77,22 @@ __global__ void __launch_bounds__(kThreads)
     if (block_sums != nullptr || loss_out != nullptr) {
       C value;
       if constexpr (kLogVar) {
-        value = divide ? heteroscedastic_value<K, true>(d, s, params)
-                       : heteroscedastic_value<K, false>(d, s, params);
+        value = divide ? heteroscedastic_value<K, kDivide>(d, s, params)
+                       : heteroscedastic_value<K, kInverse>(d, s, params);
       } else {
-        value = divide ? loss_value<K, true>(d, params) : loss_value<K, false>(d, params);
+        value = divide ? loss_value<K, kDivide>(d, params) : loss_value<K, kInverse>(d, params);
       }
       sum += value;
       if (loss_out != nullptr) *loss_out = static_cast<S>(value);
     }
     if (want_grad) {
       if constexpr (kLogVar) {
-        const HeteroscedasticGrad<C> grad = divide ? heteroscedastic_grad<K, true>(d, s, g, params)
-                                                   : heteroscedastic_grad<K, false>(d, s, g, params);
+        const HeteroscedasticGrad<C> grad = divide ? heteroscedastic_grad<K, kDivide>(d, s, g, params)
+                                                   : heteroscedastic_grad<K, kInverse>(d, s, g, params);
         if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad.input);
         if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(grad.log_var);
       } else {
-        const C grad = divide ? loss_grad<K, true>(d, g, params) : loss_grad<K, false>(d, g, params);
+        const C grad = divide ? loss_grad<K, kDivide>(d, g, params) : loss_grad<K, kInverse>(d, g, params);
         if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
         if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(-grad);
       }
