@@ -53,7 +53,7 @@ class DBMTL(GradientWeighting):
         inverse = 1.0 / (values.double().clamp_min(self.eps) * scale)
         if self.beta == 0:  # h_i = g_i / L_i: in place when the gradients are this step's temporaries
             table = []
-            for row, factor in zip(shared, inverse.tolist()):
+            for row, factor in zip(shared, inverse.unbind()):  # 0-dim tensors: no host sync
                 present = [p for p, g in enumerate(row) if g is not None]
                 grads = [row[p] for p in present]
                 if owned:
@@ -65,7 +65,7 @@ class DBMTL(GradientWeighting):
                     row[p] = g
                 table.append(row)
             return table, 1.0
-        beta_t = self.beta / float(self.steps_done + 1) ** self.beta_sigma
+        beta_t = self.beta / (self.steps_done.to(inverse) + 1) ** self.beta_sigma  # 0-dim, on device
         table = []
         for i, row in enumerate(shared):
             averages = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(self._shared))]
@@ -73,7 +73,7 @@ class DBMTL(GradientWeighting):
                 out = [g if g is not None else torch.empty_like(h) for g, h in zip(row, averages)]
             else:
                 out = self._spare_averages(i)
-            coeffs = torch.stack([inverse.new_tensor(beta_t), (1.0 - beta_t) * inverse[i]])
+            coeffs = torch.stack([beta_t, (1.0 - beta_t) * inverse[i]])
             # a task gradient that is None counts as zeros, as for the averages' definition
             multi_tensor.combine([averages, list(row)], coeffs, out=out)
             table.append(out)
