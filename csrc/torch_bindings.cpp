@@ -1,5 +1,5 @@
 // Every op of fusedmtl: its schema, and its implementation per dispatch key.
-// Fake (meta) and autograd registrations live in python/fusedmtl/ops/native.py.
+// Fake (meta) and autograd registrations live in python/fusedmtl/losses/native.py.
 #include <torch/library.h>
 
 #include "losses/losses.h"

@@ -28,6 +28,9 @@ import fusedmtl._C
 BACKENDS = ("native", "reference") + (
     ("triton",) if fusedmtl.backend.triton_runs_on("cpu") else ()
 )
+# Devices every device-parametric test runs on: the CPU, and CUDA where there is one (one pytest
+# run on a GPU machine exercises every CUDA and Triton kernel with the same oracles).
+DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -130,6 +133,12 @@ def backend(request):
     ('triton' under the Triton interpreter)."""
     with fusedmtl.backend.use(request.param):
         yield request.param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device of ``DEVICES``: 'cpu', and 'cuda' when a GPU is present."""
+    return request.param
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 // Per-element math of the regression losses, shared by the CPU kernels, the CUDA kernels and (as
-// the formulas it mirrors) the pure-PyTorch reference in python/fusedmtl/ops/naive.py.
+// the formulas it mirrors) the pure-PyTorch reference in python/fusedmtl/losses/reference.py.
 //
 // Every expression is written in the order ATen evaluates it, so that float32 and float64 results
 // are bitwise identical to torch.nn.functional, including at |d| == beta, d == 0, NaN and inf.
@@ -12,7 +12,7 @@
 
 namespace fusedmtl::losses {
 
-// The values are part of the op schema contract with Python (fusedmtl/ops/native.py).
+// The values are part of the op schema contract with Python (fusedmtl/losses/native.py).
 enum class LossKind : int { L1 = 0, MSE = 1, SmoothL1 = 2, Huber = 3 };
 
 // Call-wide constants, in the compute type C (float for fp32/fp16/bf16, double for fp64).

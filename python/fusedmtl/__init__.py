@@ -10,12 +10,12 @@ PyTorch.
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from fusedmtl import backend, nn, ops
-from fusedmtl.ops import heteroscedastic_loss, huber_loss, l1_loss, mse_loss, smooth_l1_loss
+from fusedmtl import backend, losses, nn
+from fusedmtl.losses import heteroscedastic_loss, huber_loss, l1_loss, mse_loss, smooth_l1_loss
 
 __version__ = "0.1.0"
 __all__ = [
-    "backend", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "mse_loss", "nn", "ops", "smooth_l1_loss",
+    "backend", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "mse_loss", "losses", "nn", "smooth_l1_loss",
 ]
 
 

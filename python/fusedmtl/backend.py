@@ -2,7 +2,7 @@
 
 - ``'native'``: the compiled kernels of ``fusedmtl._C`` (CPU; CUDA when built with CUDA).
 - ``'triton'``: Triton kernels, for CUDA tensors when the extension was built without CUDA.
-- ``'reference'``: plain PyTorch (``fusedmtl.ops.naive``); runs on any device, and is what runs when
+- ``'reference'``: plain PyTorch (``fusedmtl.losses.reference``); runs on any device, and is what runs when
   the extension is missing (with one warning).
 
 ``'auto'`` (the default) picks per device: native where the extension supports the device, then

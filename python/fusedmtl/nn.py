@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.ops import heteroscedastic, losses
+from fusedmtl.losses import functional, heteroscedastic
 
 __all__ = ["HeteroscedasticLoss", "HuberLoss", "L1Loss", "MSELoss", "SmoothL1Loss"]
 
@@ -19,28 +19,28 @@ class SmoothL1Loss(torch.nn.SmoothL1Loss):
     """:class:`torch.nn.SmoothL1Loss` with fused forward and backward."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return losses.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+        return functional.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
 
 
 class HuberLoss(torch.nn.HuberLoss):
     """:class:`torch.nn.HuberLoss` with fused forward and backward."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return losses.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+        return functional.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
 
 
 class L1Loss(torch.nn.L1Loss):
     """:class:`torch.nn.L1Loss` with fused forward and backward."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return losses.l1_loss(input, target, reduction=self.reduction)
+        return functional.l1_loss(input, target, reduction=self.reduction)
 
 
 class MSELoss(torch.nn.MSELoss):
     """:class:`torch.nn.MSELoss` with fused forward and backward."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return losses.mse_loss(input, target, reduction=self.reduction)
+        return functional.mse_loss(input, target, reduction=self.reduction)
 
 
 class HeteroscedasticLoss(torch.nn.Module):

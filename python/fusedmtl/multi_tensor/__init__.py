@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl import backend
-from fusedmtl.multi_tensor import naive
+from fusedmtl.multi_tensor import reference
 
 __all__ = ["combine", "combine_into_grad_", "gramian", "l1_l2_penalty_", "normalized_sum", "norms"]
 
@@ -251,14 +251,14 @@ def _gramian(table, dtype, device, diagonal_only: bool) -> Tensor:
     chosen = _backend(device, dtype)
     if all(g is None for grads in table for g in grads):  # nothing to sum, and no device to run on
         k = len(table)
-        return torch.zeros((k,) if diagonal_only else (k, k), dtype=naive.accumulate_dtype(dtype), device=device)
+        return torch.zeros((k,) if diagonal_only else (k, k), dtype=reference.accumulate_dtype(dtype), device=device)
     if chosen == "native":
         return torch.ops.fusedmtl.multi_tensor_gramian(_flat(table), len(table), diagonal_only)
     if chosen == "triton":
-        from fusedmtl.multi_tensor import triton_kernels
+        from fusedmtl.multi_tensor import triton as triton_kernels
 
         return triton_kernels.gramian(table, dtype, device, diagonal_only)
-    return naive.gramian(table, dtype, device, diagonal_only)
+    return reference.gramian(table, dtype, device, diagonal_only)
 
 
 def _combine_into(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) -> None:
@@ -270,11 +270,11 @@ def _combine_into(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) ->
             _flat(table), len(table), coeffs, direct, accumulate
         ))
     elif chosen == "triton":
-        from fusedmtl.multi_tensor import triton_kernels
+        from fusedmtl.multi_tensor import triton as triton_kernels
 
         _into_contiguous(out, accumulate, lambda direct: triton_kernels.combine(table, coeffs, direct, accumulate))
     else:
-        naive.combine(table, coeffs, out, accumulate)
+        reference.combine(table, coeffs, out, accumulate)
 
 
 def _penalty(params: list[Tensor], overwrite: bool, l1: float, l2: float) -> Tensor:
@@ -284,7 +284,7 @@ def _penalty(params: list[Tensor], overwrite: bool, l1: float, l2: float) -> Ten
         and all(t.is_contiguous() for t in (*params, *grads))
     ):
         return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(params, grads, overwrite, l1, l2)
-    return naive.l1_l2_penalty(params, grads, overwrite, l1, l2)
+    return reference.l1_l2_penalty(params, grads, overwrite, l1, l2)
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

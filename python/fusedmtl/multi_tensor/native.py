@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedmtl.multi_tensor.naive import accumulate_dtype
+from fusedmtl.multi_tensor.reference import accumulate_dtype
 
 
 def _first_defined(grads):

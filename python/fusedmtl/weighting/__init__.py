@@ -13,15 +13,15 @@ GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, U
     optimizer.step(); optimizer.zero_grad()
 """
 
-from fusedmtl.weighting.aligned_mtl import AlignedMTL
+from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
 from fusedmtl.weighting.base import Weighting
-from fusedmtl.weighting.cagrad import CAGrad
-from fusedmtl.weighting.db_mtl import DBMTL
-from fusedmtl.weighting.famo import FAMO
-from fusedmtl.weighting.grad_normalization import GradNormalization
+from fusedmtl.weighting.methods.cagrad import CAGrad
+from fusedmtl.weighting.methods.db_mtl import DBMTL
+from fusedmtl.weighting.methods.famo import FAMO
+from fusedmtl.weighting.methods.grad_normalization import GradNormalization
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.gradnorm import GradNorm
-from fusedmtl.weighting.imtl import IMTLG
+from fusedmtl.weighting.methods.gradnorm import GradNorm
+from fusedmtl.weighting.methods.imtl import IMTLG
 from fusedmtl.weighting.loss_based import (
     DWA,
     RLW,
@@ -39,10 +39,10 @@ from fusedmtl.weighting.loss_based import (
     prior_loss_l1,
     prior_loss_l2,
 )
-from fusedmtl.weighting.mgda import MGDA
-from fusedmtl.weighting.nash_mtl import NashMTL
-from fusedmtl.weighting.pcgrad import PCGrad
-from fusedmtl.weighting.upgrad import UPGrad
+from fusedmtl.weighting.methods.mgda import MGDA
+from fusedmtl.weighting.methods.nash_mtl import NashMTL
+from fusedmtl.weighting.methods.pcgrad import PCGrad
+from fusedmtl.weighting.methods.upgrad import UPGrad
 
 LOSS_BASED = {
     "fixed": Fixed, "initial_loss": InitialLoss, "prior_loss": PriorLoss, "real_time": RealTime,

@@ -10,7 +10,7 @@ implementations and autograd formulas, and the eager fast path:
   gradient in the forward pass itself (``regression_loss_with_grad``) and hands that buffer to
   autograd as it is when grad_output is 1 (``loss.backward()``): 3N elements moved, the minimum.
   Its autograd is a C++ function (csrc/losses/cpu/loss_autograd_cpu.cpp): no Python in the step.
-- Under create_graph=True both fall back to the differentiable formula of ``naive`` (see
+- Under create_graph=True both fall back to the differentiable formula of ``reference`` (see
   loss_autograd.py), so double backward gives torch's results.
 
 The heteroscedastic losses follow the same design: ``heteroscedastic_loss`` (backward:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.ops.loss_autograd import (
+from fusedmtl.losses.autograd import (
     heteroscedastic_backward,
     register_heteroscedastic_autograd,
     register_loss_autograd,

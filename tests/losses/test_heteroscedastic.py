@@ -372,7 +372,7 @@ def test_opcheck(kind, beta, reduction):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
 @pytest.mark.parametrize("reduction", [0, 1])
 def test_opcheck_triton(reduction):
-    from fusedmtl.ops import heteroscedastic_triton  # noqa: F401  (registers the ops)
+    from fusedmtl.losses import triton_heteroscedastic  # noqa: F401  (registers the ops)
 
     x, y, s = (t.requires_grad_() for t in _op_inputs())
     torch.library.opcheck(torch.ops.fusedmtl.triton_heteroscedastic_loss.default,

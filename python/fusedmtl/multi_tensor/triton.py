@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedmtl.multi_tensor.naive import accumulate_dtype
+from fusedmtl.multi_tensor.reference import accumulate_dtype
 
 # The interpreter costs about 1 ms per program whatever its size: give it large items in one tile.
 # On a GPU a program walks its item in tiles small enough to stay in registers.

@@ -11,11 +11,11 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedmtl import backend
-from fusedmtl.ops import naive
-from fusedmtl.ops.losses import _eager_gradient_wanted
+from fusedmtl.losses import reference
+from fusedmtl.losses.functional import _eager_gradient_wanted
 
 if backend._C is not None:
-    from fusedmtl.ops.native import FusedHeteroscedasticWithGrad
+    from fusedmtl.losses.native import FusedHeteroscedasticWithGrad
 
 __all__ = ["heteroscedastic_loss"]
 
@@ -64,10 +64,10 @@ def heteroscedastic_loss(
             kind=kind, beta=beta, reduction=reduction,
         )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
-    if kind not in naive.HETEROSCEDASTIC_KINDS:
+    if kind not in reference.HETEROSCEDASTIC_KINDS:
         raise ValueError(
             f"{kind!r} is not a valid heteroscedastic loss kind; expected one of "
-            f"{naive.HETEROSCEDASTIC_KINDS}"
+            f"{reference.HETEROSCEDASTIC_KINDS}"
         )
     if beta < 0:
         raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
@@ -97,9 +97,9 @@ def heteroscedastic_loss(
             return FusedHeteroscedasticWithGrad.apply(input, target, log_var, kind, beta, reduction_code)
         return torch.ops.fusedmtl.heteroscedastic_loss(input, target, log_var, kind, beta, reduction_code)
     if chosen == "triton":
-        from fusedmtl.ops import heteroscedastic_triton  # noqa: F401  (registers the op on first use)
+        from fusedmtl.losses import triton_heteroscedastic  # noqa: F401  (registers the op on first use)
 
         return torch.ops.fusedmtl.triton_heteroscedastic_loss(
             input, target, log_var, kind, beta, reduction_code
         )
-    return naive.heteroscedastic_loss(input, target, log_var, kind, beta, reduction)
+    return reference.heteroscedastic_loss(input, target, log_var, kind, beta, reduction)

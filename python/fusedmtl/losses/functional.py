@@ -14,10 +14,10 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedmtl import backend
-from fusedmtl.ops import naive
+from fusedmtl.losses import reference
 
 if backend._C is not None:
-    from fusedmtl.ops import native  # noqa: F401  (fake and autograd registrations)
+    from fusedmtl.losses import native  # noqa: F401  (fake and autograd registrations)
 
 __all__ = ["smooth_l1_loss", "huber_loss", "l1_loss", "mse_loss"]
 
@@ -139,7 +139,7 @@ def _regression_loss(
             )
         if kind != "l1":  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
             raise NotImplementedError(f'"{kind}_loss" not implemented for \'{dtype}\'')
-        return naive.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
+        return reference.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
     input, target = input.to(dtype), target.to(dtype)  # no-ops when the dtype is already right
     if target.shape != input.shape:
         warnings.warn(
@@ -162,10 +162,10 @@ def _regression_loss(
             return torch.ops.fusedmtl.regression_loss_eager(input, target, kind, param, reduction_code)
         return torch.ops.fusedmtl.regression_loss(input, target, kind, param, reduction_code)
     if chosen == "triton":
-        from fusedmtl.ops import losses_triton  # noqa: F401  (registers the op on first use)
+        from fusedmtl.losses import triton as _triton  # noqa: F401  (registers the op on first use)
 
         return torch.ops.fusedmtl.triton_regression_loss(input, target, kind, param, reduction_code)
-    return naive.regression_loss(input, target, kind, param, reduction)
+    return reference.regression_loss(input, target, kind, param, reduction)
 
 
 def _eager_fast_path(input: Tensor, target: Tensor) -> bool:
@@ -207,7 +207,7 @@ def _weighted_loss(
     # weighted sum by the sum of the weights for 'mean', huber takes the plain mean.
     if weight.size() != input.size():
         raise ValueError("Weights and input must have the same size.")
-    weighted = naive.regression_loss(input, target, kind, param, "none") * weight
+    weighted = reference.regression_loss(input, target, kind, param, "none") * weight
     if reduction == "none":
         return weighted
     if reduction == "sum":

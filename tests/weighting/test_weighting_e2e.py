@@ -56,7 +56,7 @@ INITIAL = [W.initial_loss_l2(_Y0), W.initial_loss_l2(_Y1), W.initial_loss_cross_
 
 
 def _mgda(**kw):
-    from fusedmtl.weighting.mgda import MGDA  # needs fusedmtl.weighting.solvers
+    from fusedmtl.weighting.methods.mgda import MGDA  # needs fusedmtl.weighting.solvers
 
     return lambda net: MGDA(net.trunk.parameters(), NAMES, **kw)
 

@@ -2,7 +2,7 @@
 
 Backward calls the backend's one-pass backward op, which recomputes the gradient from input and
 target with grad_output folded in; under create_graph=True it runs the differentiable formula of
-``naive`` instead, so that double backward gives torch's results.
+``reference`` instead, so that double backward gives torch's results.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.ops import naive
+from fusedmtl.losses import reference
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 REDUCTION_NAMES = {value: name for name, value in REDUCTIONS.items()}
@@ -33,7 +33,7 @@ def loss_backward(
     the differentiable reference formula runs instead, so that double backward works.
     """
     if torch.is_grad_enabled():
-        grad = naive.regression_loss_grad(
+        grad = reference.regression_loss_grad(
             grad_output, input, target, kind, param, REDUCTION_NAMES[reduction]
         )
         return (grad if needs_input_grad else None), (-grad if needs_target_grad else None)
@@ -82,7 +82,7 @@ def heteroscedastic_backward(
     """
     d_wanted = needs_input_grad or needs_target_grad
     if torch.is_grad_enabled():
-        grad_input, grad_log_var = naive.heteroscedastic_grad(
+        grad_input, grad_log_var = reference.heteroscedastic_grad(
             grad_output, input, target, log_var, kind, beta, REDUCTION_NAMES[reduction]
         )
     else:

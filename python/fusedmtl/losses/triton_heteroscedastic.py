@@ -1,7 +1,7 @@
 """Triton kernel of the heteroscedastic losses (the GPU path for a CUDA torch without nvcc).
 
 The per-element math of csrc/losses/heteroscedastic_math.h, launched and registered like the
-regression losses of losses_triton.py (custom_op with fake and autograd, one partial sum per
+regression losses of triton.py (custom_op with fake and autograd, one partial sum per
 program added by torch.sum, values upcast right after loading, nothing read on the host).
 """
 
@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedmtl.ops.loss_autograd import register_heteroscedastic_autograd
-from fusedmtl.ops.losses_triton import BLOCK, _is_power_of_two, _programs, _reduced
+from fusedmtl.losses.autograd import register_heteroscedastic_autograd
+from fusedmtl.losses.triton import BLOCK, _is_power_of_two, _programs, _reduced
 
 KIND_CODES = {"l1": 0, "l2": 1, "smooth_l1": 2}  # LossKind of the base loss, as in C++
 

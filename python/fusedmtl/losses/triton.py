@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedmtl.ops.loss_autograd import register_loss_autograd
+from fusedmtl.losses.autograd import register_loss_autograd
 
 KIND_CODES = {"l1": 0, "mse": 1, "smooth_l1": 2, "huber": 3}
 # Elements per program. The interpreter costs about 1 ms per program instance whatever its size
