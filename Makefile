@@ -22,7 +22,7 @@ TEST_TOOLS := pytest hypothesis expecttest numpy
 PY := $(VENV)/bin/python
 CUDA_PY := $(CUDA_VENV)/bin/python
 
-.PHONY: install bench test cuda-check clean
+.PHONY: install bench test cuda-check gpu-check clean
 
 # One stamp per environment: re-run pip only when the Makefile (and so the requirements) changed.
 $(VENV)/.fusedmtl-deps: Makefile
@@ -53,6 +53,14 @@ cuda-check: $(CUDA_VENV)/.fusedmtl-deps
 	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON \
 		$(CUDA_PY) -m pip install --quiet --no-build-isolation --no-deps .
 	FUSEDMTL_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(PYTEST_ARGS)
+
+# On a machine with one NVIDIA GPU and no network (a CUDA build of torch in $(PYTHON), nvcc and
+# compute-sanitizer on PATH; nothing is installed): builds in place for that GPU, runs the CUDA
+# part of the suite, compute-sanitizer over every kernel, and the quick benchmark on cuda; logs and
+# JSON under GPU_CHECK_OUT (tests/gpu/gpu_check.sh).
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) PYTHON=$(PYTHON) bash tests/gpu/gpu_check.sh
 
 clean:
 	rm -rf build

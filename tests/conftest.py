@@ -30,7 +30,12 @@ BACKENDS = ("native", "reference") + (
 )
 # Devices every device-parametric test runs on: the CPU, and CUDA where there is one (one pytest
 # run on a GPU machine exercises every CUDA and Triton kernel with the same oracles).
-DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+# FUSEDMTL_TEST_DEVICES=cpu,cuda generates the CUDA cases without a GPU too (they skip), so CI
+# proves that the GPU part of the suite collects (`make gpu-check` runs it with `-m cuda`).
+DEVICES = tuple(
+    os.environ.get("FUSEDMTL_TEST_DEVICES", "cpu,cuda" if torch.cuda.is_available() else "cpu")
+    .split(",")
+)
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -46,6 +51,16 @@ def dtype_id(dtype: torch.dtype) -> str:
 def pytest_configure(config):
     config.addinivalue_line("markers", "compile: torch.compile tests (a few seconds each)")
     config.addinivalue_line("markers", "slow: tests over millions of elements")
+    config.addinivalue_line("markers", "cuda: runs CUDA or Triton kernels on a GPU (`-m cuda`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the cases of the ``device`` fixture (or a ``device`` parameter) on 'cuda' with
+    ``cuda``; modules that need a GPU as a whole carry ``pytestmark = pytest.mark.cuda``."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if str(params.get("device", "")).startswith("cuda"):
+            item.add_marker(pytest.mark.cuda)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +153,8 @@ def backend(request):
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """Each device of ``DEVICES``: 'cpu', and 'cuda' when a GPU is present."""
+    if request.param.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     return request.param
 
 

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 import fusedmtl
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 LOSSES = {
     "smooth_l1": (fusedmtl.smooth_l1_loss, F.smooth_l1_loss, "beta"),

@@ -1,0 +1,152 @@
+"""Launches every compiled and Triton kernel of fusedmtl once, small, for compute-sanitizer.
+
+`make gpu-check` runs this under compute-sanitizer's memcheck, racecheck, synccheck and initcheck:
+each op of the schema list in csrc/torch_bindings.cpp at least once per dtype family, the Gramian
+at K = 2, 8, 9, 40 and 64 (the register-resident, tiled and largest task counts), normalized_sum
+through the cooperative launch and through the two-launch fallback, and the Triton kernels of
+both layers. It checks no values (the test suite does that); it only has to touch every kernel.
+
+    python tests/gpu/launch_kernels.py --device cuda     # what gpu-check runs
+    python tests/gpu/launch_kernels.py --device cpu      # CI: the same calls on the CPU kernels
+
+Sizes are small (a few thousand elements, plus one tensor above a CUDA work item of 64K elements)
+so that a sanitizer run takes seconds per tool, not minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+LOSS_KINDS = (("l1", 0.0), ("mse", 0.0), ("smooth_l1", 1.0), ("smooth_l1", 0.3), ("huber", 0.7))
+HETEROSCEDASTIC_KINDS = (("l2", 1.0), ("l1", 1.0), ("smooth_l1", 0.5))
+TASK_COUNTS = (2, 8, 9, 40, 64)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def launch_losses(device: str, n: int) -> int:
+    ops = torch.ops.fusedmtl
+    launches = 0
+    for dtype in DTYPES:
+        x = torch.randn(n, device=device, dtype=dtype)
+        t = torch.randn(n, device=device, dtype=dtype)
+        s = torch.randn(n, device=device, dtype=dtype) * 0.5
+        for kind, param in LOSS_KINDS:
+            for reduction in (0, 1, 2):
+                ops.regression_loss(x, t, kind, param, reduction)
+                grad_out = torch.ones((n,) if reduction == 0 else (), device=device, dtype=dtype)
+                ops.regression_loss_backward(grad_out, x, t, kind, param, reduction, True, True)
+                launches += 2
+                if reduction:  # the fused forward + gradient exists for reduced losses only
+                    ops.regression_loss_with_grad(x, t, kind, param, reduction, True, True)
+                    launches += 1
+        for kind, beta in HETEROSCEDASTIC_KINDS:
+            for reduction in (0, 1, 2):
+                ops.heteroscedastic_loss(x, t, s, kind, beta, reduction)
+                grad_out = torch.ones((n,) if reduction == 0 else (), device=device, dtype=dtype)
+                ops.heteroscedastic_loss_backward(grad_out, x, t, s, kind, beta, reduction, True,
+                                                  True)
+                launches += 2
+                if reduction:
+                    ops.heteroscedastic_loss_with_grad(x, t, s, kind, beta, reduction, True, True)
+                    launches += 1
+    return launches
+
+
+def _task_grads(k: int, shapes, device: str, dtype: torch.dtype):
+    return [[torch.randn(shape, device=device, dtype=dtype) for shape in shapes] for _ in range(k)]
+
+
+def launch_multi_tensor(device: str) -> int:
+    import fusedmtl._C as C
+
+    ops = torch.ops.fusedmtl
+    # One tensor larger than a CUDA work item (64K elements), odd sizes, a scalar.
+    shapes = [(300, 257), (17,), (), (64, 3, 3, 3)]
+    launches = 0
+    for dtype in DTYPES:
+        for k in TASK_COUNTS:
+            grads = _task_grads(k, shapes, device, dtype)
+            flat = [g for task in grads for g in task]
+            ops.multi_tensor_gramian(flat, k, False)
+            ops.multi_tensor_gramian(flat, k, True)
+            out = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+            coeffs = torch.rand(k, device=device, dtype=torch.float32)
+            ops.multi_tensor_combine(flat, k, coeffs, out, False)
+            ops.multi_tensor_combine(flat, k, coeffs, out, True)
+            launches += 4
+            cooperative = (True, False) if hasattr(C, "set_cooperative_launch") else (True,)
+            for allowed in cooperative:
+                if hasattr(C, "set_cooperative_launch"):
+                    C.set_cooperative_launch(allowed)
+                ops.multi_tensor_normalized_sum(flat, k, 1e-8, out, False)
+                ops.multi_tensor_normalized_sum(flat, k, 1e-8, out, True)
+                launches += 2
+            if hasattr(C, "set_cooperative_launch"):
+                C.set_cooperative_launch(True)
+        params = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
+        grads = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
+        ops.multi_tensor_add_l1_l2_penalty(params, grads, False, 1e-3, 1e-2)
+        ops.multi_tensor_add_l1_l2_penalty(params, grads, True, 1e-3, 1e-2)
+        launches += 2
+    return launches
+
+
+def launch_triton(device: str, n: int) -> int:
+    """The Triton kernels, through the public API with the Triton backend forced."""
+    import fusedmtl
+    import fusedmtl.multi_tensor as mt
+
+    launches = 0
+    with fusedmtl.backend.use("triton"):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            t = torch.randn(n, device=device, dtype=dtype)
+            s = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            for loss in (fusedmtl.l1_loss, fusedmtl.mse_loss, fusedmtl.smooth_l1_loss,
+                         fusedmtl.huber_loss):
+                loss(x, t).backward()
+                launches += 2
+            fusedmtl.heteroscedastic_loss(x, t, s).backward()
+            launches += 2
+            for k in TASK_COUNTS:
+                grads = _task_grads(k, [(300, 257), (17,)], device, dtype)
+                mt.gramian(grads)
+                out = [torch.zeros_like(g) for g in grads[0]]
+                mt.combine(grads, torch.rand(k, device=device), out=out)
+                mt.normalized_sum(grads, out=out)
+                launches += 3
+    return launches
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--elements", type=int, default=4099,
+                        help="elements per loss tensor (odd: exercises the vector tails)")
+    parser.add_argument("--skip-triton", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import fusedmtl  # noqa: F401  (registers the ops)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("launch_kernels: no CUDA device", file=sys.stderr)
+        return 2
+    with torch.cuda.device(args.device) if args.device.startswith("cuda") else nullcontext():
+        launches = launch_losses(args.device, args.elements)
+        launches += launch_multi_tensor(args.device)
+        if not args.skip_triton and fusedmtl.backend.triton_runs_on(args.device):
+            launches += launch_triton(args.device, args.elements)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    print(f"launch_kernels: {launches} op calls on {args.device}, no error")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
