@@ -12,6 +12,10 @@ PIP_ARGS ?=
 FUSEDMTL_CUDA ?= auto
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# The peers the benchmark and the tests compare with: torchjd, pinned, with the extras its CAGrad
+# and Nash-MTL need (cvxpy, ecos). PEERS=0 leaves them out (their columns and tests then skip).
+PEERS ?= 1
+PEER_REQUIREMENTS := $(if $(filter 1,$(PEERS)),"torchjd[cagrad,nash-mtl]==0.18.0")
 
 # cuda-check: a second environment with a CUDA build of torch, to compile and link the CUDA kernels.
 CUDA_VENV ?= .venv-cuda
@@ -27,7 +31,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 # One stamp per environment: re-run pip only when the Makefile (and so the requirements) changed.
 $(VENV)/.fusedmtl-deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib
+	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib $(PEER_REQUIREMENTS)
 	touch $@
 
 $(CUDA_VENV)/.fusedmtl-deps: Makefile
@@ -39,10 +43,10 @@ $(CUDA_VENV)/.fusedmtl-deps: Makefile
 install: $(VENV)/.fusedmtl-deps
 	FUSEDMTL_CUDA=$(FUSEDMTL_CUDA) $(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
-# Every sweep (losses, multi_tensor, weighting_step, training_step); e.g. BENCH_ARGS='--quick'
-# or BENCH_ARGS='--sweeps losses --json bench.json --plot plots' (see fusedmtl-bench --help).
+# Every sweep (losses, multi_tensor, weighting_step, training_step) of bench/, from this checkout;
+# e.g. BENCH_ARGS='--quick' or BENCH_ARGS='--sweeps losses --json bench.json' (python -m bench -h).
 bench: install
-	$(PY) -m fusedmtl.bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
