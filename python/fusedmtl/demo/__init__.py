@@ -47,11 +47,14 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
     if unknown:
         raise ValueError(f"unknown weighting method(s) {unknown}; choose from {sorted(all_methods())}")
     if console is None:
-        from rich.console import Console
-
-        console = Console()
-        if not console.is_terminal:  # a log file: wide enough for the tables
-            console = Console(width=120)
+        console = report.make_console()
+    missing = report.missing_extras(plot)
+    if missing:
+        console.print(f"({' and '.join(missing)} not installed: plain-text tables"
+                      f"{', no figure' if 'matplotlib' in missing else ''}; "
+                      "pip install 'fusedmtl[demo]' (rich, matplotlib) for both)")
+        plot = plot and "matplotlib" not in missing
+        progress = progress and "rich" not in missing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -1,10 +1,13 @@
-"""The demo's outputs: rich tables on the console, a PNG of the training curves and weights, and
-a JSON of everything. rich and matplotlib are imported only here, when used."""
+"""The demo's outputs: tables on the console (rich, or plain text without it), a PNG of the
+training curves and weights (matplotlib), and a JSON of everything. rich and matplotlib are
+optional and imported only here, when used."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -85,6 +88,58 @@ def write_json(results: dict, path: Path) -> None:
 # -- console ------------------------------------------------------------------------------------
 
 
+def missing_extras(plot: bool) -> list[str]:
+    """The optional packages the demo would use that are not installed."""
+    missing = []
+    for name in ("rich", "matplotlib") if plot else ("rich",):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+class PlainConsole:
+    """What the demo needs of rich's Console, in plain text: markup dropped, tables as columns."""
+
+    MARKUP = re.compile(r"\[(/|/?(bold|dim|italic)( [a-z]+)*)\]")  # rich's styles, not [demo]
+
+    def print(self, item) -> None:
+        print(self.MARKUP.sub("", item) if isinstance(item, str) else item)
+
+
+class PlainTable:
+    """The subset of rich.table.Table the demo uses, rendered as aligned plain text."""
+
+    def __init__(self, title: str, **_) -> None:
+        self.title, self.columns, self.rows = title, [], []
+
+    def add_column(self, header: str, **_) -> None:
+        self.columns.append(header.replace("\n", " "))
+
+    def add_row(self, *cells: str) -> None:
+        best = re.compile(r"\[bold green\](.*?)\[/\]")  # the best value: green in rich, * here
+        self.rows.append([PlainConsole.MARKUP.sub("", best.sub(r"\1*", c)) for c in cells])
+
+    def __str__(self) -> str:
+        lines = [self.columns, *self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(self.columns))]
+        title = self.title.replace("(best in green)", "(best marked *)")
+        return "\n".join([title] + ["  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines])
+
+
+def make_console():
+    """rich's Console (120 columns when the output is not a terminal), else a PlainConsole."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return PlainConsole()
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def _metric_columns(problem: Problem) -> list[tuple[str, str, bool]]:
     """(task, metric, higher is better) for every task's metrics, in table order."""
     cols = []
@@ -103,7 +158,10 @@ def _fmt(value: float, metric: str) -> str:
 
 
 def _metrics_table(title: str, rows: dict[str, RunResult], problem: Problem, label: str, weights: bool):
-    from rich.table import Table
+    try:
+        from rich.table import Table
+    except ImportError:
+        Table = PlainTable
 
     cols = _metric_columns(problem)
     table = Table(title=title, title_justify="left")
