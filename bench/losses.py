@@ -27,7 +27,12 @@ import torch.nn.functional as F
 import fusedmtl
 from bench.sweep import Common, Row, Sweep, check_targets, targets_line
 from bench.tables import (
-    drop_empty_columns, fmt_ms, fmt_percent, fmt_ratio, fmt_size, render_table,
+    drop_empty_columns,
+    fmt_ms,
+    fmt_percent,
+    fmt_ratio,
+    fmt_size,
+    render_table,
 )
 from bench.timing import Clock, CopyBandwidth, num_threads, time_contenders
 from bench.workload import loss_functions
@@ -192,9 +197,9 @@ class Losses(Sweep):
                                     c.repeats, c.warmup, calls_per_sample=steps)
             x.grad = None
             fields = {"loss": loss, "n": n, "dtype": dtype, "reduction": reduction,
-                      "threads": threads, "variant": variant, "device": c.device,
-                      "steps_per_sample": steps, **compiled}
+                      "threads": threads, "variant": variant, "device": c.device}
             rows.append(Row(self.name, fields, stats, bandwidth_gbs=gbs,
+                            info={"steps_per_sample": steps, **compiled},
                             bytes=(5 if reduction == "none" else 3) * n * x.element_size()))
         return rows
 
@@ -211,7 +216,7 @@ class Losses(Sweep):
         columns, cells = drop_empty_columns(columns, cells, keep_first=7)
         render_table(f"Losses, forward+backward on {rows[0].device}: median ms per step; "
                      "vs = contender / fused (>1: fused faster)", columns, cells, left_columns=6)
-        compiles = [r for r in rows if "compile_s" in r.fields and r.variant == rows[0].variant]
+        compiles = [r for r in rows if "compile_s" in r.info and r.variant == rows[0].variant]
         if compiles:
             slowest = max(compiles, key=lambda r: r.compile_s)
             print(f"torch.compile (first forward+backward, not in the step times): "

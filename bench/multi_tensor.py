@@ -184,8 +184,8 @@ class MultiTensor(Sweep):
              for r in rows], left_columns=2)
         once = {r.op: r for r in rows}.values()
         render_table(
-            "Multi-tensor ops: peak extra memory of one call (beyond the gradients and the "
-            "outputs; profiler / CUDA peak), largest relative difference from fused",
+            "Multi-tensor ops: peak extra memory of a call (beyond gradients and outputs), "
+            "largest relative difference from fused",
             ["op", *(SHORT.get(n, n) for n in names), "max rel diff"],
             [[r.op, *(fmt_bytes(r.peak_bytes.get(n)) if n in r.peak_bytes else "-"
                       for n in names),

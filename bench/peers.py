@@ -23,21 +23,23 @@ import torch
 PINNED = "0.18.0"  # the version the adapters are written for (Makefile: PEER_REQUIREMENTS)
 
 # fusedmtl method -> (torchjd.aggregation class, its keyword arguments for K tasks, the fusedmtl
-# options that make fusedmtl's method the same one). torchjd's MGDA works on the raw gradients.
+# options, beyond its defaults, that make it the same method). torchjd's MGDA works on the raw
+# gradients; the other defaults agree (CAGrad c = 0.5, Aligned-MTL scale 'min', Nash-MTL
+# max_norm 1, geometric mean = GeneralizedMean gamma 0, UW = Uncertainty's 'regression' kind).
 AGGREGATORS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "mgda": ("MGDA", lambda k: {}, {"normalization": "none"}),
     "upgrad": ("UPGrad", lambda k: {}, {}),
     "pcgrad": ("PCGrad", lambda k: {}, {}),
-    "cagrad": ("CAGrad", lambda k: {"c": 0.5}, {"c": 0.5}),
+    "cagrad": ("CAGrad", lambda k: {"c": 0.5}, {}),
     "imtl_g": ("IMTLG", lambda k: {}, {}),
-    "aligned_mtl": ("AlignedMTL", lambda k: {}, {"scale_mode": "min"}),
-    "nash_mtl": ("NashMTL", lambda k: {"n_tasks": k}, {"max_norm": 1.0}),
+    "aligned_mtl": ("AlignedMTL", lambda k: {}, {}),
+    "nash_mtl": ("NashMTL", lambda k: {"n_tasks": k}, {}),
 }
 # fusedmtl method -> (torchjd.scalarization class, its keyword arguments, fusedmtl options).
 SCALARIZERS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "fixed": ("Mean", lambda k: {}, {}),
-    "generalized_mean": ("GeometricMean", lambda k: {}, {"gamma": 0.0}),
-    "uncertainty": ("UW", lambda k: {"shape": k}, {"kinds": "regression"}),
+    "generalized_mean": ("GeometricMean", lambda k: {}, {}),
+    "uncertainty": ("UW", lambda k: {"shape": k}, {}),
     "dwa": ("DWA", lambda k: {}, {}),
     "famo": ("FAMO", lambda k: {"shape": k}, {}),
     "rlw": ("Random", lambda k: {}, {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +20,9 @@ TARGETS_PATH = Path(__file__).with_name("targets.json")
 
 @dataclass
 class Row:
-    """The measurements of one row: what it is (``fields``, e.g. loss, N, threads) and, per
-    contender, its timing, its peak extra memory and the cosine between its update and fused's."""
+    """The measurements of one row: what it is (``fields``, e.g. loss, N, threads: its id), what
+    was found about it (``info``, e.g. a compile time) and, per contender, its timing, its peak
+    extra memory and the cosine between its update and fused's."""
 
     sweep: str
     fields: dict
@@ -32,12 +33,13 @@ class Row:
     bytes: int | None = None  # least traffic of memory-bound rows
     bandwidth_gbs: float | None = None
     notes: dict[str, str] = field(default_factory=dict)  # contender -> why it did not run
+    info: dict = field(default_factory=dict)
 
     def __getattr__(self, name: str):
-        try:
-            return self.__dict__["fields"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+        for part in ("fields", "info"):
+            if name in self.__dict__.get(part, {}):
+                return self.__dict__[part][name]
+        raise AttributeError(name)
 
     @property
     def row_id(self) -> str:
@@ -67,7 +69,7 @@ class Row:
         out = []
         for contender, stats in self.stats.items():
             out.append({
-                "sweep": self.sweep, "row_id": self.row_id, **self.fields,
+                "sweep": self.sweep, "row_id": self.row_id, **self.fields, **self.info,
                 "contender": contender, "median_ms": stats.median_ms, "min_ms": stats.min_ms,
                 "iqr_ms": stats.iqr_ms, "samples_ms": stats.samples_ms,
                 "ratio_to_fused": self.ratio(contender),
@@ -156,4 +158,3 @@ def targets_line(sweep: str, results: Sequence[dict]) -> str | None:
                                           else f" ({r['worst_ratio']:.2f}x)") for r in results)
 
 
-Factory = Callable[[], Callable[[], object]]

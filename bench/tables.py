@@ -96,9 +96,13 @@ class Progress:
         if self._enabled:
             try:
                 from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
                 from rich.progress import Progress as RichProgress
-                from rich.progress import TimeElapsedColumn
             except ImportError:
                 pass
             else:

@@ -35,7 +35,11 @@ from bench.sweep import Common, Row, Sweep, cosine_and_diff
 from bench.tables import drop_empty_columns, fmt_ms, fmt_ratio, render_table
 from bench.timing import Clock, num_threads, peak_extra_bytes, time_contenders
 from bench.weighting_step import (
-    build, chosen_methods, flatten_step, gramian_columns, report_memory_and_agreement,
+    build,
+    chosen_methods,
+    flatten_step,
+    gramian_columns,
+    report_memory_and_agreement,
 )
 
 HEADS = (("regression", 1), ("regression", 4), ("classification", 10), ("classification", 5))

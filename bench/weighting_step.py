@@ -32,11 +32,22 @@ import fusedmtl.weighting as weighting
 from bench import peers
 from bench.sweep import Common, Row, Sweep, cosine_and_diff
 from bench.tables import (
-    drop_empty_columns, fmt_agreement, fmt_bytes, fmt_ms, fmt_percent, fmt_ratio, render_table,
+    drop_empty_columns,
+    fmt_agreement,
+    fmt_bytes,
+    fmt_ms,
+    fmt_percent,
+    fmt_ratio,
+    render_table,
 )
 from bench.timing import Clock, CopyBandwidth, num_threads, peak_extra_bytes, time_contenders
 from bench.workload import (
-    LAST_LAYER_TENSORS, add_into_grad, flatten_rows, loss_values, make_method, make_task_grads,
+    LAST_LAYER_TENSORS,
+    add_into_grad,
+    flatten_rows,
+    loss_values,
+    make_method,
+    make_task_grads,
     resnet18_shapes,
 )
 
@@ -176,9 +187,9 @@ class WeightingStep(Sweep):
                     if name in first:
                         seen = first[name]
                         row.cosine, row.max_rel_diff = seen.cosine, seen.max_rel_diff
-                        row.notes, row.fields["mutates_input"] = seen.notes, seen.mutates_input
+                        row.notes, row.info["mutates_input"] = seen.notes, seen.mutates_input
                     else:
-                        row.fields["mutates_input"] = self.agreement(row, name, params,
+                        row.info["mutates_input"] = self.agreement(row, name, params,
                                                                      task_grads, losses)
                     private = ([[t.clone() for t in grads] for grads in task_grads]
                                if row.mutates_input else task_grads)
