@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Sequence
 
 WIDTH = 120  # every table fits a terminal this wide
@@ -58,7 +59,7 @@ def plain_table(title: str, columns: Sequence[str], cells: Sequence[Sequence[str
                 left_columns: int = 1) -> str:
     """The table as plain text: left-aligned labels, right-aligned numbers, two spaces apart."""
     widths = [max(len(c) for c in column) for column in zip(columns, *cells)]
-    lines = [title]
+    lines = textwrap.wrap(title, WIDTH)
     for line in [list(columns), *cells]:
         parts = [c.ljust(w) if i < left_columns else c.rjust(w)
                  for i, (c, w) in enumerate(zip(line, widths))]
@@ -133,3 +134,27 @@ class Progress:
             print(f"[{self._sweep} {self._done + 1}/{self._total}] {description}",
                   file=sys.stderr, flush=True)
         self._done += 1
+
+
+def memory_and_agreement_table(sweep: str, names, rows) -> None:
+    """One line per method: each contender's peak extra memory, the cosine of its update with
+    fused's and the largest relative difference; then why a peer did not run."""
+    once = list({r.method: r for r in rows}.values())
+    others = [n for n in names if n != "fused"]
+    columns, cells = drop_empty_columns(
+        ["method", *(f"mem {n}" for n in names), *(f"cos {n}" for n in others),
+         *(f"diff {n}" for n in others)],
+        [[r.method, *(fmt_bytes(r.peak_bytes.get(n)) for n in names),
+          *(fmt_agreement(r.cosine.get(n)) for n in others),
+          *("-" if r.max_rel_diff.get(n) is None else f"{r.max_rel_diff[n]:.1e}" for n in others)]
+         for r in once], keep_first=1)
+    render_table(f"{sweep}: peak extra memory of one step; cos = cosine of a contender's .grad "
+                 "with fused's, diff = its largest difference / fused's largest magnitude",
+                 columns, cells, left_columns=1)
+    lacking = {contender: sorted(r.method for r in once if r.notes.get(contender, "").startswith(
+        f"{contender} has no")) for contender in names}
+    other = sorted({note for r in once for note in r.notes.values() if " has no " not in note})
+    for line in [f"{c} has no {', '.join(methods)}" for c, methods in lacking.items() if methods]:
+        print(line)
+    if other:
+        print("not run: " + "; ".join(other))

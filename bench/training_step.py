@@ -32,15 +32,15 @@ from torch import nn
 import fusedmtl.weighting as weighting
 from bench import peers
 from bench.sweep import Common, Row, Sweep, cosine_and_diff
-from bench.tables import drop_empty_columns, fmt_ms, fmt_ratio, render_table
-from bench.timing import Clock, num_threads, peak_extra_bytes, time_contenders
-from bench.weighting_step import (
-    build,
-    chosen_methods,
-    flatten_step,
-    gramian_columns,
-    report_memory_and_agreement,
+from bench.tables import (
+    drop_empty_columns,
+    fmt_ms,
+    fmt_ratio,
+    memory_and_agreement_table,
+    render_table,
 )
+from bench.timing import Clock, num_threads, peak_extra_bytes, time_contenders
+from bench.workload import build, chosen_methods, flatten_step, gramian_columns
 
 HEADS = (("regression", 1), ("regression", 4), ("classification", 10), ("classification", 5))
 
@@ -222,4 +222,4 @@ class TrainingStep(Sweep):
             f"conv trunk ({first.shared_elements:,} shared parameters), batch {first.batch_size}, "
             f"{first.device}: median ms; plain = flatten (gradient-based) or sum L_i / K "
             "(loss-based); vs = contender / fused", columns, cells, left_columns=3)
-        report_memory_and_agreement(self.name, names, rows)
+        memory_and_agreement_table(self.name, names, rows)

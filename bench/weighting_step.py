@@ -23,7 +23,6 @@ one step in steady state (after a first one), state kept between steps not inclu
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +32,19 @@ from bench import peers
 from bench.sweep import Common, Row, Sweep, cosine_and_diff
 from bench.tables import (
     drop_empty_columns,
-    fmt_agreement,
-    fmt_bytes,
     fmt_ms,
     fmt_percent,
     fmt_ratio,
+    memory_and_agreement_table,
     render_table,
 )
 from bench.timing import Clock, CopyBandwidth, num_threads, peak_extra_bytes, time_contenders
 from bench.workload import (
-    LAST_LAYER_TENSORS,
-    add_into_grad,
-    flatten_rows,
+    build,
+    chosen_methods,
+    flatten_step,
+    gramian_columns,
     loss_values,
-    make_method,
     make_task_grads,
     resnet18_shapes,
 )
@@ -54,62 +52,11 @@ from bench.workload import (
 AGREEMENT_TOLERANCE = 1e-2  # see multi_tensor: flatten's float32 Gramian is 2.6e-3 off on AMD
 
 
-def chosen_methods(text: str, family: dict) -> list[str]:
-    """--methods: 'all' or names; names of the other family are left to the sweep that has them."""
-    every = {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
-    names = list(every) if text.strip() == "all" else [m.strip() for m in text.split(",")]
-    unknown = [m for m in names if m not in every]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; expected some of {list(every)}")
-    return [m for m in names if m in family]
-
-
-def build(name: str, k: int, params) -> weighting.Weighting:
-    """The method as every contender runs it: as torchjd implements it where torchjd has it."""
-    return make_method(name, k, params, **peers.matching_options(name))
-
-
 @dataclass
 class Config(Common):
     methods: tuple[str, ...] = tuple(weighting.GRADIENT_BASED)
     tasks: int = 4
     shape_divisor: int = 1
-
-
-def gramian_columns(name: str, params) -> int | None:
-    """GradNorm's Gramian covers only its last shared layer."""
-    cls = weighting.GRADIENT_BASED[name]
-    if "last_shared_layer" in inspect.signature(cls.__init__).parameters:
-        return sum(p.numel() for p in params[-LAST_LAYER_TENSORS:])
-    return None
-
-
-def flatten_step(name: str, method, params, columns: int | None):
-    """The weighting step written the flatten way, with ``method.coefficients``."""
-    average = {"matrix": None, "steps": 0}
-
-    def running_average(matrix: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """DB-MTL: rows g_i / (L_i + eps), lerped towards the previous matrix."""
-        matrix.mul_((1.0 / (losses.double() + method.eps)).to(matrix.dtype)[:, None])
-        if method.beta == 0:
-            return matrix
-        if average["matrix"] is None:
-            average["matrix"] = torch.zeros_like(matrix)
-        matrix.lerp_(average["matrix"], method.beta / float(average["steps"] + 1)
-                     ** method.beta_sigma)
-        average["matrix"], average["steps"] = matrix, average["steps"] + 1
-        return matrix
-
-    def step(task_grads, losses) -> torch.Tensor:
-        matrix = flatten_rows(task_grads)
-        if name == "db_mtl":
-            matrix = running_average(matrix, losses)
-        part = matrix if columns is None else matrix[:, -columns:]
-        coeffs = method.coefficients(part @ part.T, losses).to(matrix)
-        add_into_grad(coeffs @ matrix, params)
-        return coeffs
-
-    return step
 
 
 def zero_grads(params) -> None:
@@ -221,31 +168,9 @@ class WeightingStep(Sweep):
             f"Weighting step after the per-task backward passes, float32, K={first.tasks} x "
             f"{first.tensors} tensors (G={first.elements:,}), {first.device}: median ms; "
             "vs = contender / fused", columns, cells, left_columns=2)
-        report_memory_and_agreement(self.name, names, rows)
+        memory_and_agreement_table(self.name, names, rows)
         if any(r.mutates_input for r in rows):
             print("* step() scales the task gradients it is given in place; its fused contender "
                   "was timed on a private copy.")
 
 
-def report_memory_and_agreement(sweep: str, names, rows) -> None:
-    """One line per method: each contender's peak extra memory, the cosine of its update with
-    fused's and the largest relative difference; then why a peer did not run."""
-    once = list({r.method: r for r in rows}.values())
-    others = [n for n in names if n != "fused"]
-    columns, cells = drop_empty_columns(
-        ["method", *(f"mem {n}" for n in names), *(f"cos {n}" for n in others),
-         *(f"diff {n}" for n in others)],
-        [[r.method, *(fmt_bytes(r.peak_bytes.get(n)) for n in names),
-          *(fmt_agreement(r.cosine.get(n)) for n in others),
-          *("-" if r.max_rel_diff.get(n) is None else f"{r.max_rel_diff[n]:.1e}" for n in others)]
-         for r in once], keep_first=1)
-    render_table(f"{sweep}: peak extra memory of one step; cos = cosine of a contender's .grad "
-                 "with fused's, diff = its largest difference / fused's largest magnitude",
-                 columns, cells, left_columns=1)
-    lacking = {contender: sorted(r.method for r in once if r.notes.get(contender, "").startswith(
-        f"{contender} has no")) for contender in names}
-    other = sorted({note for r in once for note in r.notes.values() if " has no " not in note})
-    for line in [f"{c} has no {', '.join(methods)}" for c, methods in lacking.items() if methods]:
-        print(line)
-    if other:
-        print("not run: " + "; ".join(other))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 import fusedmtl.weighting as weighting
+from bench import peers
 
 TaskGrads = list[list[torch.Tensor]]
 RESNET18_TENSORS, RESNET18_ELEMENTS = 62, 11_689_512
@@ -109,3 +110,54 @@ def make_method(name: str, k: int, shared_params: Sequence[torch.Tensor] | None 
     options = {key: v for key, v in defaults.items() if key in accepted} | options
     args = (list(shared_params), k) if name in weighting.GRADIENT_BASED else (k,)
     return cls(*args, **options)
+
+
+def chosen_methods(text: str, family: dict) -> list[str]:
+    """--methods: 'all' or names; names of the other family are left to the sweep that has them."""
+    every = {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
+    names = list(every) if text.strip() == "all" else [m.strip() for m in text.split(",")]
+    unknown = [m for m in names if m not in every]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {list(every)}")
+    return [m for m in names if m in family]
+
+
+def build(name: str, k: int, params) -> weighting.Weighting:
+    """The method as every contender runs it: as torchjd implements it where torchjd has it."""
+    return make_method(name, k, params, **peers.matching_options(name))
+
+
+def gramian_columns(name: str, params) -> int | None:
+    """GradNorm's Gramian covers only its last shared layer."""
+    cls = weighting.GRADIENT_BASED[name]
+    if "last_shared_layer" in inspect.signature(cls.__init__).parameters:
+        return sum(p.numel() for p in params[-LAST_LAYER_TENSORS:])
+    return None
+
+
+def flatten_step(name: str, method, params, columns: int | None):
+    """The weighting step written the flatten way, with ``method.coefficients``."""
+    average = {"matrix": None, "steps": 0}
+
+    def running_average(matrix: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """DB-MTL: rows g_i / (L_i + eps), lerped towards the previous matrix."""
+        matrix.mul_((1.0 / (losses.double() + method.eps)).to(matrix.dtype)[:, None])
+        if method.beta == 0:
+            return matrix
+        if average["matrix"] is None:
+            average["matrix"] = torch.zeros_like(matrix)
+        matrix.lerp_(average["matrix"], method.beta / float(average["steps"] + 1)
+                     ** method.beta_sigma)
+        average["matrix"], average["steps"] = matrix, average["steps"] + 1
+        return matrix
+
+    def step(task_grads, losses) -> torch.Tensor:
+        matrix = flatten_rows(task_grads)
+        if name == "db_mtl":
+            matrix = running_average(matrix, losses)
+        part = matrix if columns is None else matrix[:, -columns:]
+        coeffs = method.coefficients(part @ part.T, losses).to(matrix)
+        add_into_grad(coeffs @ matrix, params)
+        return coeffs
+
+    return step

@@ -11,8 +11,8 @@ pytest.importorskip("torchjd")
 
 from bench import peers  # noqa: E402
 from bench.training_step import FACTORIES, SharedTrunkModel, all_grads  # noqa: E402
-from bench.weighting_step import WeightingStep, build, zero_grads  # noqa: E402
-from bench.workload import loss_values, make_task_grads  # noqa: E402
+from bench.weighting_step import WeightingStep, zero_grads  # noqa: E402
+from bench.workload import build, loss_values, make_task_grads  # noqa: E402
 
 METHODS = sorted({**peers.AGGREGATORS, **peers.SCALARIZERS})
 

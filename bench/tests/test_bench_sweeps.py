@@ -171,3 +171,11 @@ def test_benchmark_is_not_in_the_package():
 def test_unknown_sweep_is_an_error():
     with pytest.raises(SystemExit):
         cli.main(["--sweeps", "nope"])
+
+
+def test_plain_text_tables_fit_too():
+    from bench.tables import plain_table
+
+    text = plain_table("a title " * 40, ["method", "fused ms"], [["mgda", "1.234"]])
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+    assert text.splitlines()[-1] == "mgda       1.234"
