@@ -102,8 +102,8 @@ def make_method(name: str, k: int, shared_params: Sequence[torch.Tensor] | None 
     last shared layer, PriorLoss's priors, a seed for random methods, so that two instances draw
     the same). ``options`` override (e.g. what makes it the method a peer implements)."""
     cls = all_methods()[name]
-    if hasattr(cls, "example") and not options:
-        return cls.example(k, shared_params)
+    if hasattr(cls, "example"):  # the registry's own way (its GradNorm layer: the last 2 here too)
+        return cls.example(k, shared_params, **options)
     accepted = inspect.signature(cls.__init__).parameters
     defaults = {"last_shared_layer": list(shared_params or ())[-LAST_LAYER_TENSORS:],
                 "priors": [1.0] * k, "seed": 0}
