@@ -106,8 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         chosen = configs(args)
+        if args.plot:
+            import matplotlib  # noqa: F401
     except ValueError as error:
         p.error(str(error))
+    except ImportError:
+        p.error("--plot needs matplotlib (pip install matplotlib)")
     freeze_import_time_objects()
     env = environment(",".join(devices(args.device)))
     print(environment_line(env), file=sys.stderr)

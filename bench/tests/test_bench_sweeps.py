@@ -4,7 +4,7 @@ figures checked for shape and sanity; no timing assertions. Runs in well under a
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 import math
@@ -21,8 +21,15 @@ from bench.tables import WIDTH
 from bench.workload import loss_functions
 
 SWEEPS = ("losses", "multi_tensor", "weighting_step", "training_step")
-HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-HAS_TORCHJD = importlib.util.find_spec("torchjd") is not None
+def importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_MATPLOTLIB, HAS_TORCHJD = importable("matplotlib"), importable("torchjd")
 REPOSITORY = Path(__file__).resolve().parents[2]
 TINY = [
     "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-progress",
