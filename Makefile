@@ -12,6 +12,11 @@ PIP_ARGS ?=
 FUSEDMTL_CUDA ?= auto
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# The peers the benchmark and the tests compare with: torchjd, pinned, with the extras its CAGrad
+# and Nash-MTL need (cvxpy, ecos). PEERS=0 leaves them out (their columns and tests then skip).
+PEERS ?= 1
+TORCHJD := "torchjd[cagrad,nash-mtl]==0.18.0"
+PEER_REQUIREMENTS := $(if $(filter 1,$(PEERS)),$(TORCHJD))
 
 # cuda-check: a second environment with a CUDA build of torch, to compile and link the CUDA kernels.
 CUDA_VENV ?= .venv-cuda
@@ -24,10 +29,11 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 
 .PHONY: install bench test cuda-check gpu-check clean
 
-# One stamp per environment: re-run pip only when the Makefile (and so the requirements) changed.
-$(VENV)/.fusedmtl-deps: Makefile
+# One stamp per environment (and PEERS setting): re-run pip only when the Makefile (and so the
+# requirements) changed.
+$(VENV)/.fusedmtl-deps-peers$(PEERS): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib
+	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib $(PEER_REQUIREMENTS)
 	touch $@
 
 $(CUDA_VENV)/.fusedmtl-deps: Makefile
@@ -36,13 +42,13 @@ $(CUDA_VENV)/.fusedmtl-deps: Makefile
 	touch $@
 
 # No build isolation: the extension must be compiled against the torch installed above.
-install: $(VENV)/.fusedmtl-deps
+install: $(VENV)/.fusedmtl-deps-peers$(PEERS)
 	FUSEDMTL_CUDA=$(FUSEDMTL_CUDA) $(PY) -m pip install --quiet --no-build-isolation --no-deps .
 
-# Every sweep (losses, multi_tensor, weighting_step, training_step); e.g. BENCH_ARGS='--quick'
-# or BENCH_ARGS='--sweeps losses --json bench.json --plot plots' (see fusedmtl-bench --help).
+# Every sweep (losses, multi_tensor, weighting_step, training_step) of bench/, from this checkout;
+# e.g. BENCH_ARGS='--quick' or BENCH_ARGS='--sweeps losses --json bench.json' (python -m bench -h).
 bench: install
-	$(PY) -m fusedmtl.bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

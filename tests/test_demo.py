@@ -4,26 +4,45 @@ reproducible for a fixed seed, and the generated problem has the property the de
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
-pytest.importorskip("rich")
-pytest.importorskip("matplotlib")
+from fusedmtl import demo
+from fusedmtl.demo.data import make_problem
+from fusedmtl.demo.train import Config, deterministic, train_method
 
-from fusedmtl import demo  # noqa: E402
-from fusedmtl.demo.data import make_problem  # noqa: E402
-from fusedmtl.demo.train import Config, deterministic, train_method  # noqa: E402
+HAS_EXTRAS = all(importlib.util.find_spec(m) is not None for m in ("rich", "matplotlib"))
 
-TINY = ["--steps", "20", "--methods", "fixed,mgda", "--n-train", "512", "--n-test", "256",
-        "--compare-method", "mgda", "--compare-losses", "mse,smooth_l1", "--seed", "3", "--no-progress"]
+TINY = [
+    "--steps",
+    "20",
+    "--methods",
+    "fixed,mgda",
+    "--n-train",
+    "512",
+    "--n-test",
+    "256",
+    "--compare-method",
+    "mgda",
+    "--compare-losses",
+    "mse,smooth_l1",
+    "--seed",
+    "3",
+    "--no-progress",
+]
 
 
 def _metrics(data: dict) -> dict:
     return {
         "methods": {m: r["metrics"] for m, r in data["methods"].items()},
-        "loss_comparison": {loss: r["metrics"] for loss, r in data["loss_comparison"]["runs"].items()},
+        "loss_comparison": {
+            loss: r["metrics"] for loss, r in data["loss_comparison"]["runs"].items()
+        },
     }
 
 
@@ -33,6 +52,7 @@ def _all_finite(tree) -> bool:
     return math.isfinite(tree)
 
 
+@pytest.mark.skipif(not HAS_EXTRAS, reason="rich and matplotlib are not installed")
 def test_tiny_run_writes_outputs_and_is_reproducible(tmp_path):
     assert demo.main([*TINY, "--out", str(tmp_path / "a")]) == 0
     png, js = tmp_path / "a" / demo.PNG_NAME, tmp_path / "a" / demo.JSON_NAME
@@ -47,14 +67,39 @@ def test_tiny_run_writes_outputs_and_is_reproducible(tmp_path):
         assert set(run["metrics"]) == {"energy", "sensor", "class"}
         assert 0.0 <= run["metrics"]["class"]["accuracy"] <= 1.0
         assert run["wall_time_s"] > 0
-        assert len(run["weights"]["step"]) == 20 and all(w is not None for w in run["weights"]["energy"])
-    assert data["methods"]["fixed"]["final_weights"] == pytest.approx({"energy": 1 / 3, "sensor": 1 / 3, "class": 1 / 3})
+        assert len(run["weights"]["step"]) == 20 and all(
+            w is not None for w in run["weights"]["energy"]
+        )
+    assert data["methods"]["fixed"]["final_weights"] == pytest.approx(
+        {"energy": 1 / 3, "sensor": 1 / 3, "class": 1 / 3}
+    )
 
     # Same seed, second run (no plot): bit-identical metrics.
     assert demo.main([*TINY, "--out", str(tmp_path / "b"), "--no-plot"]) == 0
     again = json.loads((tmp_path / "b" / demo.JSON_NAME).read_text())
     assert _metrics(again) == metrics
     assert not (tmp_path / "b" / demo.PNG_NAME).exists()
+
+
+def test_runs_in_plain_text_without_rich_and_matplotlib(tmp_path):
+    # The console script as a user without the extras runs it: both imports fail.
+    code = (
+        "import sys; sys.modules['rich'] = sys.modules['matplotlib'] = None; "
+        "from fusedmtl.demo import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *TINY, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "rich and matplotlib not installed" in result.stdout
+    assert "pip install 'fusedmtl[demo]'" in result.stdout
+    assert "Weighting methods: test metrics" in result.stdout and "mgda" in result.stdout
+    assert "[bold" not in result.stdout  # rich markup dropped
+    assert (tmp_path / demo.JSON_NAME).exists() and not (tmp_path / demo.PNG_NAME).exists()
 
 
 def test_unknown_method_is_a_usage_error(tmp_path, capsys):
@@ -78,7 +123,9 @@ def test_robust_loss_beats_l2_on_the_glitchy_task():
     problem = make_problem(n_train=config.n_train, n_test=config.n_test, seed=config.seed)
     with deterministic(1):
         mae = {
-            loss: train_method("grad_normalization", problem, config, losses={"sensor": loss}).metrics["sensor"]["mae"]
+            loss: train_method(
+                "grad_normalization", problem, config, losses={"sensor": loss}
+            ).metrics["sensor"]["mae"]
             for loss in ("mse", "smooth_l1")
         }
     assert mae["smooth_l1"] * 1.5 < mae["mse"], mae

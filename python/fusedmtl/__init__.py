@@ -6,7 +6,10 @@ PyTorch.
     criterion = fusedmtl.nn.MSELoss()              # drop-in for torch.nn
     loss = fusedmtl.heteroscedastic_loss(pred, target, log_var)  # Kendall & Gal 2017
     fusedmtl.backend.info()                        # what runs, for bug reports
+    fusedmtl.weighting.MGDA, fusedmtl.multi_tensor.gramian   # imported on first use
 """
+
+import importlib
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
@@ -14,9 +17,23 @@ from fusedmtl import backend, losses, nn
 from fusedmtl.losses import heteroscedastic_loss, huber_loss, l1_loss, mse_loss, smooth_l1_loss
 
 __version__ = "0.1.0"
+# Imported on first attribute access (as torch.nn.functional after import torch), so that
+# `import fusedmtl` stays fast.
+LAZY_SUBMODULES = ("demo", "multi_tensor", "weighting")
 __all__ = [
-    "backend", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "mse_loss", "losses", "nn", "smooth_l1_loss",
+    "backend", "demo", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "losses",
+    "mse_loss", "multi_tensor", "nn", "smooth_l1_loss", "weighting",
 ]
+
+
+def __getattr__(name: str):
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"fusedmtl.{name}")  # also binds fusedmtl.<name>
+    raise AttributeError(f"module 'fusedmtl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY_SUBMODULES))
 
 
 def empty_cache() -> None:

@@ -2,7 +2,8 @@
 compared on a generated problem with a known ground truth.
 
 A shared-trunk MLP learns three tasks of very different scale and noise at once (see
-:mod:`fusedmtl.demo.data`): ``energy``, a regression with labels of standard deviation ~60 (L2 loss ~4000 at the start);
+:mod:`fusedmtl.demo.data`): ``energy``, a regression with labels of standard deviation ~60
+(L2 loss ~4000 at the start);
 ``sensor``, a unit-scale regression whose training labels carry heavy-tailed one-sided glitches
 (trained with fusedmtl.smooth_l1_loss); ``class``, a 4-class classification with label noise.
 Every method in ``--methods`` trains the same initialisation on the same batches; the demo prints
@@ -33,7 +34,9 @@ QUICK = {"steps": 600, "n_train": 2048, "n_test": 2048, "eval_every": 50}
 OUTLIER_TASK = "sensor"
 
 
-def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True, console=None) -> dict:
+def run(
+    config, out: Path | str = ".", progress: bool = True, plot: bool = True, console=None
+) -> dict:
     """Runs the demo for a :class:`fusedmtl.demo.train.Config`; writes the JSON (and PNG) into
     ``out`` and returns the JSON's content."""
     import torch
@@ -45,13 +48,20 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
 
     unknown = [m for m in (*config.methods, config.compare_method) if m not in all_methods()]
     if unknown:
-        raise ValueError(f"unknown weighting method(s) {unknown}; choose from {sorted(all_methods())}")
+        raise ValueError(
+            f"unknown weighting method(s) {unknown}; choose from {sorted(all_methods())}"
+        )
     if console is None:
-        from rich.console import Console
-
-        console = Console()
-        if not console.is_terminal:  # a log file: wide enough for the tables
-            console = Console(width=120)
+        console = report.make_console()
+    missing = report.missing_extras(plot)
+    if missing:
+        console.print(
+            f"({' and '.join(missing)} not installed: plain-text tables"
+            f"{', no figure' if 'matplotlib' in missing else ''}; "
+            "pip install 'fusedmtl[demo]' (rich, matplotlib) for both)"
+        )
+        plot = plot and "matplotlib" not in missing
+        progress = progress and "rich" not in missing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -61,7 +71,8 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
     # The loss comparison reuses the main run of compare_method for the task's default loss.
     jobs = [(m, None) for m in config.methods]
     jobs += [
-        (config.compare_method, loss) for loss in config.compare_losses
+        (config.compare_method, loss)
+        for loss in config.compare_losses
         if not (loss == default_loss and config.compare_method in config.methods)
     ]
 
@@ -76,7 +87,13 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
                     status = "  ".join(f"{n} {v:.3g}" for n, v in losses.items())
                     bar.update(task, completed=step, status=status)
 
-            result = train_method(method, problem, config, losses={OUTLIER_TASK: loss} if loss else None, on_step=on_step)
+            result = train_method(
+                method,
+                problem,
+                config,
+                losses={OUTLIER_TASK: loss} if loss else None,
+                on_step=on_step,
+            )
             if loss is None:
                 runs[method] = result
             else:
@@ -94,12 +111,15 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
             "description": sys.modules["fusedmtl.demo.data"].__doc__,
         },
         "environment": {
-            "torch": torch.__version__, "fusedmtl": fusedmtl.__version__,
-            "backend": fusedmtl.backend.info().get("selected"), "threads": config.threads,
+            "torch": torch.__version__,
+            "fusedmtl": fusedmtl.__version__,
+            "backend": fusedmtl.backend.info().get("selected"),
+            "threads": config.threads,
         },
         "methods": {m: report.run_record(r, names) for m, r in runs.items()},
         "loss_comparison": {
-            "task": OUTLIER_TASK, "method": config.compare_method,
+            "task": OUTLIER_TASK,
+            "method": config.compare_method,
             "runs": {loss: report.run_record(r, names) for loss, r in comparison.items()},
         },
     }
@@ -110,7 +130,11 @@ def run(config, out: Path | str = ".", progress: bool = True, plot: bool = True,
         results["png"] = str(png_path)
     results["total_time_s"] = time.perf_counter() - started
     report.write_json(results, json_path)
-    console.print(f"wrote {json_path}" + (f" and {out / PNG_NAME}" if plot else "") + f" in {results['total_time_s']:.1f} s")
+    console.print(
+        f"wrote {json_path}"
+        + (f" and {out / PNG_NAME}" if plot else "")
+        + f" in {results['total_time_s']:.1f} s"
+    )
     return results
 
 
@@ -125,11 +149,22 @@ class _NoBar:
 def _progress(console, enabled: bool):
     if not enabled:
         return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
-        TextColumn("[bold blue]{task.description:<34}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[status]}"),
+        TextColumn("[bold blue]{task.description:<34}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[status]}"),
         console=console,
     )
 
@@ -140,26 +175,65 @@ def _parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(
         prog="fusedmtl-demo",
-        description="Compare fusedmtl multi-task weighting methods on a generated problem with a known ground truth.",
+        description="Compare fusedmtl multi-task weighting methods on a generated problem with a "
+        "known ground truth.",
     )
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated registry names (fusedmtl.weighting.LOSS_BASED / GRADIENT_BASED), or 'all' "
-                        f"(default: {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a small run (under a minute): {QUICK['steps']} steps, {QUICK['n_train']} training samples")
-    p.add_argument("--steps", type=int, help=f"training steps per method (default {d.steps}, --quick {QUICK['steps']})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the initialisation and the batch order")
-    p.add_argument("--out", default=".", help="directory of fusedmtl_demo.png and fusedmtl_demo.json (default: .)")
-    p.add_argument("--n-train", type=int, help=f"training samples (default {d.n_train}, --quick {QUICK['n_train']})")
-    p.add_argument("--n-test", type=int, help=f"test samples (default {d.n_test}, --quick {QUICK['n_test']})")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated registry names (fusedmtl.weighting.LOSS_BASED / GRADIENT_BASED), "
+        "or 'all' "
+        f"(default: {','.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small run (under a minute): {QUICK['steps']} steps, {QUICK['n_train']} "
+        "training samples",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps per method (default {d.steps}, --quick {QUICK['steps']})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the data, the initialisation and the batch order",
+    )
+    p.add_argument(
+        "--out",
+        default=".",
+        help="directory of fusedmtl_demo.png and fusedmtl_demo.json (default: .)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        help=f"training samples (default {d.n_train}, --quick {QUICK['n_train']})",
+    )
+    p.add_argument(
+        "--n-test", type=int, help=f"test samples (default {d.n_test}, --quick {QUICK['n_test']})"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--compare-method", default=d.compare_method,
-                   help=f"the weighting of the {OUTLIER_TASK} loss comparison (default {d.compare_method})")
-    p.add_argument("--compare-losses", default=",".join(d.compare_losses),
-                   help=f"{OUTLIER_TASK} losses to compare, from {','.join(REGRESSION_LOSSES)} ('' skips the comparison)")
-    p.add_argument("--beta", type=float, default=d.beta, help=f"smooth-L1 beta of the {OUTLIER_TASK} task")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (fixed, for reproducibility)")
+    p.add_argument(
+        "--compare-method",
+        default=d.compare_method,
+        help=f"the weighting of the {OUTLIER_TASK} loss comparison (default {d.compare_method})",
+    )
+    p.add_argument(
+        "--compare-losses",
+        default=",".join(d.compare_losses),
+        help=f"{OUTLIER_TASK} losses to compare, from {','.join(REGRESSION_LOSSES)} ('' skips "
+        "the comparison)",
+    )
+    p.add_argument(
+        "--beta", type=float, default=d.beta, help=f"smooth-L1 beta of the {OUTLIER_TASK} task"
+    )
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads (fixed, for reproducibility)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p
@@ -170,25 +244,37 @@ def config_from_args(args: argparse.Namespace):
 
     d = Config()
     quick = QUICK if args.quick else {}
-    methods = tuple(sorted(all_methods())) if args.methods.strip() == "all" else tuple(
-        m.strip() for m in args.methods.split(",") if m.strip())
+    methods = (
+        tuple(sorted(all_methods()))
+        if args.methods.strip() == "all"
+        else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    )
     losses = tuple(x.strip() for x in args.compare_losses.split(",") if x.strip())
     bad = [m for m in (*methods, args.compare_method) if m not in all_methods()]
     if bad or not methods:
-        raise ValueError(f"unknown weighting method(s) {bad or '(none given)'}; choose from {', '.join(sorted(all_methods()))}")
+        raise ValueError(
+            f"unknown weighting method(s) {bad or '(none given)'}; choose from "
+            f"{', '.join(sorted(all_methods()))}"
+        )
     if any(x not in REGRESSION_LOSSES for x in losses):
         raise ValueError(f"--compare-losses must be from {REGRESSION_LOSSES}, got {losses}")
     steps = args.steps if args.steps is not None else quick.get("steps", d.steps)
     if steps < 1:
         raise ValueError("--steps must be at least 1")
     return Config(
-        seed=args.seed, steps=steps,
+        seed=args.seed,
+        steps=steps,
         n_train=args.n_train or quick.get("n_train", d.n_train),
         n_test=args.n_test or quick.get("n_test", d.n_test),
-        batch_size=args.batch_size, lr=args.lr, beta=args.beta, methods=methods,
-        compare_losses=losses, compare_method=args.compare_method,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta=args.beta,
+        methods=methods,
+        compare_losses=losses,
+        compare_method=args.compare_method,
         eval_every=max(1, min(quick.get("eval_every", d.eval_every), steps // 10 or 1)),
-        threads=args.threads, quick=args.quick,
+        threads=args.threads,
+        quick=args.quick,
     )
 
 

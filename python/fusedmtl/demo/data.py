@@ -20,12 +20,12 @@ differ in scale, in noise and in kind (b, b' ~ N(0, I / 8); c a random direction
     faulty-sensor glitch adds 3 |t_3| (Student-t with 3 degrees of freedom: heavy tails, mean
     3 * 1.10 = 3.3 per glitch). Test labels are clean. The glitches only ever read high, so the
     conditional *mean* of the training labels (what L2 estimates) is biased upwards by about
-    0.2 * 3.3 = 0.66 everywhere, while the conditional *median* (what L1 estimates) moves only to the
-    0.5 / 0.8 = 62.5 % quantile of the 0.2-sd clean noise, about +0.06; smooth-L1 with beta = 0.25
-    (about the clean noise scale) behaves like L1 on the glitches (bounded gradient) and lands
-    next to the median. On top of the bias, the infinite-kurtosis glitches make the L2 gradient
-    noisy. So L1 and smooth-L1 beat L2 on the clean test MAE by a wide margin: that is the extra
-    comparison the demo prints.
+    0.2 * 3.3 = 0.66 everywhere, while the conditional *median* (what L1 estimates) moves only to
+    the 0.5 / 0.8 = 62.5 % quantile of the 0.2-sd clean noise, about +0.06; smooth-L1 with beta =
+    0.25 (about the clean noise scale) behaves like L1 on the glitches (bounded gradient) and
+    lands next to the median. On top of the bias, the infinite-kurtosis glitches make the L2
+    gradient noisy. So L1 and smooth-L1 beat L2 on the clean test MAE by a wide margin: that is
+    the extra comparison the demo prints.
 
 ``class`` (classification, 4 classes, label noise)
     y = argmax(h C) with C (8 x 4) standard normal; 10 % of the training labels are replaced by a
@@ -95,7 +95,11 @@ def make_problem(
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     A, B = randn(dim, LATENT), randn(LATENT, LATENT)
-    b, b2, c = randn(LATENT, 1) / math.sqrt(LATENT), randn(LATENT, 1) / math.sqrt(LATENT), randn(LATENT, 1)
+    b, b2, c = (
+        randn(LATENT, 1) / math.sqrt(LATENT),
+        randn(LATENT, 1) / math.sqrt(LATENT),
+        randn(LATENT, 1),
+    )
     c = c / c.norm() * 1.5
     C = randn(LATENT, classes)
 
@@ -118,24 +122,46 @@ def make_problem(
     y_train["energy"] = y_train["energy"] + 10.0 * randn(n_train, 1)
     glitch = torch.rand(n_train, 1, generator=gen, dtype=torch.float64) < outlier_rate
     student_t3 = randn(n_train, 1) / torch.sqrt(_chi2(3, (n_train, 1), gen) / 3.0)
-    y_train["sensor"] = y_train["sensor"] + 0.2 * randn(n_train, 1) + glitch * 3.0 * student_t3.abs()
+    y_train["sensor"] = (
+        y_train["sensor"] + 0.2 * randn(n_train, 1) + glitch * 3.0 * student_t3.abs()
+    )
     flip = torch.rand(n_train, generator=gen, dtype=torch.float64) < label_noise
     random_class = torch.randint(classes, (n_train,), generator=gen)
     y_train["class"] = torch.where(flip, random_class, y_train["class"])
 
     tasks = [
         Task("energy", "regression", 1, "mse", "large scale (sd ~60), Gaussian noise sd 10"),
-        Task("sensor", "regression", 1, "smooth_l1", f"unit scale, {outlier_rate:.0%} one-sided Student-t(3) glitches in training labels"),
-        Task("class", "classification", classes, "cross_entropy", f"{classes} classes, {label_noise:.0%} training labels flipped"),
+        Task(
+            "sensor",
+            "regression",
+            1,
+            "smooth_l1",
+            f"unit scale, {outlier_rate:.0%} one-sided Student-t(3) glitches in training labels",
+        ),
+        Task(
+            "class",
+            "classification",
+            classes,
+            "cross_entropy",
+            f"{classes} classes, {label_noise:.0%} training labels flipped",
+        ),
     ]
 
     def to32(y: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.float() if v.is_floating_point() else v.long() for k, v in y.items()}
 
     info = {
-        "n_train": n_train, "n_test": n_test, "dim": dim, "latent": LATENT, "seed": int(seed),
-        "outlier_rate": outlier_rate, "classes": classes, "label_noise": label_noise,
-        "train_label_sd": {k: float(v.double().std()) for k, v in y_train.items() if v.is_floating_point()},
+        "n_train": n_train,
+        "n_test": n_test,
+        "dim": dim,
+        "latent": LATENT,
+        "seed": int(seed),
+        "outlier_rate": outlier_rate,
+        "classes": classes,
+        "label_noise": label_noise,
+        "train_label_sd": {
+            k: float(v.double().std()) for k, v in y_train.items() if v.is_floating_point()
+        },
         "glitch_fraction": float(glitch.double().mean()),
     }
     return Problem(x_train.float(), x_test.float(), to32(y_train), to32(y_test), tasks, info)

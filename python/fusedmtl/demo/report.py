@@ -1,10 +1,13 @@
-"""The demo's outputs: rich tables on the console, a PNG of the training curves and weights, and
-a JSON of everything. rich and matplotlib are imported only here, when used."""
+"""The demo's outputs: tables on the console (rich, or plain text without it), a PNG of the
+training curves and weights (matplotlib), and a JSON of everything. rich and matplotlib are
+optional and imported only here, when used."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -85,6 +88,65 @@ def write_json(results: dict, path: Path) -> None:
 # -- console ------------------------------------------------------------------------------------
 
 
+def missing_extras(plot: bool) -> list[str]:
+    """The optional packages the demo would use that are not installed."""
+    missing = []
+    for name in ("rich", "matplotlib") if plot else ("rich",):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+class PlainConsole:
+    """What the demo needs of rich's Console, in plain text: markup dropped, tables as columns."""
+
+    MARKUP = re.compile(r"\[(/|/?(bold|dim|italic)( [a-z]+)*)\]")  # rich's styles, not [demo]
+
+    def print(self, item) -> None:
+        print(self.MARKUP.sub("", item) if isinstance(item, str) else item)
+
+
+class PlainTable:
+    """The subset of rich.table.Table the demo uses, rendered as aligned plain text."""
+
+    def __init__(self, title: str, **_) -> None:
+        self.title, self.columns, self.rows = title, [], []
+
+    def add_column(self, header: str, **_) -> None:
+        self.columns.append(header.replace("\n", " "))
+
+    def add_row(self, *cells: str) -> None:
+        best = re.compile(r"\[bold green\](.*?)\[/\]")  # the best value: green in rich, * here
+        self.rows.append([PlainConsole.MARKUP.sub("", best.sub(r"\1*", c)) for c in cells])
+
+    def __str__(self) -> str:
+        lines = [self.columns, *self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(self.columns))]
+        title = self.title.replace("(best in green)", "(best marked *)")
+        return "\n".join(
+            [title]
+            + [
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(line, widths))
+                )
+                for line in lines
+            ]
+        )
+
+
+def make_console():
+    """rich's Console (120 columns when the output is not a terminal), else a PlainConsole."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return PlainConsole()
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def _metric_columns(problem: Problem) -> list[tuple[str, str, bool]]:
     """(task, metric, higher is better) for every task's metrics, in table order."""
     cols = []
@@ -102,18 +164,29 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
 
 
-def _metrics_table(title: str, rows: dict[str, RunResult], problem: Problem, label: str, weights: bool):
-    from rich.table import Table
+def _metrics_table(
+    title: str, rows: dict[str, RunResult], problem: Problem, label: str, weights: bool
+):
+    try:
+        from rich.table import Table
+    except ImportError:
+        Table = PlainTable
 
     cols = _metric_columns(problem)
     table = Table(title=title, title_justify="left")
     table.add_column(label, style="bold", no_wrap=True)
     for task, metric, higher in cols:
-        table.add_column(f"{task}\n{'acc' if metric == 'accuracy' else metric.upper()} {'↑' if higher else '↓'}", justify="right", no_wrap=True)
+        table.add_column(
+            f"{task}\n{'acc' if metric == 'accuracy' else metric.upper()} {'↑' if higher else '↓'}",
+            justify="right",
+            no_wrap=True,
+        )
     table.add_column("wall\ns", justify="right", no_wrap=True)
     table.add_column("ms/\nstep", justify="right", no_wrap=True)
     if weights:
-        table.add_column("final weights\n" + " ".join(problem.task_names), justify="right", no_wrap=True)
+        table.add_column(
+            "final weights\n" + " ".join(problem.task_names), justify="right", no_wrap=True
+        )
     best = {}
     for task, metric, higher in cols:
         values = [run.metrics[task][metric] for run in rows.values()]
@@ -123,7 +196,9 @@ def _metrics_table(title: str, rows: dict[str, RunResult], problem: Problem, lab
         for task, metric, _ in cols:
             value = run.metrics[task][metric]
             text = _fmt(value, metric)
-            cells.append(f"[bold green]{text}[/]" if value == best[task, metric] and len(rows) > 1 else text)
+            cells.append(
+                f"[bold green]{text}[/]" if value == best[task, metric] and len(rows) > 1 else text
+            )
         steps = max(run.train_losses.shape[0], 1)
         cells += [f"{run.wall_time:.1f}", f"{1e3 * run.wall_time / steps:.2f}"]
         if weights:
@@ -132,33 +207,58 @@ def _metrics_table(title: str, rows: dict[str, RunResult], problem: Problem, lab
     return table
 
 
-def print_tables(console, runs: dict[str, RunResult], comparison: dict[str, RunResult], compare_method: str,
-                 compare_task: str, problem: Problem) -> None:
+def print_tables(
+    console,
+    runs: dict[str, RunResult],
+    comparison: dict[str, RunResult],
+    compare_method: str,
+    compare_task: str,
+    problem: Problem,
+) -> None:
     """The method comparison and the outlier-task loss comparison."""
-    console.print(_metrics_table(
-        "Weighting methods: test metrics on clean labels (best in green)", runs, problem, "method", weights=True))
+    console.print(
+        _metrics_table(
+            "Weighting methods: test metrics on clean labels (best in green)",
+            runs,
+            problem,
+            "method",
+            weights=True,
+        )
+    )
     if comparison:
-        console.print(_metrics_table(
-            f"The {compare_task} task's loss under {compare_method}: L2 vs robust",
-            comparison, problem, f"{compare_task} loss", weights=False))
+        console.print(
+            _metrics_table(
+                f"The {compare_task} task's loss under {compare_method}: L2 vs robust",
+                comparison,
+                problem,
+                f"{compare_task} loss",
+                weights=False,
+            )
+        )
         robust = {k: r.metrics[compare_task]["mae"] for k, r in comparison.items()}
         if "mse" in robust and len(robust) > 1:
             best = min((k for k in robust if k != "mse"), key=robust.get)
             console.print(
                 f"{compare_task} clean-test MAE: L2 {robust['mse']:.3g}, {best} {robust[best]:.3g} "
-                f"({robust['mse'] / robust[best]:.1f}x lower): the glitches pull the L2 fit (a mean) "
-                "up, the median-like robust fits barely move."
+                f"({robust['mse'] / robust[best]:.1f}x lower): the glitches pull the L2 fit "
+                "(a mean) up, the median-like robust fits barely move."
             )
 
 
 # -- plot -----------------------------------------------------------------------------------------
 
 
-def write_plot(runs: dict[str, RunResult], comparison: dict[str, RunResult], compare_method: str,
-               compare_task: str, problem: Problem, path: Path) -> None:
-    """Row 1: each task's training loss (rolling mean) per method; row 2: each task's test metric over
-    training (plus the loss-comparison runs, dashed, in the outlier task's panel); then one panel
-    per method with the weights it chose at every step."""
+def write_plot(
+    runs: dict[str, RunResult],
+    comparison: dict[str, RunResult],
+    compare_method: str,
+    compare_task: str,
+    problem: Problem,
+    path: Path,
+) -> None:
+    """Row 1: each task's training loss (rolling mean) per method; row 2: each task's test
+    metric over training (plus the loss-comparison runs, dashed, in the outlier task's panel);
+    then one panel per method with the weights it chose at every step."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -168,37 +268,67 @@ def write_plot(runs: dict[str, RunResult], comparison: dict[str, RunResult], com
     k = len(names)
     ncols = max(k, 3)
     weight_rows = math.ceil(len(runs) / ncols)
-    fig, axes = plt.subplots(2 + weight_rows, ncols, figsize=(4.6 * ncols, 3.3 * (2 + weight_rows)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        2 + weight_rows,
+        ncols,
+        figsize=(4.6 * ncols, 3.3 * (2 + weight_rows)),
+        squeeze=False,
+        layout="constrained",
+    )
     palette = plt.cm.tab10 if len(runs) <= 10 else plt.cm.tab20
     colors = {m: palette(i % palette.N) for i, m in enumerate(runs)}
     task_colors = [plt.cm.Set1(i % 9) for i in range(k)]
-    metric_of = {t.name: ("accuracy" if t.kind == "classification" else ("mae" if t.name == compare_task else "rmse")) for t in problem.tasks}
+    metric_of = {
+        t.name: (
+            "accuracy"
+            if t.kind == "classification"
+            else ("mae" if t.name == compare_task else "rmse")
+        )
+        for t in problem.tasks
+    }
 
     for j, name in enumerate(names):
         ax = axes[0, j]
         for method, run in runs.items():
             steps = run.train_losses.shape[0]
             smoothed = _smooth(run.train_losses[:, j])
-            ax.plot(range(1, steps + 1), smoothed.numpy(), color=colors[method], label=method, lw=1.2)
+            ax.plot(
+                range(1, steps + 1), smoothed.numpy(), color=colors[method], label=method, lw=1.2
+            )
         ax.set_yscale("log")
-        ax.set_title(f"{name}: training loss ({runs[next(iter(runs))].losses[name]}, rolling mean)", fontsize=9)
+        ax.set_title(
+            f"{name}: training loss ({runs[next(iter(runs))].losses[name]}, rolling mean)",
+            fontsize=9,
+        )
         ax.set_xlabel("step", fontsize=8)
         ax = axes[1, j]
         metric = metric_of[name]
         for method, run in runs.items():
-            ax.plot([s for s, _ in run.evals], [m[name][metric] for _, m in run.evals], color=colors[method], lw=1.2)
+            ax.plot(
+                [s for s, _ in run.evals],
+                [m[name][metric] for _, m in run.evals],
+                color=colors[method],
+                lw=1.2,
+            )
         if name == compare_task:
             for loss, run in comparison.items():
                 if run is runs.get(compare_method):  # the same run as the solid line
                     continue
-                ax.plot([s for s, _ in run.evals], [m[name][metric] for _, m in run.evals], ls="--", lw=1.2,
-                        label=f"{compare_method}, {name} trained with {loss}")
+                ax.plot(
+                    [s for s, _ in run.evals],
+                    [m[name][metric] for _, m in run.evals],
+                    ls="--",
+                    lw=1.2,
+                    label=f"{compare_method}, {name} trained with {loss}",
+                )
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         if metric != "accuracy":
             ax.set_yscale("log")
-        ax.set_title(f"{name}: test {metric.upper() if metric != 'accuracy' else metric} (clean labels)", fontsize=9)
+        ax.set_title(
+            f"{name}: test {metric.upper() if metric != 'accuracy' else metric} (clean labels)",
+            fontsize=9,
+        )
         ax.set_xlabel("step", fontsize=8)
     axes[0, 0].legend(fontsize=6 if len(runs) <= 6 else 5, ncol=1 if len(runs) <= 6 else 2)
     for j in range(k, ncols):
@@ -223,13 +353,19 @@ def write_plot(runs: dict[str, RunResult], comparison: dict[str, RunResult], com
         elif finite.size:
             ax.set_yscale("symlog", linthresh=1e-3)
         same = bool((run.weights == run.weights[:, :1]).all())
-        ax.set_title(f"{method}: weights chosen (last_weights{', equal for all tasks' if same else ''})", fontsize=9)
+        ax.set_title(
+            f"{method}: weights chosen (last_weights{', equal for all tasks' if same else ''})",
+            fontsize=9,
+        )
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     for i in range(len(runs), weight_rows * ncols):
         axes[2 + i // ncols, i % ncols].axis("off")
     for ax in axes.flat:
         ax.tick_params(labelsize=7)
-    fig.suptitle("fusedmtl demo: " + ", ".join(f"{t.name} ({t.description})" for t in problem.tasks), fontsize=9)
+    fig.suptitle(
+        "fusedmtl demo: " + ", ".join(f"{t.name} ({t.description})" for t in problem.tasks),
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
