@@ -24,16 +24,18 @@ CUDA_TORCH ?= torch==2.14.1
 
 BUILD_TOOLS := "scikit-build-core>=0.10" ninja "cmake>=3.26"
 TEST_TOOLS := pytest hypothesis expecttest numpy
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
+LINTED := python tests bench
 PY := $(VENV)/bin/python
 CUDA_PY := $(CUDA_VENV)/bin/python
 
-.PHONY: install bench test cuda-check gpu-check clean
+.PHONY: install bench test lint cuda-check gpu-check clean
 
 # One stamp per environment (and PEERS setting): re-run pip only when the Makefile (and so the
 # requirements) changed.
 $(VENV)/.fusedmtl-deps-peers$(PEERS): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib $(PEER_REQUIREMENTS)
+	$(PY) -m pip install --quiet $(PIP_ARGS) "$(TORCH)" $(TRITON) $(BUILD_TOOLS) $(TEST_TOOLS) rich matplotlib $(LINT_TOOLS) $(PEER_REQUIREMENTS)
 	touch $@
 
 $(CUDA_VENV)/.fusedmtl-deps: Makefile
@@ -52,6 +54,13 @@ bench: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# House rules: ruff (pyproject.toml: line length 100, pycodestyle, pyflakes, import order, the
+# formatter) and clang-format (.clang-format) over csrc/.
+lint: $(VENV)/.fusedmtl-deps-peers$(PEERS)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu')
 
 # Compiles and links the CUDA kernels (nvcc + the CUDA build of torch), proves the extension imports
 # on a machine without a GPU, and runs the test suite against that build (GPU tests skip without a GPU).
