@@ -107,17 +107,20 @@ __device__ const S* grad_of(const int64_t* row, int i) {
 // The pairs a Gramian sums: the K diagonal entries, or the upper triangle row by row.
 __host__ __device__ int num_pairs(int k, bool diagonal) { return diagonal ? k : k * (k + 1) / 2; }
 
-__device__ int pair_index(int i, int j, int k) { return i * k - i * (i - 1) / 2 + (j - i); }
+__device__ __forceinline__ int pair_index(int i, int j, int k) {
+  return i * k - i * (i - 1) / 2 + (j - i);
+}
 
-__device__ void pair_tasks(int q, int k, bool diagonal, int* i, int* j) {
-  if (diagonal) {
-    *i = *j = q;
-    return;
-  }
+struct Pair {
+  int i, j;
+};
+
+// Returned by value (an address taken would put i and j on the stack where not inlined).
+__device__ __forceinline__ Pair pair_tasks(int q, int k, bool diagonal) {
+  if (diagonal) return {q, q};
   int row = 0, start = 0;
   while (q >= start + (k - row)) start += k - row++;
-  *i = row;
-  *j = row + (q - start);
+  return {row, row + (q - start)};
 }
 
 // K <= kMaxK <= kUnrolledTasks: every thread accumulates all pairs of its elements in registers,
@@ -182,7 +185,9 @@ __device__ void gramian_item_tiled(const Table& table, int64_t item, double* blo
 #pragma unroll
   for (int s = 0; s < kUsedSlots; ++s) {
     const int u = threadIdx.x + s * kThreads;
-    pair_tasks(u % pairs, k, kDiagonal, &first[s], &second[s]);
+    const Pair pair = pair_tasks(u % pairs, k, kDiagonal);
+    first[s] = pair.i;
+    second[s] = pair.j;
     slice[s] = u / pairs;
     acc[s] = C(0);
   }
@@ -261,12 +266,11 @@ __device__ void finish_gramian(const double* partials, int rows, int k, C* resul
     if (q < pairs && lane == 0) {
       double total = 0.0;
       for (int l = 0; l < lanes; ++l) total += scratch[threadIdx.x + l];
-      int i, j;
-      pair_tasks(q, k, kDiagonal, &i, &j);
+      const Pair pair = pair_tasks(q, k, kDiagonal);
       if (kDiagonal) {
-        result[i] = static_cast<C>(total);
+        result[pair.i] = static_cast<C>(total);
       } else {
-        result[i * k + j] = result[j * k + i] = static_cast<C>(total);
+        result[pair.i * k + pair.j] = result[pair.j * k + pair.i] = static_cast<C>(total);
       }
     }
     __syncthreads();
@@ -274,7 +278,7 @@ __device__ void finish_gramian(const double* partials, int rows, int k, C* resul
 }
 
 // True in exactly one block: the last to finish its share (threadfence reduction).
-__device__ bool is_last_block(unsigned int* counter) {
+__device__ __forceinline__ bool is_last_block(unsigned int* counter) {
   __shared__ bool last;
   __threadfence();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
@@ -303,7 +307,7 @@ __device__ void combine_item(const Table& table, int64_t item, const at::opmath_
   S* out = reinterpret_cast<S*>(row[1]);
   for (int64_t e = threadIdx.x; e < n; e += kThreads) {
     C sum = accumulate ? static_cast<C>(out[e]) : C(0);
-#pragma unroll
+#pragma unroll 16  // fully unrolled, 64 task pointers spill on sm_90
     for (int i = 0; i < kMaxK; ++i) {
       const S* g = i < k ? grad_of<S>(row, i) : nullptr;
       if (g != nullptr) sum = add_scaled(sum, coeffs[i], static_cast<C>(g[e]));
