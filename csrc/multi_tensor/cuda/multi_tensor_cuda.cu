@@ -234,7 +234,8 @@ __device__ void block_partials(const Table& table, double* partials) {
   for (int q = threadIdx.x; q < pairs; q += kThreads) block_total[q] = 0.0;
   __syncthreads();
   for (int64_t item = blockIdx.x; item < table.num_items; item += gridDim.x) {
-    if constexpr (kMaxK <= kUnrolledTasks) {
+    // The norms always take the tiled path: its register path spilled on sm_90 (ptxas 13).
+    if constexpr (kMaxK <= kUnrolledTasks && !kDiagonal) {
       gramian_item_registers<S, kMaxK, kDiagonal>(table, item, block_total);
     } else {
       gramian_item_tiled<S, kDiagonal>(table, item, block_total);
