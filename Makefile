@@ -64,10 +64,14 @@ lint: $(VENV)/.fusedmtl-deps-peers$(PEERS)
 
 # Compiles and links the CUDA kernels (nvcc + the CUDA build of torch), proves the extension imports
 # on a machine without a GPU, and runs the test suite against that build (GPU tests skip without a GPU).
+# The CUDA objects are rebuilt with -Xptxas -v each time, so that the log holds every kernel's
+# stack and spill report for tests/test_gpu_resources.py.
 cuda-check: $(CUDA_VENV)/.fusedmtl-deps
-	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON \
-		$(CUDA_PY) -m pip install --quiet --no-build-isolation --no-deps .
-	FUSEDMTL_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(PYTEST_ARGS)
+	mkdir -p build && find build/cuda -name '*.cu.o' -delete 2>/dev/null || true
+	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON $(CUDA_PY) -m pip install -v --no-build-isolation \
+		--no-deps --config-settings=cmake.define.FUSEDMTL_PTXAS_REPORT=ON . > build/cuda-build.log 2>&1 \
+		|| (tail -50 build/cuda-build.log; exit 1)
+	FUSEDMTL_EXPECT_CUDA=1 FUSEDMTL_PTXAS_LOG=build/cuda-build.log $(CUDA_PY) -m pytest $(PYTEST_ARGS)
 
 # On a machine with one NVIDIA GPU and no network (a CUDA build of torch in $(PYTHON), nvcc and
 # compute-sanitizer on PATH; nothing is installed): builds in place for that GPU, runs the CUDA

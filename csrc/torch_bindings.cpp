@@ -71,5 +71,6 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("multi_tensor_gramian", &fusedmtl::multi_tensor::gramian_cuda);
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cuda);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cuda);
+  m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cuda);
 }
 #endif

@@ -22,8 +22,7 @@ OPS = (
     "multi_tensor_normalized_sum",
     "multi_tensor_add_l1_l2_penalty",
 )
-# the penalty is one small pass with no CUDA kernel of its own
-CUDA_OPS = tuple(op for op in OPS if op != "multi_tensor_add_l1_l2_penalty")
+CUDA_OPS = OPS
 
 
 def test_every_op_has_a_cpu_kernel():

@@ -35,6 +35,8 @@ void combine_cuda(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& c
                   at::TensorList out, bool accumulate);
 at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double eps,
                                at::TensorList out, bool accumulate);
+at::Tensor l1_l2_penalty_cuda(at::TensorList params, at::TensorList grads, bool overwrite,
+                              double l1, double l2);
 #endif
 
 }  // namespace fusedmtl::multi_tensor

@@ -11,6 +11,7 @@
 
 #include "common/cpu_vector.h"
 #include "multi_tensor/cpu/multi_tensor_kernels.h"
+#include "multi_tensor/multi_tensor_math.h"
 
 namespace fusedmtl::multi_tensor::cpu::FUSEDMTL_CPU_NS {
 namespace {
@@ -86,7 +87,7 @@ void combine_range(const void* const* grads, const double* coeffs, int k_runtime
   }
   for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
     Vec<S> sum = kAccumulate ? load_block(out + e, lanes) : Vec<S>{};
-    for (int i = 0; i < k; ++i) sum += c[i] * load_block(g[i] + e, lanes);
+    for (int i = 0; i < k; ++i) sum = add_scaled(sum, c[i], load_block(g[i] + e, lanes));
     store_block(out + e, sum, lanes);
   });
 }
@@ -107,7 +108,7 @@ double penalty_range(const void* w_, void* grad_, int64_t n, double l1_, double 
     const Vec<S> sign = __builtin_convertvector((x < zero) - (x > zero), Vec<S>);
     abs_acc += x < zero ? -x : x;
     sq_acc += x * x;
-    const Vec<S> update = l1 * sign + two_l2 * x;
+    const Vec<S> update = penalty_gradient(x, sign, l1, two_l2);
     const Vec<S> result = kOverwrite ? update : load_block(grad + e, lanes) + update;
     store_block(grad + e, result, lanes);
   });

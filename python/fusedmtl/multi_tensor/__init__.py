@@ -110,6 +110,15 @@ def combine_into_grad_(params: Sequence[Tensor], task_grads: TaskGrads, coeffs: 
     table, dtype, device = _validated(task_grads)
     if len(table[0]) != len(params):
         raise ValueError(f"combine_into_grad_: {len(params)} parameters but {len(table[0])} gradients per task")
+    _check_distinct(params, "combine_into_grad_", "parameter")
+    for p, param in enumerate(params):
+        shape = _shape_of(table, p)
+        if shape is not None and tuple(shape) != tuple(param.shape):
+            raise ValueError(
+                f"combine_into_grad_: parameter {p} has shape {tuple(param.shape)} but its task "
+                f"gradients have {tuple(shape)} (same element count is not enough: a transposed "
+                "gradient would be written flat)"
+            )
     coeffs = _coefficients(coeffs, len(table), device)
     reached = [p for p in range(len(params)) if _shape_of(table, p) is not None]
     with torch.no_grad():
@@ -193,6 +202,13 @@ def _check_same(tensors: Sequence[Tensor], op: str, name) -> None:
 
 
 def _coefficients(coeffs, k: int, device: torch.device) -> Tensor:
+    if isinstance(coeffs, Tensor) and coeffs.requires_grad and torch.is_grad_enabled():
+        # The kernels write into existing tensors and record no graph: a silent detach would lose
+        # the coefficients' gradient, so ask for an explicit one.
+        raise ValueError(
+            "multi_tensor: the multi-tensor ops are not differentiable, but coeffs requires grad; "
+            "pass coeffs.detach() or compute sum_i c_i * g_i with torch ops to backpropagate into c"
+        )
     if not isinstance(coeffs, Tensor):  # Python floats are doubles: keep them so for float64 grads
         coeffs = torch.tensor([float(c) for c in coeffs], dtype=torch.float64)
         if device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
@@ -224,13 +240,37 @@ def _outputs(table, dtype, device, out):
         if len(result) != num_params:
             raise ValueError(f"multi_tensor: {len(result)} output tensors for {num_params} parameters")
         for p, (target, shape) in enumerate(zip(result, shapes)):
+            if not isinstance(target, Tensor):
+                raise ValueError(f"multi_tensor: output {p} is {type(target).__name__}, not a tensor")
+            if target.dtype != dtype and shape is not None:
+                raise ValueError(
+                    f"multi_tensor: output {p} is {target.dtype} but the gradients are {dtype} "
+                    "(no silent rounding or truncation into another dtype)"
+                )
             if shape is not None and tuple(target.shape) != tuple(shape):
                 raise ValueError(
                     f"multi_tensor: output {p} has shape {tuple(target.shape)} but parameter {p}'s "
                     f"gradients have {tuple(shape)}"
                 )
+        _check_distinct(result, "multi_tensor", "output")
     columns = [[grads[p] for p, t in enumerate(result) if t is not None] for grads in table]
     return result, columns
+
+
+def _check_distinct(tensors: Sequence[Tensor], op: str, what: str) -> None:
+    """Rejects a tensor given twice (or two views of the same memory): written once per
+    occurrence, it would be counted twice, or raced over by two threads."""
+    seen = {}
+    for p, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        start, end = t.storage_offset(), t.storage_offset() + t.numel()
+        for q, (other_start, other_end) in seen.get(key, []):
+            if start < other_end and other_start < end:
+                raise ValueError(f"{op}: {what}s {q} and {p} share memory (the same tensor given "
+                                 "twice?); pass each once")
+        seen.setdefault(key, []).append((p, (start, end)))
 
 
 def _into_contiguous(out: list[Tensor], accumulate: bool, kernel):
@@ -279,11 +319,13 @@ def _combine_into(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) ->
 
 def _penalty(params: list[Tensor], overwrite: bool, l1: float, l2: float) -> Tensor:
     grads = [p.grad for p in params]
-    if (
-        _backend(params[0].device, params[0].dtype) == "native"  # no Triton kernel: one small pass
-        and all(t.is_contiguous() for t in (*params, *grads))
-    ):
-        return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(params, grads, overwrite, l1, l2)
+    chosen = _backend(params[0].device, params[0].dtype)
+    if chosen != "reference" and all(t.is_contiguous() for t in (*params, *grads)):
+        if chosen == "native":
+            return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(params, grads, overwrite, l1, l2)
+        from fusedmtl.multi_tensor import triton as triton_kernels
+
+        return triton_kernels.l1_l2_penalty(params, grads, overwrite, l1, l2)
     return reference.l1_l2_penalty(params, grads, overwrite, l1, l2)
 
 

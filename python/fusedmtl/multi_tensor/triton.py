@@ -5,14 +5,22 @@ The parameters are cut into work items of at most CHUNK elements; a table on the
 item, its length and the addresses of the item's first element in each task's gradient (0 where the
 task does not reach the parameter), plus the output's address for combine. A program walks its item
 in K x BLOCK tiles, so every element is read once for all K(K+1)/2 products (a tl.dot of the tile
-with itself, in IEEE fp32). Per-item partial Gramians are added with torch.sum (no atomics: the
-same result every run). Values are upcast to the
-accumulation dtype right after loading (the interpreter mis-computes bf16 arithmetic).
+with itself, in IEEE fp32). The tile is sized by K and the dtype (:func:`gramian_block`) so that
+the shared memory tl.dot stages its operands in fits an A100 (163 KB) and an H100 (227 KB) for every
+K <= 64. Per-item partial Gramians are added with torch.sum in float64 (no atomics: the same result
+every run, and as the CPU adds its items). Values are upcast to the accumulation dtype right after
+loading (the interpreter mis-computes bf16 arithmetic).
+
+Each entry is a torch custom op (``fusedmtl::triton_multi_tensor_*``, the schemas of the native
+ops) with a fake, so torch.compile and torch.library.opcheck see through it. ``COMPILE_CASES``
+lists every kernel with the signatures and constants it is launched with, for the check that
+compiles them for real GPUs (tests/test_gpu_resources.py).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -26,6 +34,10 @@ from fusedmtl.multi_tensor.reference import accumulate_dtype
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 65536 if INTERPRETED else 16384
 BLOCK = 65536 if INTERPRETED else 512
+MAX_TASKS = 64
+# Shared memory the Gramian's tl.dot may stage its two K x BLOCK operands in, per program: below
+# the A100's 163 KB with room for the layout conversions Triton adds.
+GRAMIAN_SHARED_BUDGET = 64 * 1024
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -33,6 +45,21 @@ _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
 }
+
+
+def padded_tasks(k: int, diagonal_only: bool) -> int:
+    """The task count rounded up to a power of two (tl.dot needs at least 16 rows)."""
+    return max(2 if diagonal_only else 16, triton.next_power_of_2(k))
+
+
+def gramian_block(kp2: int, acc: torch.dtype, diagonal_only: bool) -> int:
+    """Elements per tile of the Gramian: BLOCK, or for the full Gramian on a GPU the largest power
+    of two whose two kp2 x block operands fit GRAMIAN_SHARED_BUDGET."""
+    if INTERPRETED or diagonal_only:
+        return BLOCK if INTERPRETED else min(BLOCK, 8192 // kp2)
+    element = torch.empty((), dtype=acc).element_size()
+    block = GRAMIAN_SHARED_BUDGET // (2 * kp2 * element)
+    return max(16, min(BLOCK, 1 << (block.bit_length() - 1)))
 
 
 @triton.jit
@@ -89,6 +116,44 @@ def _combine_kernel(table_ptr, coeffs_ptr, K: tl.constexpr, KP2: tl.constexpr,
         tl.store(out + offsets, total.to(DTYPE), mask=offsets < n)
 
 
+@triton.jit
+def _penalty_kernel(table_ptr, constants_ptr, partials_ptr, OVERWRITE: tl.constexpr,
+                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Table rows [grad, w, length]; constants [l1, 2 * l2] in ACC (a float argument would be
+    fp32); partials[item] = (sum |w|, sum w^2) over the item; grad (+)= l1 * sign(w) + 2 l2 * w
+    (csrc/multi_tensor/multi_tensor_math.h)."""
+    item = tl.program_id(0).to(tl.int64)
+    row = table_ptr + item * 3
+    grad = tl.load(row).to(tl.pointer_type(DTYPE))
+    w = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    n = tl.load(row + 2)
+    l1 = tl.load(constants_ptr)
+    two_l2 = tl.load(constants_ptr + 1)
+    abs_sum = tl.zeros((BLOCK,), dtype=ACC)
+    square_sum = tl.zeros((BLOCK,), dtype=ACC)
+    for start in range(0, CHUNK, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(w + offsets, mask=mask, other=0.0).to(ACC)
+        sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(ACC)
+        abs_sum += tl.abs(x)
+        square_sum += x * x
+        update = l1 * sign + two_l2 * x
+        if not OVERWRITE:
+            update = tl.load(grad + offsets, mask=mask, other=0.0).to(ACC) + update
+        tl.store(grad + offsets, update.to(DTYPE), mask=mask)
+    tl.store(partials_ptr + item * 2, tl.sum(abs_sum).to(tl.float64))
+    tl.store(partials_ptr + item * 2 + 1, tl.sum(square_sum).to(tl.float64))
+
+
+def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
+    cpu = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":  # pinned, so the copy does not wait for the host
+        return cpu.pin_memory().to(device, non_blocking=True)
+    return cpu
+
+
 def _work_table(table, outs: list[Tensor] | None, device: torch.device) -> tuple[Tensor, int]:
     """int64 [items, (out,) length, K addresses]: one row per CHUNK-sized piece of a parameter."""
     rows = []
@@ -105,49 +170,183 @@ def _work_table(table, outs: list[Tensor] | None, device: torch.device) -> tuple
             rows.append(row)
     if not rows:
         return torch.empty(0, dtype=torch.int64, device=device), 0
-    cpu = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":  # pinned, so the copy does not wait for the host
-        return cpu.pin_memory().to(device, non_blocking=True), len(rows)
-    return cpu, len(rows)
+    return _device_table(rows, device), len(rows)
 
 
-def _contiguous(table):
-    return [[g.contiguous() if g is not None else None for g in grads] for grads in table]
+def _task_table(grads: list[Optional[Tensor]], num_tasks: int):
+    """The flat K * P list of the schema as K lists of P contiguous tensors (or None), checked."""
+    if num_tasks < 1 or num_tasks > MAX_TASKS or len(grads) % num_tasks:
+        raise ValueError(
+            f"fusedmtl triton multi_tensor: {len(grads)} gradients for {num_tasks} tasks (1 to "
+            f"{MAX_TASKS} tasks, the same number of gradients each)"
+        )
+    p = len(grads) // num_tasks
+    return [[g.contiguous() if g is not None else None for g in grads[i * p:(i + 1) * p]]
+            for i in range(num_tasks)]
 
 
-def gramian(table, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
-    """K x K inner products (diagonal_only: the K squared norms) in one launch."""
-    table = _contiguous(table)
-    k = len(table)
-    kp2 = max(16, triton.next_power_of_2(k))  # tl.dot needs at least 16 rows
+def _first(grads):
+    return next((g for g in grads if g is not None), None)
+
+
+@torch.library.custom_op("fusedmtl::triton_multi_tensor_gramian", mutates_args=())
+def gramian_op(grads: list[Optional[Tensor]], num_tasks: int, diagonal_only: bool) -> Tensor:
+    """Same contract as ``torch.ops.fusedmtl.multi_tensor_gramian``, run by Triton."""
+    table = _task_table(grads, num_tasks)
+    first = _first(grads)
+    dtype = first.dtype if first is not None else torch.float32
+    device = first.device if first is not None else torch.device("cpu")
+    k = num_tasks
     acc = accumulate_dtype(dtype)
     work, items = _work_table(table, None, device)
     if items == 0:
         return torch.zeros((k,) if diagonal_only else (k, k), dtype=acc, device=device)
-    partials = torch.empty((items, kp2) if diagonal_only else (items, kp2, kp2), dtype=acc, device=device)
+    kp2 = padded_tasks(k, diagonal_only)
+    partials = torch.empty((items, kp2) if diagonal_only else (items, kp2, kp2), dtype=acc,
+                           device=device)
     _gramian_kernel[(items,)](
         work, partials, K=k, KP2=kp2, DIAGONAL=diagonal_only, DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=BLOCK,
+        ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=gramian_block(kp2, acc, diagonal_only),
     )
-    total = partials.sum(0)
-    return total[:k] if diagonal_only else total[:k, :k]
+    total = partials.sum(0, dtype=torch.float64).to(acc)
+    if diagonal_only:
+        return total[:k]
+    total = total[:k, :k]
+    return total.triu() + total.triu(1).mT  # exactly symmetric
 
 
-def combine(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) -> None:
-    """out[p] (+)= sum_i coeffs[i] * table[i][p] in one launch; outputs must be contiguous."""
-    table = _contiguous(table)
-    k = len(table)
+@gramian_op.register_fake
+def _(grads, num_tasks, diagonal_only):
+    first = _first(grads)
+    dtype = accumulate_dtype(first.dtype) if first is not None else torch.float32
+    device = first.device if first is not None else None
+    return torch.empty((num_tasks,) if diagonal_only else (num_tasks, num_tasks), dtype=dtype,
+                       device=device)
+
+
+@torch.library.custom_op("fusedmtl::triton_multi_tensor_combine", mutates_args=("out",))
+def combine_op(grads: list[Optional[Tensor]], num_tasks: int, coeffs: Tensor, out: list[Tensor],
+               accumulate: bool) -> None:
+    """Same contract as ``torch.ops.fusedmtl.multi_tensor_combine``, run by Triton: out[p] (+)=
+    sum_i coeffs[i] * grads[i * P + p] for P contiguous outputs of the gradients' dtype."""
+    table = _task_table(grads, num_tasks)
+    if len(out) != len(table[0]):
+        raise ValueError(f"fusedmtl triton combine: {len(out)} outputs for {len(table[0])} "
+                         "parameters")
+    if coeffs.numel() != num_tasks:
+        raise ValueError(f"fusedmtl triton combine: expected {num_tasks} coefficients, got "
+                         f"{coeffs.numel()}")
+    first = _first(grads)
     for p, target in enumerate(out):
+        if not target.is_contiguous():
+            raise ValueError(f"fusedmtl triton combine: output {p} must be contiguous")
+        if first is not None and (target.dtype != first.dtype or target.device != first.device):
+            raise ValueError(
+                f"fusedmtl triton combine: output {p} is {target.dtype} on {target.device} but "
+                f"the gradients are {first.dtype} on {first.device}"
+            )
         if not accumulate and all(g[p] is None for g in table):
             target.zero_()
     if not out:
         return
-    dtype = out[0].dtype
-    work, items = _work_table(table, out, out[0].device)
+    dtype, device = out[0].dtype, out[0].device
+    work, items = _work_table(table, out, device)
     if items == 0:
         return
+    acc = accumulate_dtype(dtype)
+    # A CPU or float64 coefficient tensor: rounded once to the accumulation dtype, on the device.
+    c = coeffs.reshape(num_tasks).to(torch.float64).to(device=device, dtype=acc).contiguous()
     _combine_kernel[(items,)](
-        work, coeffs.to(accumulate_dtype(dtype)).contiguous(), K=k,
-        KP2=max(2, triton.next_power_of_2(k)), ACCUMULATE=accumulate, DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[accumulate_dtype(dtype)], CHUNK=CHUNK, BLOCK=BLOCK,
+        work, c, K=num_tasks, KP2=padded_tasks(num_tasks, True), ACCUMULATE=accumulate,
+        DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=BLOCK,
     )
+
+
+@combine_op.register_fake
+def _(grads, num_tasks, coeffs, out, accumulate):
+    return None
+
+
+@torch.library.custom_op("fusedmtl::triton_multi_tensor_add_l1_l2_penalty", mutates_args=("grads",))
+def penalty_op(params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float,
+               l2: float) -> Tensor:
+    """Same contract as ``torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty``, run by Triton."""
+    if len(params) != len(grads) or not params:
+        raise ValueError(f"fusedmtl triton penalty: {len(params)} parameters and {len(grads)} "
+                         "gradients (at least one, as many of each)")
+    dtype, device = params[0].dtype, params[0].device
+    rows = []
+    for p, (w, g) in enumerate(zip(params, grads)):
+        if w.dtype != dtype or g.dtype != dtype or w.device != device or g.device != device:
+            raise ValueError(f"fusedmtl triton penalty: parameter {p} and its gradient must be "
+                             f"{dtype} on {device}")
+        if not (w.is_contiguous() and g.is_contiguous()) or w.shape != g.shape:
+            raise ValueError(f"fusedmtl triton penalty: parameter {p} and its gradient must be "
+                             "contiguous and of the same shape")
+        size = w.element_size()
+        rows += [[g.data_ptr() + b * size, w.data_ptr() + b * size, min(CHUNK, w.numel() - b)]
+                 for b in range(0, w.numel(), CHUNK)]
+    acc = accumulate_dtype(dtype)
+    if not rows:
+        return torch.zeros((), dtype=acc, device=device)
+    constants = torch.tensor([float(l1), 2 * float(l2)], dtype=acc)
+    if device.type == "cuda":
+        constants = constants.pin_memory().to(device, non_blocking=True)
+    partials = torch.empty((len(rows), 2), dtype=torch.float64, device=device)
+    _penalty_kernel[(len(rows),)](
+        _device_table(rows, device), constants, partials, OVERWRITE=overwrite,
+        DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=BLOCK,
+    )
+    sums = partials.sum(0)
+    return (float(l1) * sums[0] + float(l2) * sums[1]).to(acc)
+
+
+@penalty_op.register_fake
+def _(params, grads, overwrite, l1, l2):
+    dtype = accumulate_dtype(params[0].dtype) if params else torch.float32
+    return torch.empty((), dtype=dtype, device=params[0].device if params else None)
+
+
+def gramian(table, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
+    """K x K inner products (diagonal_only: the K squared norms) in one launch."""
+    return gramian_op([g for grads in table for g in grads], len(table), diagonal_only)
+
+
+def combine(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) -> None:
+    """out[p] (+)= sum_i coeffs[i] * table[i][p] in one launch; outputs must be contiguous."""
+    combine_op([g for grads in table for g in grads], len(table), coeffs, out, accumulate)
+
+
+def l1_l2_penalty(params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float,
+                  l2: float) -> Tensor:
+    """l1 * sum |w| + l2 * sum w^2 over params; writes or adds its gradient into grads."""
+    return penalty_op(params, grads, overwrite, l1, l2)
+
+
+def _compile_cases():
+    """(kernel, signature, constexprs) for every kernel as a GPU launch specialises it: each dtype,
+    each padded task count K <= 64 gives (shared memory depends on the padded size, not on K), both
+    Gramian flavours."""
+    names = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
+             torch.bfloat16: "bf16"}
+    cases = []
+    for dtype, tl_dtype in _TL_DTYPES.items():
+        acc = accumulate_dtype(dtype)
+        common = {"DTYPE": tl_dtype, "ACC": _TL_DTYPES[acc], "CHUNK": CHUNK}
+        for k in (2, 16, 32, MAX_TASKS):
+            for diagonal in (True, False):
+                kp2 = padded_tasks(k, diagonal)
+                cases.append((_gramian_kernel, {"table_ptr": "*i64", "partials_ptr": f"*{names[acc]}"},
+                              {"K": k, "KP2": kp2, "DIAGONAL": diagonal, **common,
+                               "BLOCK": gramian_block(kp2, acc, diagonal)}))
+            cases.append((_combine_kernel, {"table_ptr": "*i64", "coeffs_ptr": f"*{names[acc]}"},
+                          {"K": k, "KP2": padded_tasks(k, True), "ACCUMULATE": True, **common,
+                           "BLOCK": BLOCK}))
+        for overwrite in (False, True):
+            cases.append((_penalty_kernel, {"table_ptr": "*i64", "constants_ptr": f"*{names[acc]}",
+                                            "partials_ptr": "*fp64"},
+                          {"OVERWRITE": overwrite, **common, "BLOCK": BLOCK}))
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

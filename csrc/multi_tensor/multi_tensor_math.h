@@ -1,0 +1,37 @@
+// Per-element math of the multi-tensor ops, shared by the CPU kernels (on scalars and on vectors
+// of lanes), the CUDA kernels and, as the formulas it mirrors, python/fusedmtl/multi_tensor/
+// reference.py. On the device each product and sum is rounded separately (no FMA contraction), as
+// the CPU kernels are compiled with -ffp-contract=off: both give the same bits per element.
+#pragma once
+
+#include "common/macros.h"
+
+namespace fusedmtl::multi_tensor {
+
+#if defined(__CUDA_ARCH__)
+FUSEDMTL_HOST_DEVICE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+FUSEDMTL_HOST_DEVICE double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+FUSEDMTL_HOST_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }
+FUSEDMTL_HOST_DEVICE double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
+template <typename A, typename B>
+FUSEDMTL_HOST_DEVICE auto mul_rn(A a, B b) { return a * b; }
+template <typename A, typename B>
+FUSEDMTL_HOST_DEVICE auto add_rn(A a, B b) { return a + b; }
+#endif
+
+// The gradient of l1 * |w| + l2 * w^2: l1 * sign(w) + 2 l2 * w (two_l2 = 2 * l2), with sign(w) in
+// {-1, 0, 1} (0 at 0 and NaN, as torch.sign) computed by the caller. V: a scalar or a vector of
+// lanes of the compute type C.
+template <typename V, typename C>
+FUSEDMTL_HOST_DEVICE V penalty_gradient(V w, V sign, C l1, C two_l2) {
+  return add_rn(mul_rn(l1, sign), mul_rn(two_l2, w));
+}
+
+// One term of a combination: sum + c * g, rounded twice.
+template <typename V, typename C>
+FUSEDMTL_HOST_DEVICE V add_scaled(V sum, C c, V g) {
+  return add_rn(sum, mul_rn(c, g));
+}
+
+}  // namespace fusedmtl::multi_tensor
