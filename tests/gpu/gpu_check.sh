@@ -4,7 +4,7 @@
 # of torch, nvcc and compute-sanitizer on PATH). Writes logs and summary.json under $GPU_CHECK_OUT.
 #
 #   1. build: fusedmtl._C in place (build/gpu, then python/fusedmtl/), for the GPU it finds only,
-#      with the ptxas report (tests/test_gpu_resources.py reads it), all cores
+#      with the ptxas report in build.log (tests/test_gpu_resources.py reads it), all cores
 #   2. tests: the CUDA part of the suite (pytest -m cuda) against that build
 #   3. sanitizer: compute-sanitizer memcheck, racecheck, synccheck and initcheck over
 #      tests/gpu/launch_kernels.py (every kernel once)
@@ -57,14 +57,14 @@ build() {
   cmake -S . -B build/gpu -G Ninja -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
     -DFUSEDMTL_CUDA=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" \
     -DFUSEDMTL_PTXAS_REPORT=ON &&
-    cmake --build build/gpu -j "$JOBS" &&
+    cmake --build build/gpu -j "$JOBS" -v &&
     cp build/gpu/_C*.so python/fusedmtl/
 }
 step build 300 build
-cp build/gpu/ptxas-report.txt "$OUT/" 2>/dev/null
 
 step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests.xml" tests
-step resources 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_resources.py
+FUSEDMTL_PTXAS_LOG="$OUT/build.log" FUSEDMTL_GPU_RESOURCES=1 \
+  step resources 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_resources.py
 
 for tool in memcheck racecheck synccheck initcheck; do
   step "sanitizer-$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 \

@@ -62,8 +62,6 @@ def _task_grads(k: int, shapes, device: str, dtype: torch.dtype):
 
 
 def launch_multi_tensor(device: str) -> int:
-    import fusedmtl._C as C
-
     ops = torch.ops.fusedmtl
     # One tensor larger than a CUDA work item (64K elements), odd sizes, a scalar.
     shapes = [(300, 257), (17,), (), (64, 3, 3, 3)]
@@ -79,15 +77,13 @@ def launch_multi_tensor(device: str) -> int:
             ops.multi_tensor_combine(flat, k, coeffs, out, False)
             ops.multi_tensor_combine(flat, k, coeffs, out, True)
             launches += 4
-            cooperative = (True, False) if hasattr(C, "set_cooperative_launch") else (True,)
-            for allowed in cooperative:
-                if hasattr(C, "set_cooperative_launch"):
-                    C.set_cooperative_launch(allowed)
+            # The cooperative one-launch path, then the two-launch fallback (read per call).
+            for disabled in ("0", "1"):
+                os.environ["FUSEDMTL_NO_COOPERATIVE"] = disabled
                 ops.multi_tensor_normalized_sum(flat, k, 1e-8, out, False)
                 ops.multi_tensor_normalized_sum(flat, k, 1e-8, out, True)
                 launches += 2
-            if hasattr(C, "set_cooperative_launch"):
-                C.set_cooperative_launch(True)
+            os.environ.pop("FUSEDMTL_NO_COOPERATIVE")
         params = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
         grads = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
         ops.multi_tensor_add_l1_l2_penalty(params, grads, False, 1e-3, 1e-2)
