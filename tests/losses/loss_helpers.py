@@ -62,7 +62,7 @@ def grad_output_for(loss: torch.Tensor, grad_kind: str) -> torch.Tensor:
         return torch.ones_like(loss)
     if grad_kind == "third":
         return torch.full_like(loss, 1 / 3)
-    return make_grad_output(loss.shape, loss.dtype)
+    return make_grad_output(loss.shape, loss.dtype).to(loss.device)
 
 
 def leaves(*tensors):

@@ -115,7 +115,8 @@ def check_against_oracle(x, y, s, kind, beta, reduction, grad_kind="random"):
 
 def make_g(loss):
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype)
+    g = torch.randn(loss.shape, generator=gen, dtype=torch.float64) + 0.5
+    return g.to(loss.device, loss.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,10 +127,12 @@ def make_g(loss):
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind, beta", CASES, ids=CASE_IDS)
-def test_matches_oracle(backend, kind, beta, reduction, dtype, grad_kind):
+def test_matches_oracle(backend, device, kind, beta, reduction, dtype, grad_kind):
     """grad_output exactly 1 takes the eager fast path (gradients computed in forward) for
-    mean/sum on the native backend; a random one the one-pass backward op."""
-    check_against_oracle(*make_problem((1023,), dtype), kind, beta, reduction, grad_kind)
+    mean/sum on the native backend; a random one the one-pass backward op. On every device (the
+    oracle runs on the same one)."""
+    problem = (t.to(device) for t in make_problem((1023,), dtype))
+    check_against_oracle(*problem, kind, beta, reduction, grad_kind)
 
 
 @pytest.mark.parametrize("layout", ["nd", "transposed", "strided"])

@@ -78,8 +78,8 @@ def test_ulp_diff_helper(dtype):
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", case_params(ALL_CASES))
-def test_forward_parity(backend, case, reduction, dtype, layout):
-    x, y = make_layout(layout, dtype)
+def test_forward_parity(backend, device, case, reduction, dtype, layout):
+    x, y = (t.to(device) for t in make_layout(layout, dtype))
     got = case.fused(x, y, reduction)
     check_loss(case, reduction, x, y, got, case.torch(x, y, reduction))
 
@@ -89,10 +89,10 @@ def test_forward_parity(backend, case, reduction, dtype, layout):
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", case_params(ALL_CASES))
-def test_backward_parity(backend, case, reduction, dtype, layout, grad_kind):
+def test_backward_parity(backend, device, case, reduction, dtype, layout, grad_kind):
     """Gradients w.r.t. input and target; grad_output random or exactly 1 (for mean/sum, 1 is the
-    eager fast path that hands the gradient computed in forward to autograd)."""
-    x, y = make_layout(layout, dtype)
+    eager fast path that hands the gradient computed in forward to autograd). On every device."""
+    x, y = (t.to(device) for t in make_layout(layout, dtype))
     xf, yf = leaves(x, y)
     xt, yt = leaves(x, y)
     loss = case.fused(xf, yf, reduction)

@@ -119,18 +119,18 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     const bool target_grad = ctx->needs_input_grad(1);
     const bool precomputed = grad_input.defined() || grad_target.defined();
 
-    if (from_sign && precomputed) {
+    // Double backward (grad mode) differentiates through input and target, below.
+    if (from_sign && precomputed && !at::GradMode::is_enabled()) {
       const std::optional<double> scale = plain_scalar(grad_output);
-      const bool grad_mode = at::GradMode::is_enabled();
-      if (!grad_mode && scale && *scale != 1.0 &&
+      if (scale && *scale != 1.0 &&
           scales_exactly(input.scalar_type(), LossKind::L1, static_cast<Reduction>(reduction),
                          input.numel())) {
         if (grad_input.defined()) grad_input.mul_(*scale);
         if (grad_target.defined()) grad_target.mul_(*scale);
-      } else if (grad_mode || !scale || *scale != 1.0) {
+      } else if (!scale || *scale != 1.0) {
         // torch's order: autograd's mean backward divides grad_output by N in its dtype, then the
-        // sign multiplies it. Tensor operations only: differentiable for create_graph=True and
-        // batched under vmap, with no read of grad_output's value.
+        // sign multiplies it. Tensor operations only: batched under vmap, with no read of
+        // grad_output's value.
         const at::Tensor sign = grad_input.defined() ? grad_input.sign() : grad_target.sign().neg();
         const at::Tensor scaled = reduction == static_cast<int64_t>(Reduction::Mean)
                                       ? grad_output.div(c10::Scalar(input.numel()))
@@ -148,8 +148,8 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
       TORCH_CHECK(static_cast<int64_t>(input._version()) == versions[0] &&
                       static_cast<int64_t>(target._version()) == versions[1],
                   "one of the variables needed for gradient computation has been modified by an "
-                  "inplace operation: the input or target of a fusedmtl l1_loss, before a second "
-                  "backward through it (retain_graph=True)");
+                  "inplace operation: the input or target of a fusedmtl l1_loss, before a double or "
+                  "second backward through it (create_graph or retain_graph)");
     }
 
     if (at::GradMode::is_enabled()) {

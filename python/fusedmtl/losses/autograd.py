@@ -28,6 +28,18 @@ def is_batched(t: Tensor) -> bool:
     return functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
 
 
+def unmodified(saved: list[tuple[Tensor, int]]) -> list[Tensor]:
+    """Tensors kept with their versions at forward, checked not to have been modified in place."""
+    for t, version in saved:
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                f"expected version {version} instead (double backward of an l1_loss)"
+            )
+    return [t for t, _ in saved]
+
+
 def new_grad(input: Tensor, wanted: bool) -> Tensor:
     """A gradient buffer of input's shape, or the empty tensor that stands for "not wanted"."""
     return input.new_empty(input.shape) if wanted else input.new_empty(0)
@@ -132,8 +144,17 @@ def register_loss_op(forward_op: str, backward_op: str, with_grad_op: str | None
         ctx.dtype = operands[0].dtype
         if ctx.difference is None:
             ctx.save_for_backward(*operands)
+        else:  # for double backward only, which differentiates through them (checked versions)
+            ctx.operands = [(t, t._version) for t in operands]
 
     def backward(ctx, grad_output):
+        if ctx.difference is not None and torch.is_grad_enabled():
+            operands = unmodified(ctx.operands)
+            grads = loss_backward(
+                backward_callable, grad_output, operands, *ctx.config,
+                tuple(ctx.needs_input_grad[: len(operands)]),
+            )
+            return *grads, None, None, None
         if ctx.difference is not None:
             grad = reference.l1_grad(
                 grad_output, ctx.difference, REDUCTION_NAMES[ctx.config[2]], ctx.dtype

@@ -124,11 +124,17 @@ class _ReferenceLoss(torch.autograd.Function):
         ctx.difference = l1_difference(input, target) if kind == "l1" else None
         if ctx.difference is None:
             ctx.save_for_backward(input, target)
+        else:  # for double backward only, which differentiates through them (checked versions)
+            ctx.operands = [(input, input._version), (target, target._version)]
 
     @staticmethod
     def backward(ctx, grad_output):
         needs_input_grad, needs_target_grad = ctx.needs_input_grad[:2]
-        if ctx.difference is not None:
+        if ctx.difference is not None and torch.is_grad_enabled():
+            from fusedmtl.losses.autograd import unmodified
+
+            grad = regression_loss_grad(grad_output, *unmodified(ctx.operands), *ctx.config)
+        elif ctx.difference is not None:
             grad = l1_grad(grad_output, ctx.difference, ctx.config[2], ctx.dtype)
         else:
             grad = regression_loss_grad(grad_output, *ctx.saved_tensors, *ctx.config)
