@@ -78,8 +78,10 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     // target then, so that, as in torch (whose l1_loss saves d), editing them in place after
     // forward is no error. They are kept unversioned for a second backward (retain_graph=True,
     // after autograd adopted the buffers), which checks that they were not modified.
+    // (not while tracing with symbolic shapes: the element count is not known there)
     const bool from_sign =
         (kind == "l1" || (kind == "smooth_l1" && param == 0.0)) && (input_grad || target_grad) &&
+        !input.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
         sign_survives(input.scalar_type(), reduction, input.numel());
     if (from_sign) {
       ctx->saved_data["input"] = input;
