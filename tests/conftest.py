@@ -1,7 +1,7 @@
 """Shared fixtures and helpers of the fusedmtl test suite.
 
 The oracle is torch.nn.functional, plus float64 evaluations of the formulas of
-../shared/METHODS.md section 1 (``ref_loss64`` / ``ref_grad64``).
+docs/METHODS.md section 1 (``ref_loss64`` / ``ref_grad64``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ if not torch.cuda.is_available():
 import random
 from dataclasses import dataclass
 
-import numpy as np
-import pytest
-import torch.nn.functional as F
-
 import fusedmtl
 import fusedmtl._C
+import numpy as np
+import pytest
+from fusedmtl.losses import REGRESSION_KINDS
+from fusedmtl.losses.kinds import RegressionKind, regression_kind
 
 BACKENDS = ("native", "reference") + (
     ("triton",) if fusedmtl.backend.triton_runs_on("cpu") else ()
@@ -69,14 +69,18 @@ def pytest_collection_modifyitems(config, items):
 
 @dataclass(frozen=True)
 class LossCase:
-    op: str  # 'smooth_l1' | 'huber' | 'l1' | 'mse'
-    param: float | None = None  # beta (smooth_l1) or delta (huber)
+    op: str  # a kind of fusedmtl.losses.REGRESSION_KINDS: 'l1' | 'mse' | 'smooth_l1' | 'huber'
+    param: float | None = None  # its parameter (beta, delta), None for the kinds without one
+
+    @property
+    def row(self) -> RegressionKind:
+        return regression_kind(self.op)
 
     @property
     def id(self) -> str:
         if self.param is None:
             return self.op
-        return f"{self.op}-{'beta' if self.op == 'smooth_l1' else 'delta'}{self.param:g}"
+        return f"{self.op}-{self.row.param_name}{self.param:g}"
 
     @property
     def kind(self) -> str:
@@ -90,35 +94,30 @@ class LossCase:
         return self.param in (None, 1.0)
 
     def kwargs(self) -> dict:
-        if self.op == "smooth_l1":
-            return {"beta": self.param}
-        if self.op == "huber":
-            return {"delta": self.param}
-        return {}
+        return {} if self.param is None else {self.row.param_name: self.param}
 
     def fused(self, input, target, reduction="mean", **kwargs):
-        fn = getattr(fusedmtl, f"{self.op}_loss")
+        fn = getattr(fusedmtl, self.row.function)
         return fn(input, target, reduction=reduction, **self.kwargs(), **kwargs)
 
     def torch(self, input, target, reduction="mean", **kwargs):
-        fn = getattr(F, f"{self.op}_loss")
-        return fn(input, target, reduction=reduction, **self.kwargs(), **kwargs)
+        return self.row.torch_function(input, target, reduction=reduction, **self.kwargs(), **kwargs)
 
 
-ALL_CASES = (
-    LossCase("l1"),
-    LossCase("mse"),
-    LossCase("smooth_l1", 0.0),
-    LossCase("smooth_l1", 0.5),
-    LossCase("smooth_l1", 1.0),
-    LossCase("smooth_l1", 2.5),
-    LossCase("huber", 0.5),
-    LossCase("huber", 1.0),
-    LossCase("huber", 2.5),
+# Every kind of the table with each value of its parameter under test: 0 (smooth-L1 routes it to
+# L1), a power of two, the default, and one the kernels divide by.
+PARAM_VALUES = {"beta": (0.0, 0.5, 1.0, 2.5), "delta": (0.5, 1.0, 2.5)}
+ALL_CASES = tuple(
+    LossCase(k.name, p)
+    for k in REGRESSION_KINDS
+    for p in (PARAM_VALUES[k.param_name] if k.param_name else (None,))
 )
-DEFAULT_CASES = (LossCase("l1"), LossCase("mse"), LossCase("smooth_l1", 1.0), LossCase("huber", 1.0))
+DEFAULT_CASES = tuple(LossCase(k.name, k.default_param) for k in REGRESSION_KINDS)
 # Default parameters plus a non-power-of-two beta (the kernels divide there) and a small delta.
-CORE_CASES = DEFAULT_CASES + (LossCase("smooth_l1", 2.5), LossCase("huber", 0.5))
+CORE_PARAM = {"beta": 2.5, "delta": 0.5}
+CORE_CASES = DEFAULT_CASES + tuple(
+    LossCase(k.name, CORE_PARAM[k.param_name]) for k in REGRESSION_KINDS if k.param_name
+)
 
 
 def case_params(cases):

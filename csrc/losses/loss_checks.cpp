@@ -4,26 +4,36 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <string_view>
+
 namespace fusedmtl::losses {
 namespace {
 
-LossKind parse_kind(c10::string_view kind) {
-  if (kind == "l1") return LossKind::L1;
-  if (kind == "mse") return LossKind::MSE;
-  if (kind == "smooth_l1") return LossKind::SmoothL1;
-  if (kind == "huber") return LossKind::Huber;
-  TORCH_CHECK(false, "fusedmtl: unknown loss kind '", kind,
-              "'; expected one of 'l1', 'mse', 'smooth_l1', 'huber'");
+// The kind names as torch would list them: 'l1', 'mse', ...
+#define FUSEDMTL_KIND_NAME(name, str, ...) "'" str "', "
+constexpr const char* kRegressionNames = FUSEDMTL_REGRESSION_KINDS(FUSEDMTL_KIND_NAME);
+constexpr const char* kHeteroscedasticNames = FUSEDMTL_HETEROSCEDASTIC_KINDS(FUSEDMTL_KIND_NAME);
+#undef FUSEDMTL_KIND_NAME
+
+// The names end with ", ": the message drops it.
+std::string_view listed(const char* names) {
+  std::string_view view(names);
+  return view.substr(0, view.size() - 2);
 }
 
-// The heteroscedastic losses name their Gaussian form 'l2' (it is 0.5 exp(-s) d^2 + 0.5 s, not the
-// mean squared error) and have no Huber form.
+LossKind parse_kind(c10::string_view kind) {
+#define FUSEDMTL_KIND_PARSE(name, str, ...) \
+  if (kind == str) return LossKind::name;
+  FUSEDMTL_REGRESSION_KINDS(FUSEDMTL_KIND_PARSE)
+  TORCH_CHECK(false, "fusedmtl: unknown loss kind '", kind, "'; expected one of ",
+              listed(kRegressionNames));
+}
+
 LossKind parse_heteroscedastic_kind(c10::string_view kind) {
-  if (kind == "l2") return LossKind::MSE;
-  if (kind == "l1") return LossKind::L1;
-  if (kind == "smooth_l1") return LossKind::SmoothL1;
-  TORCH_CHECK(false, "fusedmtl: unknown heteroscedastic loss kind '", kind,
-              "'; expected one of 'l2', 'l1', 'smooth_l1'");
+  FUSEDMTL_HETEROSCEDASTIC_KINDS(FUSEDMTL_KIND_PARSE)
+#undef FUSEDMTL_KIND_PARSE
+  TORCH_CHECK(false, "fusedmtl: unknown heteroscedastic loss kind '", kind, "'; expected one of ",
+              listed(kHeteroscedasticNames));
 }
 
 bool is_supported_dtype(at::ScalarType dtype) {
@@ -81,6 +91,36 @@ LossConfig check_heteroscedastic_args(const char* op, const at::Tensor& input,
   check_like_input(op, input, log_var, "log_var");
   check_smooth_l1_beta(config, "heteroscedastic_loss");
   return config;
+}
+
+LossOperands regression_operands(const char* op, const at::Tensor& input,
+                                 const at::Tensor& target, c10::string_view kind, double param,
+                                 int64_t reduction) {
+  const LossConfig config = check_loss_args(op, input, target, kind, param, reduction);
+  return {config, input.contiguous(), target.contiguous(), at::Tensor()};
+}
+
+LossOperands heteroscedastic_operands(const char* op, const at::Tensor& input,
+                                      const at::Tensor& target, const at::Tensor& log_var,
+                                      c10::string_view kind, double beta, int64_t reduction) {
+  const LossConfig config =
+      check_heteroscedastic_args(op, input, target, log_var, kind, beta, reduction);
+  return {config, input.contiguous(), target.contiguous(), log_var.contiguous()};
+}
+
+void check_grad_output(const char* op, const LossConfig& config, const at::Tensor& grad_output,
+                       const at::Tensor& input) {
+  if (config.reduction == Reduction::None) {
+    TORCH_CHECK(grad_output.sizes() == input.sizes(), op,
+                ": grad_output must have the input's shape ", input.sizes(),
+                " for reduction='none', but got ", grad_output.sizes());
+  } else {
+    TORCH_CHECK(grad_output.numel() == 1, op, ": grad_output must be a scalar for a reduced loss");
+  }
+}
+
+void check_reduced(const char* op, const LossConfig& config) {
+  TORCH_CHECK(config.reduction != Reduction::None, op, ": reduction must be mean or sum");
 }
 
 double loss_norm(const LossConfig& config, int64_t numel) {

@@ -29,6 +29,26 @@ LossConfig check_heteroscedastic_args(const char* op, const at::Tensor& input,
                                       const at::Tensor& target, const at::Tensor& log_var,
                                       c10::string_view kind, double beta, int64_t reduction);
 
+// The operands of one loss call: its parsed arguments and its tensors, checked and contiguous
+// (log_var is undefined for the regression losses). Every device's host code starts from this.
+struct LossOperands {
+  LossConfig config;
+  at::Tensor input, target, log_var;
+};
+
+LossOperands regression_operands(const char* op, const at::Tensor& input,
+                                 const at::Tensor& target, c10::string_view kind, double param,
+                                 int64_t reduction);
+LossOperands heteroscedastic_operands(const char* op, const at::Tensor& input,
+                                      const at::Tensor& target, const at::Tensor& log_var,
+                                      c10::string_view kind, double beta, int64_t reduction);
+
+// A backward op's grad_output: the loss's shape (input's for reduction none, one element else).
+void check_grad_output(const char* op, const LossConfig& config, const at::Tensor& grad_output,
+                       const at::Tensor& input);
+// The ops that compute the gradients in forward take reduction mean or sum only.
+void check_reduced(const char* op, const LossConfig& config);
+
 // ATen's "norm" of the backward kernels and the grad_output scale, see LossParams.
 double loss_norm(const LossConfig& config, int64_t numel);
 // grad_output as the kernels take it: for L1 with reduction='mean' divided by N in `dtype`, the

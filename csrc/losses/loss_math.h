@@ -9,11 +9,9 @@
 #include <math.h>
 
 #include "common/macros.h"
+#include "losses/loss_kinds.h"
 
 namespace fusedmtl::losses {
-
-// The values are part of the op schema contract with Python (fusedmtl/losses/native.py).
-enum class LossKind : int { L1 = 0, MSE = 1, SmoothL1 = 2, Huber = 3 };
 
 // Call-wide constants, in the compute type C (float for fp32/fp16/bf16, double for fp64).
 template <typename C>

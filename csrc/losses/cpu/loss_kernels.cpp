@@ -141,29 +141,25 @@ ParamDivision param_division(double beta) {
 
 template <bool kLogVar, typename S>
 double with_kind(const LossKernelArgs& args, int64_t begin, int64_t end) {
-  constexpr ParamDivision kUnused = ParamDivision::kMultiplyByInverse;
-  switch (args.kind) {
-    case LossKind::L1:
-      return with_mode<LossKind::L1, kUnused, kLogVar, S>(args, begin, end);
-    case LossKind::MSE:
-      return with_mode<LossKind::MSE, kUnused, kLogVar, S>(args, begin, end);
-    case LossKind::SmoothL1:
+  return dispatch_kind(args.kind, [&](auto kind_tag) -> double {
+    constexpr LossKind K = decltype(kind_tag)::value;
+    if constexpr (kLogVar && !has_heteroscedastic_form(K)) {
+      return 0.0;  // rejected by the argument checks
+    } else if constexpr (uses_param_division(K)) {
       // The division, the slowest instruction of the loop, only where it is needed.
       switch (param_division(args.param)) {
         case ParamDivision::kByOne:
-          return with_mode<LossKind::SmoothL1, ParamDivision::kByOne, kLogVar, S>(args, begin, end);
+          return with_mode<K, ParamDivision::kByOne, kLogVar, S>(args, begin, end);
         case ParamDivision::kMultiplyByInverse:
-          return with_mode<LossKind::SmoothL1, ParamDivision::kMultiplyByInverse, kLogVar, S>(
-              args, begin, end);
+          return with_mode<K, ParamDivision::kMultiplyByInverse, kLogVar, S>(args, begin, end);
         case ParamDivision::kDivide:
-          return with_mode<LossKind::SmoothL1, ParamDivision::kDivide, kLogVar, S>(args, begin, end);
+          return with_mode<K, ParamDivision::kDivide, kLogVar, S>(args, begin, end);
       }
-      break;
-    case LossKind::Huber:
-      if constexpr (!kLogVar) return with_mode<LossKind::Huber, kUnused, false, S>(args, begin, end);
-      break;  // no heteroscedastic Huber loss (rejected by the argument checks)
-  }
-  return 0.0;
+      return 0.0;
+    } else {
+      return with_mode<K, ParamDivision::kMultiplyByInverse, kLogVar, S>(args, begin, end);
+    }
+  });
 }
 
 template <typename S>

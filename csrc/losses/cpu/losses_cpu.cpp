@@ -22,18 +22,16 @@ constexpr int64_t kBlock = 16384;
 // Fewer elements than this run on the calling thread: waking threads costs more than they save.
 constexpr int64_t kGrainBlocks = 4;
 
-// log_var: defined for the heteroscedastic losses only.
-cpu::LossKernelArgs kernel_args(const LossConfig& config, const at::Tensor& input,
-                                const at::Tensor& target, const at::Tensor& log_var = {}) {
+cpu::LossKernelArgs kernel_args(const LossOperands& op) {
   cpu::LossKernelArgs args{};
-  args.kind = config.kind;
-  args.dtype = scalar_kind(input.scalar_type());
-  args.param = config.param;
-  args.norm = loss_norm(config, input.numel());
+  args.kind = op.config.kind;
+  args.dtype = scalar_kind(op.input.scalar_type());
+  args.param = op.config.param;
+  args.norm = loss_norm(op.config, op.input.numel());
   args.grad_scale = 1.0;
-  args.input = input.const_data_ptr();
-  args.target = target.const_data_ptr();
-  if (log_var.defined()) args.log_var = log_var.const_data_ptr();
+  args.input = op.input.const_data_ptr();
+  args.target = op.target.const_data_ptr();
+  if (op.log_var.defined()) args.log_var = op.log_var.const_data_ptr();
   return args;
 }
 
@@ -69,131 +67,117 @@ at::Tensor empty_gradient(const at::Tensor& like) { return at::empty({0}, like.o
 
 // The gradient besides the input's: the target's (regression losses) or log_var's
 // (heteroscedastic losses, whose target gradient is the negated input gradient).
-using SecondGradSlot = void* cpu::LossKernelArgs::*;
+void*& second_grad_slot(const LossOperands& op, cpu::LossKernelArgs& args) {
+  return op.log_var.defined() ? args.grad_log_var : args.grad_target;
+}
 
 // Forward of any loss op: the element-wise loss or its mean or sum.
-at::Tensor loss_forward(const LossConfig& config, cpu::LossKernelArgs args, const at::Tensor& input) {
-  if (config.reduction == Reduction::None) {
+at::Tensor loss_forward(const LossOperands& op) {
+  cpu::LossKernelArgs args = kernel_args(op);
+  const at::Tensor& input = op.input;
+  if (op.config.reduction == Reduction::None) {
     at::Tensor loss = empty_for_overwrite(input);
     args.loss = loss.mutable_data_ptr();
     run_loss_kernel(args, input.numel());
     return loss;
   }
   args.reduce = true;
-  return reduced_loss(config, run_loss_kernel(args, input.numel()), input.numel(), input);
+  return reduced_loss(op.config, run_loss_kernel(args, input.numel()), input.numel(), input);
 }
 
 // Forward fused with the gradients for grad_output == 1: (loss, grad_input, second gradient).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_with_grad(
-    const char* op, const LossConfig& config, cpu::LossKernelArgs args, const at::Tensor& input,
-    bool input_grad, bool second_grad, SecondGradSlot second_slot) {
-  TORCH_CHECK(config.reduction != Reduction::None, op, ": reduction must be mean or sum");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_with_grad(const char* name,
+                                                                      const LossOperands& op,
+                                                                      bool input_grad,
+                                                                      bool second_grad) {
+  check_reduced(name, op.config);
+  cpu::LossKernelArgs args = kernel_args(op);
+  const at::Tensor& input = op.input;
   args.reduce = true;
-  args.grad_scale = loss_grad_scale(config, input.numel(), 1.0, input.scalar_type());
+  args.grad_scale = loss_grad_scale(op.config, input.numel(), 1.0, input.scalar_type());
   at::Tensor grad_input = input_grad ? empty_for_overwrite(input) : empty_gradient(input);
   at::Tensor grad_second = second_grad ? empty_for_overwrite(input) : empty_gradient(input);
   if (input_grad) args.grad_input = grad_input.mutable_data_ptr();
-  if (second_grad) args.*second_slot = grad_second.mutable_data_ptr();
-  at::Tensor loss = reduced_loss(config, run_loss_kernel(args, input.numel()), input.numel(), input);
+  if (second_grad) second_grad_slot(op, args) = grad_second.mutable_data_ptr();
+  at::Tensor loss =
+      reduced_loss(op.config, run_loss_kernel(args, input.numel()), input.numel(), input);
   return {loss, grad_input, grad_second};
 }
 
 // Backward recomputed with grad_output folded in: (grad_input, second gradient).
-std::tuple<at::Tensor, at::Tensor> loss_backward(const char* op, const LossConfig& config,
-                                                 cpu::LossKernelArgs args,
-                                                 const at::Tensor& grad_output_,
-                                                 const at::Tensor& input, bool input_grad,
-                                                 bool second_grad, SecondGradSlot second_slot) {
+std::tuple<at::Tensor, at::Tensor> loss_backward(const char* name, const LossOperands& op,
+                                                 const at::Tensor& grad_output_, bool input_grad,
+                                                 bool second_grad) {
+  const at::Tensor& input = op.input;
+  check_grad_output(name, op.config, grad_output_, input);
+  cpu::LossKernelArgs args = kernel_args(op);
   at::Tensor grad_output;
-  if (config.reduction == Reduction::None) {
-    TORCH_CHECK(grad_output_.sizes() == input.sizes(), op,
-                ": grad_output must have the input's shape ", input.sizes(),
-                " for reduction='none', but got ", grad_output_.sizes());
+  if (op.config.reduction == Reduction::None) {
     grad_output = grad_output_.to(input.scalar_type()).contiguous();
     args.grad_output = grad_output.const_data_ptr();
   } else {
-    TORCH_CHECK(grad_output_.numel() == 1, op, ": grad_output must be a scalar for a reduced loss");
-    // A CPU scalar: reading it is a load, not a device synchronisation.
-    args.grad_scale = loss_grad_scale(config, input.numel(), grad_output_.item<double>(),
+    // A CPU scalar: reading it is a load, not a device synchronisation (under vmap this op runs
+    // once per batch entry, on plain tensors).
+    args.grad_scale = loss_grad_scale(op.config, input.numel(), grad_output_.item<double>(),
                                       input.scalar_type());
   }
   at::Tensor grad_input = input_grad ? empty_for_overwrite(input) : empty_gradient(input);
   at::Tensor grad_second = second_grad ? empty_for_overwrite(input) : empty_gradient(input);
   if (input_grad) args.grad_input = grad_input.mutable_data_ptr();
-  if (second_grad) args.*second_slot = grad_second.mutable_data_ptr();
+  if (second_grad) second_grad_slot(op, args) = grad_second.mutable_data_ptr();
   run_loss_kernel(args, input.numel());
   return {grad_input, grad_second};
 }
 
 }  // namespace
 
-at::Tensor regression_loss_cpu(const at::Tensor& input_, const at::Tensor& target_,
+at::Tensor regression_loss_cpu(const at::Tensor& input, const at::Tensor& target,
                                c10::string_view kind, double param, int64_t reduction) {
-  const LossConfig config =
-      check_loss_args("fusedmtl::regression_loss", input_, target_, kind, param, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  return loss_forward(config, kernel_args(config, input, target), input);
+  return loss_forward(
+      regression_operands("fusedmtl::regression_loss", input, target, kind, param, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cpu(
-    const at::Tensor& input_, const at::Tensor& target_, c10::string_view kind, double param,
+    const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
     int64_t reduction, bool input_grad, bool target_grad) {
-  constexpr const char* op = "fusedmtl::regression_loss_with_grad";
-  const LossConfig config = check_loss_args(op, input_, target_, kind, param, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  return loss_forward_with_grad(op, config, kernel_args(config, input, target), input, input_grad,
-                                target_grad, &cpu::LossKernelArgs::grad_target);
+  constexpr const char* name = "fusedmtl::regression_loss_with_grad";
+  return loss_forward_with_grad(
+      name, regression_operands(name, input, target, kind, param, reduction), input_grad,
+      target_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& target_,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad) {
-  constexpr const char* op = "fusedmtl::regression_loss_backward";
-  const LossConfig config = check_loss_args(op, input_, target_, kind, param, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  return loss_backward(op, config, kernel_args(config, input, target), grad_output, input,
-                       input_grad, target_grad, &cpu::LossKernelArgs::grad_target);
+  constexpr const char* name = "fusedmtl::regression_loss_backward";
+  return loss_backward(name, regression_operands(name, input, target, kind, param, reduction),
+                       grad_output, input_grad, target_grad);
 }
 
-at::Tensor heteroscedastic_loss_cpu(const at::Tensor& input_, const at::Tensor& target_,
-                                    const at::Tensor& log_var_, c10::string_view kind, double beta,
+at::Tensor heteroscedastic_loss_cpu(const at::Tensor& input, const at::Tensor& target,
+                                    const at::Tensor& log_var, c10::string_view kind, double beta,
                                     int64_t reduction) {
-  const LossConfig config = check_heteroscedastic_args("fusedmtl::heteroscedastic_loss", input_,
-                                                       target_, log_var_, kind, beta, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  const at::Tensor log_var = log_var_.contiguous();
-  return loss_forward(config, kernel_args(config, input, target, log_var), input);
+  return loss_forward(heteroscedastic_operands("fusedmtl::heteroscedastic_loss", input, target,
+                                               log_var, kind, beta, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cpu(
-    const at::Tensor& input_, const at::Tensor& target_, const at::Tensor& log_var_,
+    const at::Tensor& input, const at::Tensor& target, const at::Tensor& log_var,
     c10::string_view kind, double beta, int64_t reduction, bool input_grad, bool log_var_grad) {
-  constexpr const char* op = "fusedmtl::heteroscedastic_loss_with_grad";
-  const LossConfig config =
-      check_heteroscedastic_args(op, input_, target_, log_var_, kind, beta, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  const at::Tensor log_var = log_var_.contiguous();
-  return loss_forward_with_grad(op, config, kernel_args(config, input, target, log_var), input,
-                                input_grad, log_var_grad, &cpu::LossKernelArgs::grad_log_var);
+  constexpr const char* name = "fusedmtl::heteroscedastic_loss_with_grad";
+  return loss_forward_with_grad(
+      name, heteroscedastic_operands(name, input, target, log_var, kind, beta, reduction),
+      input_grad, log_var_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& target_,
-    const at::Tensor& log_var_, c10::string_view kind, double beta, int64_t reduction,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const at::Tensor& log_var, c10::string_view kind, double beta, int64_t reduction,
     bool input_grad, bool log_var_grad) {
-  constexpr const char* op = "fusedmtl::heteroscedastic_loss_backward";
-  const LossConfig config =
-      check_heteroscedastic_args(op, input_, target_, log_var_, kind, beta, reduction);
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor target = target_.contiguous();
-  const at::Tensor log_var = log_var_.contiguous();
-  return loss_backward(op, config, kernel_args(config, input, target, log_var), grad_output, input,
-                       input_grad, log_var_grad, &cpu::LossKernelArgs::grad_log_var);
+  constexpr const char* name = "fusedmtl::heteroscedastic_loss_backward";
+  return loss_backward(
+      name, heteroscedastic_operands(name, input, target, log_var, kind, beta, reduction),
+      grad_output, input_grad, log_var_grad);
 }
 
 }  // namespace fusedmtl::losses

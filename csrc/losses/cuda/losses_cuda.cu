@@ -213,29 +213,16 @@ void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto launch_kind = [&](auto log_var_tag) {
-    switch (config.kind) {
-      case LossKind::L1:
-        launch(std::integral_constant<LossKind, LossKind::L1>{}, log_var_tag);
-        break;
-      case LossKind::MSE:
-        launch(std::integral_constant<LossKind, LossKind::MSE>{}, log_var_tag);
-        break;
-      case LossKind::SmoothL1:
-        launch(std::integral_constant<LossKind, LossKind::SmoothL1>{}, log_var_tag);
-        break;
-      case LossKind::Huber:  // no heteroscedastic Huber loss (rejected by the argument checks)
-        if constexpr (!decltype(log_var_tag)::value) {
-          launch(std::integral_constant<LossKind, LossKind::Huber>{}, log_var_tag);
-        }
-        break;
+  dispatch_kind(config.kind, [&](auto kind_tag) {
+    if (config.heteroscedastic) {
+      // kinds without a heteroscedastic form are rejected by the argument checks
+      if constexpr (has_heteroscedastic_form(decltype(kind_tag)::value)) {
+        launch(kind_tag, std::true_type{});
+      }
+    } else {
+      launch(kind_tag, std::false_type{});
     }
-  };
-  if (config.heteroscedastic) {
-    launch_kind(std::true_type{});
-  } else {
-    launch_kind(std::false_type{});
-  }
+  });
   if (reduced.defined()) {
     finish_reduction_kernel<S><<<1, kThreads, 0, stream>>>(
         block_sums_ptr, num_blocks, config.reduction == Reduction::Mean, n,
@@ -253,39 +240,30 @@ S* optional_ptr(at::Tensor& t, bool wanted) {
   return wanted ? t.mutable_data_ptr<S>() : nullptr;
 }
 
-// The operands of one call, contiguous, on the device the guard selects; log_var is undefined for
-// the regression losses. The second gradient below is the target's (regression losses) or
-// log_var's (heteroscedastic losses, whose target gradient the caller negates).
-struct Operands {
-  at::Tensor input, target, log_var;
-
-  template <typename S>
-  LossPointers<S> pointers() const {
-    LossPointers<S> ptr{};
-    ptr.input = input.const_data_ptr<S>();
-    ptr.target = target.const_data_ptr<S>();
-    if (log_var.defined()) ptr.log_var = log_var.const_data_ptr<S>();
-    return ptr;
-  }
-
-  template <typename S>
-  void set_second_grad(LossPointers<S>& ptr, at::Tensor& grad, bool wanted) const {
-    (log_var.defined() ? ptr.grad_log_var : ptr.grad_target) = optional_ptr<S>(grad, wanted);
-  }
-};
-
-Operands contiguous_operands(const at::Tensor& input, const at::Tensor& target,
-                             const at::Tensor& log_var = {}) {
-  return {input.contiguous(), target.contiguous(),
-          log_var.defined() ? log_var.contiguous() : at::Tensor()};
+template <typename S>
+LossPointers<S> operand_pointers(const LossOperands& op) {
+  LossPointers<S> ptr{};
+  ptr.input = op.input.const_data_ptr<S>();
+  ptr.target = op.target.const_data_ptr<S>();
+  if (op.log_var.defined()) ptr.log_var = op.log_var.const_data_ptr<S>();
+  return ptr;
 }
 
-at::Tensor forward(const LossConfig& config, const Operands& op) {
+// The gradient besides the input's: the target's (regression losses) or log_var's
+// (heteroscedastic losses, whose target gradient the caller negates).
+template <typename S>
+void set_second_grad(const LossOperands& op, LossPointers<S>& ptr, at::Tensor& grad, bool wanted) {
+  (op.log_var.defined() ? ptr.grad_log_var : ptr.grad_target) = optional_ptr<S>(grad, wanted);
+}
+
+at::Tensor forward(const LossOperands& op) {
+  const c10::cuda::CUDAGuard guard(op.input.device());
+  const LossConfig& config = op.config;
   const at::Tensor& input = op.input;
   const bool reduce = config.reduction != Reduction::None;
   at::Tensor out = reduce ? at::empty({}, input.options()) : at::empty(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_cuda", [&] {
-    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
     if (!reduce) ptr.loss = out.mutable_data_ptr<scalar_t>();
     launch_loss<scalar_t>(config, ptr, input.numel(), reduce ? out : at::Tensor(), 1.0);
   });
@@ -293,43 +271,43 @@ at::Tensor forward(const LossConfig& config, const Operands& op) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad(const char* name,
-                                                                 const LossConfig& config,
-                                                                 const Operands& op, bool input_grad,
+                                                                 const LossOperands& op,
+                                                                 bool input_grad,
                                                                  bool second_grad) {
-  TORCH_CHECK(config.reduction != Reduction::None, name, ": reduction must be mean or sum");
+  check_reduced(name, op.config);
+  const c10::cuda::CUDAGuard guard(op.input.device());
   const at::Tensor& input = op.input;
   at::Tensor out = at::empty({}, input.options());
   at::Tensor grad_input = new_gradient(input, input_grad);
   at::Tensor grad_second = new_gradient(input, second_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_with_grad_cuda", [&] {
-    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
     ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
-    op.set_second_grad(ptr, grad_second, second_grad);
-    launch_loss<scalar_t>(config, ptr, input.numel(), out,
-                          loss_grad_scale(config, input.numel(), 1.0, input.scalar_type()));
+    set_second_grad(op, ptr, grad_second, second_grad);
+    launch_loss<scalar_t>(op.config, ptr, input.numel(), out,
+                          loss_grad_scale(op.config, input.numel(), 1.0, input.scalar_type()));
   });
   return {out, grad_input, grad_second};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const char* name, const LossConfig& config,
-                                            const at::Tensor& grad_output_, const Operands& op,
-                                            bool input_grad, bool second_grad) {
+std::tuple<at::Tensor, at::Tensor> backward(const char* name, const LossOperands& op,
+                                            const at::Tensor& grad_output_, bool input_grad,
+                                            bool second_grad) {
   const at::Tensor& input = op.input;
-  const bool reduce = config.reduction != Reduction::None;
-  TORCH_CHECK(reduce ? grad_output_.numel() == 1 : grad_output_.sizes() == input.sizes(), name,
-              ": grad_output must be a scalar for a reduced loss and have the input's shape for "
-              "reduction='none', but got ", grad_output_.sizes());
+  check_grad_output(name, op.config, grad_output_, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool reduce = op.config.reduction != Reduction::None;
   // Converted on the device: reading the scalar on the host would synchronise.
   const at::Tensor grad_output = grad_output_.to(input.device(), input.scalar_type()).contiguous();
   at::Tensor grad_input = new_gradient(input, input_grad);
   at::Tensor grad_second = new_gradient(input, second_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_backward_cuda", [&] {
     const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-    LossPointers<scalar_t> ptr = op.pointers<scalar_t>();
+    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
     ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
-    op.set_second_grad(ptr, grad_second, second_grad);
+    set_second_grad(op, ptr, grad_second, second_grad);
     (reduce ? ptr.grad_scalar : ptr.grad_output) = g;
-    launch_loss<scalar_t>(config, ptr, input.numel(), at::Tensor(), 1.0);
+    launch_loss<scalar_t>(op.config, ptr, input.numel(), at::Tensor(), 1.0);
   });
   return {grad_input, grad_second};
 }
@@ -338,49 +316,40 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* name, const LossConfig& 
 
 at::Tensor regression_loss_cuda(const at::Tensor& input, const at::Tensor& target,
                                 c10::string_view kind, double param, int64_t reduction) {
-  const LossConfig config =
-      check_loss_args("fusedmtl::regression_loss", input, target, kind, param, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return forward(config, contiguous_operands(input, target));
+  return forward(
+      regression_operands("fusedmtl::regression_loss", input, target, kind, param, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cuda(
     const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
     int64_t reduction, bool input_grad, bool target_grad) {
   constexpr const char* name = "fusedmtl::regression_loss_with_grad";
-  const LossConfig config = check_loss_args(name, input, target, kind, param, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return forward_with_grad(name, config, contiguous_operands(input, target), input_grad, target_grad);
+  return forward_with_grad(name, regression_operands(name, input, target, kind, param, reduction),
+                           input_grad, target_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     c10::string_view kind, double param, int64_t reduction, bool input_grad, bool target_grad) {
   constexpr const char* name = "fusedmtl::regression_loss_backward";
-  const LossConfig config = check_loss_args(name, input, target, kind, param, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return backward(name, config, grad_output, contiguous_operands(input, target), input_grad,
-                  target_grad);
+  return backward(name, regression_operands(name, input, target, kind, param, reduction),
+                  grad_output, input_grad, target_grad);
 }
 
 at::Tensor heteroscedastic_loss_cuda(const at::Tensor& input, const at::Tensor& target,
                                      const at::Tensor& log_var, c10::string_view kind, double beta,
                                      int64_t reduction) {
-  const LossConfig config = check_heteroscedastic_args("fusedmtl::heteroscedastic_loss", input,
-                                                       target, log_var, kind, beta, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return forward(config, contiguous_operands(input, target, log_var));
+  return forward(heteroscedastic_operands("fusedmtl::heteroscedastic_loss", input, target,
+                                          log_var, kind, beta, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cuda(
     const at::Tensor& input, const at::Tensor& target, const at::Tensor& log_var,
     c10::string_view kind, double beta, int64_t reduction, bool input_grad, bool log_var_grad) {
   constexpr const char* name = "fusedmtl::heteroscedastic_loss_with_grad";
-  const LossConfig config =
-      check_heteroscedastic_args(name, input, target, log_var, kind, beta, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return forward_with_grad(name, config, contiguous_operands(input, target, log_var), input_grad,
-                           log_var_grad);
+  return forward_with_grad(
+      name, heteroscedastic_operands(name, input, target, log_var, kind, beta, reduction),
+      input_grad, log_var_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cuda(
@@ -388,11 +357,9 @@ std::tuple<at::Tensor, at::Tensor> heteroscedastic_loss_backward_cuda(
     const at::Tensor& log_var, c10::string_view kind, double beta, int64_t reduction,
     bool input_grad, bool log_var_grad) {
   constexpr const char* name = "fusedmtl::heteroscedastic_loss_backward";
-  const LossConfig config =
-      check_heteroscedastic_args(name, input, target, log_var, kind, beta, reduction);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return backward(name, config, grad_output, contiguous_operands(input, target, log_var),
-                  input_grad, log_var_grad);
+  return backward(name,
+                  heteroscedastic_operands(name, input, target, log_var, kind, beta, reduction),
+                  grad_output, input_grad, log_var_grad);
 }
 
 }  // namespace fusedmtl::losses

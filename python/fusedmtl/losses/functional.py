@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
@@ -140,6 +141,10 @@ def _regression_loss(
         if kind != "l1":  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
             raise NotImplementedError(f'"{kind}_loss" not implemented for \'{dtype}\'')
         return reference.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
+    if kind == "huber" and target.dtype != dtype:
+        # torch computes this in input's dtype but its backward rejects the mixed dtypes: its own
+        # function behaves exactly like that (and such a loss is no training case to fuse)
+        return F.huber_loss(input, target, reduction=reduction, delta=param, weight=weight)
     input, target = input.to(dtype), target.to(dtype)  # no-ops when the dtype is already right
     if target.shape != input.shape:
         warnings.warn(
@@ -162,7 +167,7 @@ def _regression_loss(
             return torch.ops.fusedmtl.regression_loss_eager(input, target, kind, param, reduction_code)
         return torch.ops.fusedmtl.regression_loss(input, target, kind, param, reduction_code)
     if chosen == "triton":
-        from fusedmtl.losses import triton as _triton  # noqa: F401  (registers the op on first use)
+        from fusedmtl.losses import triton  # noqa: F401  (registers the op on first use)
 
         return torch.ops.fusedmtl.triton_regression_loss(input, target, kind, param, reduction_code)
     return reference.regression_loss(input, target, kind, param, reduction)

@@ -13,6 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from fusedmtl import backend
 from fusedmtl.losses import reference
 from fusedmtl.losses.functional import _eager_gradient_wanted
+from fusedmtl.losses.kinds import heteroscedastic_kind
 
 if backend._C is not None:
     from fusedmtl.losses.native import FusedHeteroscedasticWithGrad
@@ -64,11 +65,7 @@ def heteroscedastic_loss(
             kind=kind, beta=beta, reduction=reduction,
         )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
-    if kind not in reference.HETEROSCEDASTIC_KINDS:
-        raise ValueError(
-            f"{kind!r} is not a valid heteroscedastic loss kind; expected one of "
-            f"{reference.HETEROSCEDASTIC_KINDS}"
-        )
+    heteroscedastic_kind(kind)  # ValueError for an unknown kind
     if beta < 0:
         raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
     if not (input.device == target.device == log_var.device):
@@ -97,7 +94,7 @@ def heteroscedastic_loss(
             return FusedHeteroscedasticWithGrad.apply(input, target, log_var, kind, beta, reduction_code)
         return torch.ops.fusedmtl.heteroscedastic_loss(input, target, log_var, kind, beta, reduction_code)
     if chosen == "triton":
-        from fusedmtl.losses import triton_heteroscedastic  # noqa: F401  (registers the op on first use)
+        from fusedmtl.losses import triton  # noqa: F401  (registers the op on first use)
 
         return torch.ops.fusedmtl.triton_heteroscedastic_loss(
             input, target, log_var, kind, beta, reduction_code

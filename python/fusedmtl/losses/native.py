@@ -11,7 +11,7 @@ implementations and autograd formulas, and the eager fast path:
   autograd as it is when grad_output is 1 (``loss.backward()``): 3N elements moved, the minimum.
   Its autograd is a C++ function (csrc/losses/cpu/loss_autograd_cpu.cpp): no Python in the step.
 - Under create_graph=True both fall back to the differentiable formula of ``reference`` (see
-  loss_autograd.py), so double backward gives torch's results.
+  autograd.py), so double backward gives torch's results.
 
 The heteroscedastic losses follow the same design: ``heteroscedastic_loss`` (backward:
 ``heteroscedastic_loss_backward``, grad_input and grad_log_var in one pass) and
@@ -23,59 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.losses.autograd import (
-    heteroscedastic_backward,
-    register_heteroscedastic_autograd,
-    register_loss_autograd,
-)
+from fusedmtl.losses.autograd import is_batched, loss_backward, loss_fake, register_loss_op
 
-
-def _new_grad(input: Tensor, wanted: bool) -> Tensor:
-    return input.new_empty(input.shape) if wanted else input.new_empty(0)
-
-
-@torch.library.register_fake("fusedmtl::regression_loss")
-def _regression_loss_fake(input, target, kind, param, reduction):
-    return input.new_empty(input.shape if reduction == 0 else ())
-
-
-@torch.library.register_fake("fusedmtl::regression_loss_with_grad")
-def _regression_loss_with_grad_fake(input, target, kind, param, reduction, input_grad, target_grad):
-    return input.new_empty(()), _new_grad(input, input_grad), _new_grad(input, target_grad)
-
-
-@torch.library.register_fake("fusedmtl::regression_loss_backward")
-def _regression_loss_backward_fake(
-    grad_output, input, target, kind, param, reduction, input_grad, target_grad
-):
-    return _new_grad(input, input_grad), _new_grad(input, target_grad)
-
-
-register_loss_autograd("fusedmtl::regression_loss", torch.ops.fusedmtl.regression_loss_backward)
-
-
-@torch.library.register_fake("fusedmtl::heteroscedastic_loss")
-def _heteroscedastic_loss_fake(input, target, log_var, kind, beta, reduction):
-    return input.new_empty(input.shape if reduction == 0 else ())
-
-
-@torch.library.register_fake("fusedmtl::heteroscedastic_loss_with_grad")
-def _heteroscedastic_loss_with_grad_fake(
-    input, target, log_var, kind, beta, reduction, input_grad, log_var_grad
-):
-    return input.new_empty(()), _new_grad(input, input_grad), _new_grad(input, log_var_grad)
-
-
-@torch.library.register_fake("fusedmtl::heteroscedastic_loss_backward")
-def _heteroscedastic_loss_backward_fake(
-    grad_output, input, target, log_var, kind, beta, reduction, input_grad, log_var_grad
-):
-    return _new_grad(input, input_grad), _new_grad(input, log_var_grad)
-
-
-register_heteroscedastic_autograd(
-    "fusedmtl::heteroscedastic_loss", torch.ops.fusedmtl.heteroscedastic_loss_backward
-)
+for _family in ("regression_loss", "heteroscedastic_loss"):
+    register_loss_op(
+        f"fusedmtl::{_family}", f"fusedmtl::{_family}_backward", f"fusedmtl::{_family}_with_grad"
+    )
+# The eager fast path's op: its autograd is C++ (AutogradCPU), below autograd it is the forward.
+torch.library.register_fake("fusedmtl::regression_loss_eager", loss_fake)
 
 
 class FusedHeteroscedasticWithGrad(torch.autograd.Function):
@@ -101,11 +56,11 @@ class FusedHeteroscedasticWithGrad(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         precomputed, ctx.precomputed = ctx.precomputed, None
         needs_input, needs_target, needs_log_var = ctx.needs_input_grad[:3]
-        if precomputed is None or torch.is_grad_enabled() or float(grad_output) != 1.0:
+        if precomputed is None or torch.is_grad_enabled() or not _is_one(grad_output):
             del precomputed  # back to the buffer cache before the recomputation allocates
-            grads = heteroscedastic_backward(
-                torch.ops.fusedmtl.heteroscedastic_loss_backward,
-                grad_output, *ctx.saved_tensors, *ctx.config, needs_input, needs_target, needs_log_var,
+            grads = loss_backward(
+                torch.ops.fusedmtl.heteroscedastic_loss_backward.default,
+                grad_output, ctx.saved_tensors, *ctx.config, (needs_input, needs_target, needs_log_var),
             )
             return *grads, None, None, None
         grad_input, grad_log_var = precomputed
@@ -121,3 +76,13 @@ class FusedHeteroscedasticWithGrad(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _is_one(grad_output: Tensor) -> bool:
+    """Whether grad_output is a plain CPU scalar equal to 1 (a load, no device synchronisation).
+    Under a torch.func transform (vmap of the backward: autograd.grad(is_grads_batched=True),
+    jacobian(vectorize=True)) it is a wrapped tensor without a readable value: False, and backward
+    recomputes through the backward op, which has a vmap rule."""
+    if is_batched(grad_output) or type(grad_output) is not Tensor:
+        return False
+    return grad_output.item() == 1.0

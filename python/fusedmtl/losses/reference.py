@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the regression losses (../shared/METHODS.md, section 1).
+"""Pure-PyTorch reference of the regression losses (docs/METHODS.md, section 1).
 
 torch operations written in the order ATen evaluates them: the 'reference' backend runs this, the
 tests compare the fused kernels against it, and the compiled backends use
@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KINDS = ("l1", "mse", "smooth_l1", "huber")
+from fusedmtl.losses.kinds import HETEROSCEDASTIC_KINDS as _HETEROSCEDASTIC_ROWS
+from fusedmtl.losses.kinds import REGRESSION_KINDS
+
+KINDS = tuple(kind.name for kind in REGRESSION_KINDS)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -67,9 +70,7 @@ def regression_loss_grad(
     mean = reduction == "mean"
     n = d.numel()
     if kind == "l1":
-        # autograd's mean backward divides grad_output by N (in its dtype) before sign(d) multiplies it
-        scale = grad_output / n if mean else grad_output
-        return (scale.to(compute) * torch.sign(d)).to(input.dtype)
+        return l1_grad(grad_output, d, reduction, input.dtype)
     g = grad_output.to(compute)
     factor = 2.0 if kind == "mse" else 1.0
     norm = factor / n if mean and n else factor
@@ -81,10 +82,27 @@ def regression_loss_grad(
     elif kind == "huber":
         inner = norm * d * g
         # grad_output last, as torch's vectorized kernel; norm * param rounded in the compute dtype
-        outer = g.new_tensor(norm) * param * g
+        outer = d.new_tensor(norm) * param * g  # d: never batched, unlike g under vmap
     else:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
     return torch.where(d <= -param, -outer, torch.where(d >= param, outer, inner)).to(input.dtype)
+
+
+def l1_grad(grad_output: Tensor, d: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """L1's d loss / d input times grad_output from d = input - target alone, which is what torch's
+    l1_loss saves (so that editing input or target in place after forward is no error). d may be
+    in the inputs' dtype: the difference of two float16/bfloat16 values never rounds to 0 or
+    changes sign, so sign(d) is exact."""
+    compute = _compute_dtype(dtype)
+    # autograd's mean backward divides grad_output by N (in its dtype) before sign(d) multiplies it
+    scale = grad_output / d.numel() if reduction == "mean" else grad_output
+    return (scale.to(compute) * torch.sign(d).to(compute)).to(dtype)
+
+
+def l1_difference(input: Tensor, target: Tensor) -> Tensor:
+    """What an L1 loss keeps for backward: d = input - target, outside autograd."""
+    with torch.no_grad():
+        return input - target
 
 
 class _ReferenceLoss(torch.autograd.Function):
@@ -101,14 +119,25 @@ class _ReferenceLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, target, kind, param, reduction = inputs
-        ctx.save_for_backward(input, target)
         ctx.config = (kind, param, reduction)
+        ctx.dtype = input.dtype
+        ctx.difference = l1_difference(input, target) if kind == "l1" else None
+        if ctx.difference is None:
+            ctx.save_for_backward(input, target)
+        else:  # for double backward only, which differentiates through them (checked versions)
+            ctx.operands = [(input, input._version), (target, target._version)]
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, target = ctx.saved_tensors
         needs_input_grad, needs_target_grad = ctx.needs_input_grad[:2]
-        grad = regression_loss_grad(grad_output, input, target, *ctx.config)
+        if ctx.difference is not None and torch.is_grad_enabled():
+            from fusedmtl.losses.autograd import unmodified
+
+            grad = regression_loss_grad(grad_output, *unmodified(ctx.operands), *ctx.config)
+        elif ctx.difference is not None:
+            grad = l1_grad(grad_output, ctx.difference, ctx.config[2], ctx.dtype)
+        else:
+            grad = regression_loss_grad(grad_output, *ctx.saved_tensors, *ctx.config)
         return (grad if needs_input_grad else None), (-grad if needs_target_grad else None), None, None, None
 
 
@@ -127,7 +156,7 @@ def regression_loss(input: Tensor, target: Tensor, kind: str, param: float, redu
 # --------------------------------------------------------------------------------------------
 # Heteroscedastic regression losses (Kendall & Gal 2017), as csrc/losses/heteroscedastic_math.h
 
-HETEROSCEDASTIC_KINDS = ("l2", "l1", "smooth_l1")
+HETEROSCEDASTIC_KINDS = tuple(kind.name for kind in _HETEROSCEDASTIC_ROWS)
 
 
 def _heteroscedastic_base(d: Tensor, kind: str, beta: float) -> tuple[Tensor, float]:
