@@ -8,38 +8,49 @@
 TORCH_LIBRARY(fusedmtl, m) {
   // Regression losses. kind: 'l1' | 'mse' | 'smooth_l1' | 'huber'; param: beta (smooth_l1) or
   // delta (huber); reduction: 0 none, 1 mean, 2 sum. input and target: same shape and dtype.
-  m.def("regression_loss(Tensor input, Tensor target, str kind, float param, int reduction)"
-        " -> Tensor");
-  m.def("regression_loss_with_grad(Tensor input, Tensor target, str kind, float param,"
-        " int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("regression_loss_backward(Tensor grad_output, Tensor input, Tensor target, str kind,"
-        " float param, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def(
+      "regression_loss(Tensor input, Tensor target, str kind, float param, int reduction)"
+      " -> Tensor");
+  m.def(
+      "regression_loss_with_grad(Tensor input, Tensor target, str kind, float param,"
+      " int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "regression_loss_backward(Tensor grad_output, Tensor input, Tensor target, str kind,"
+      " float param, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
   // The eager CPU fast path of a reduced loss: the gradient is computed in forward and handed to
   // autograd as it is (its autograd kernel is in C++); below autograd it is regression_loss.
-  m.def("regression_loss_eager(Tensor input, Tensor target, str kind, float param, int reduction)"
-        " -> Tensor");
+  m.def(
+      "regression_loss_eager(Tensor input, Tensor target, str kind, float param, int reduction)"
+      " -> Tensor");
 
   // Heteroscedastic regression losses (Kendall & Gal 2017): log_var = s = log sigma^2 per element.
   // kind: 'l2' (0.5 exp(-s) d^2 + 0.5 s) | 'l1' (exp(-s) |d| + s) | 'smooth_l1' (exp(-s)
   // smooth_l1(d; beta) + s); input, target and log_var: same shape and dtype. The backward ops
   // return grad_input and grad_log_var; the target's gradient is -grad_input.
-  m.def("heteroscedastic_loss(Tensor input, Tensor target, Tensor log_var, str kind, float beta,"
-        " int reduction) -> Tensor");
-  m.def("heteroscedastic_loss_with_grad(Tensor input, Tensor target, Tensor log_var, str kind,"
-        " float beta, int reduction, bool input_grad, bool log_var_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("heteroscedastic_loss_backward(Tensor grad_output, Tensor input, Tensor target,"
-        " Tensor log_var, str kind, float beta, int reduction, bool input_grad,"
-        " bool log_var_grad) -> (Tensor, Tensor)");
+  m.def(
+      "heteroscedastic_loss(Tensor input, Tensor target, Tensor log_var, str kind, float beta,"
+      " int reduction) -> Tensor");
+  m.def(
+      "heteroscedastic_loss_with_grad(Tensor input, Tensor target, Tensor log_var, str kind,"
+      " float beta, int reduction, bool input_grad, bool log_var_grad) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "heteroscedastic_loss_backward(Tensor grad_output, Tensor input, Tensor target,"
+      " Tensor log_var, str kind, float beta, int reduction, bool input_grad,"
+      " bool log_var_grad) -> (Tensor, Tensor)");
 
   // Multi-tensor kernels over task gradients: grads holds K lists of P optional tensors, task i's
   // gradient of parameter p at index i * P + p (None: the task does not reach the parameter).
   m.def("multi_tensor_gramian(Tensor?[] grads, int num_tasks, bool diagonal_only) -> Tensor");
-  m.def("multi_tensor_combine(Tensor?[] grads, int num_tasks, Tensor coeffs, Tensor(a!)[] out,"
-        " bool accumulate) -> ()");
-  m.def("multi_tensor_normalized_sum(Tensor?[] grads, int num_tasks, float eps, Tensor(a!)[] out,"
-        " bool accumulate) -> Tensor");
-  m.def("multi_tensor_add_l1_l2_penalty(Tensor[] params, Tensor(a!)[] grads, bool overwrite,"
-        " float l1, float l2) -> Tensor");
+  m.def(
+      "multi_tensor_combine(Tensor?[] grads, int num_tasks, Tensor coeffs, Tensor(a!)[] out,"
+      " bool accumulate) -> ()");
+  m.def(
+      "multi_tensor_normalized_sum(Tensor?[] grads, int num_tasks, float eps, Tensor(a!)[] out,"
+      " bool accumulate) -> Tensor");
+  m.def(
+      "multi_tensor_add_l1_l2_penalty(Tensor[] params, Tensor(a!)[] grads, bool overwrite,"
+      " float l1, float l2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {

@@ -53,19 +53,27 @@ struct CpuKernel {
 
 // Declares namespace::isa_*::name for each compiled capability and defines a CpuKernel for them.
 #if FUSEDMTL_HAVE_X86_KERNELS
-#define FUSEDMTL_CPU_KERNEL(ns, name, type)                                                      \
-  namespace ns::isa_default { type name; }                                                       \
-  namespace ns::isa_avx2 { type name; }                                                          \
-  namespace ns::isa_avx512 { type name; }                                                        \
-  namespace ns {                                                                                 \
-  inline const ::fusedmtl::CpuKernel<decltype(&isa_default::name)> name##_kernel{              \
-      &isa_default::name, &isa_avx2::name, &isa_avx512::name};                                   \
+#define FUSEDMTL_CPU_KERNEL(ns, name, type)                                       \
+  namespace ns::isa_default {                                                     \
+  type name;                                                                      \
+  }                                                                               \
+  namespace ns::isa_avx2 {                                                        \
+  type name;                                                                      \
+  }                                                                               \
+  namespace ns::isa_avx512 {                                                      \
+  type name;                                                                      \
+  }                                                                               \
+  namespace ns {                                                                  \
+  inline const ::fusedmtl::CpuKernel<decltype(&isa_default::name)> name##_kernel{ \
+      &isa_default::name, &isa_avx2::name, &isa_avx512::name};                    \
   }
 #else
-#define FUSEDMTL_CPU_KERNEL(ns, name, type)                                                      \
-  namespace ns::isa_default { type name; }                                                       \
-  namespace ns {                                                                                 \
-  inline const ::fusedmtl::CpuKernel<decltype(&isa_default::name)> name##_kernel{              \
-      &isa_default::name, &isa_default::name, &isa_default::name};                               \
+#define FUSEDMTL_CPU_KERNEL(ns, name, type)                                       \
+  namespace ns::isa_default {                                                     \
+  type name;                                                                      \
+  }                                                                               \
+  namespace ns {                                                                  \
+  inline const ::fusedmtl::CpuKernel<decltype(&isa_default::name)> name##_kernel{ \
+      &isa_default::name, &isa_default::name, &isa_default::name};                \
   }
 #endif

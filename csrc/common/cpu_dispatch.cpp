@@ -24,10 +24,14 @@ CpuCapability supported_capability() {
 
 bool parse_capability(const char* name, CpuCapability* out) {
   if (name == nullptr) return false;
-  if (std::strcmp(name, "default") == 0) *out = CpuCapability::Default;
-  else if (std::strcmp(name, "avx2") == 0) *out = CpuCapability::AVX2;
-  else if (std::strcmp(name, "avx512") == 0) *out = CpuCapability::AVX512;
-  else return false;
+  if (std::strcmp(name, "default") == 0)
+    *out = CpuCapability::Default;
+  else if (std::strcmp(name, "avx2") == 0)
+    *out = CpuCapability::AVX2;
+  else if (std::strcmp(name, "avx512") == 0)
+    *out = CpuCapability::AVX512;
+  else
+    return false;
   return true;
 }
 

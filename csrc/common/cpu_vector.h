@@ -55,7 +55,7 @@ FUSEDMTL_VEC_INLINE void store(S* p, Vec<S> v) {
     using U32 = VectorOf<uint32_t>::type;
     const U32 u = reinterpret_cast<U32>(v);
     const U32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const U32 is_nan = reinterpret_cast<U32>(v != v);  // all ones where NaN
+    const U32 is_nan = reinterpret_cast<U32>(v != v);           // all ones where NaN
     const U32 bits = (is_nan & 0x7FC0u) | (~is_nan & rounded);  // NaN stays a quiet NaN
     const auto narrow = __builtin_convertvector(bits, VectorOf<uint16_t>::type);
     std::memcpy(p, &narrow, sizeof narrow);

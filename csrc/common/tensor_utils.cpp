@@ -1,11 +1,11 @@
 #include "common/tensor_utils.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <vector>
-
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -89,7 +89,8 @@ class LargeBufferCache {
 };
 
 LargeBufferCache& large_buffer_cache() {
-  static auto* cache = new LargeBufferCache();  // never destroyed: tensors may outlive static teardown
+  static auto* cache =
+      new LargeBufferCache();  // never destroyed: tensors may outlive static teardown
   return *cache;
 }
 

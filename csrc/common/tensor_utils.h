@@ -1,8 +1,8 @@
 #pragma once
 
-#include <cstddef>
-
 #include <ATen/core/Tensor.h>
+
+#include <cstddef>
 
 #include "common/cpu_scalar.h"
 

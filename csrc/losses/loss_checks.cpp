@@ -37,7 +37,8 @@ LossKind parse_heteroscedastic_kind(c10::string_view kind) {
 }
 
 bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
 }
 
 void check_reduction(const char* op, int64_t reduction) {
@@ -45,7 +46,8 @@ void check_reduction(const char* op, int64_t reduction) {
               " is not a valid value for reduction (0 = none, 1 = mean, 2 = sum)");
 }
 
-// `other` (named `name`) must match input in device, dtype and shape; input's dtype is checked once.
+// `other` (named `name`) must match input in device, dtype and shape; input's dtype is checked
+// once.
 void check_like_input(const char* op, const at::Tensor& input, const at::Tensor& other,
                       const char* name) {
   TORCH_CHECK(input.device() == other.device(), op, ": expected input and ", name,
@@ -93,9 +95,8 @@ LossConfig check_heteroscedastic_args(const char* op, const at::Tensor& input,
   return config;
 }
 
-LossOperands regression_operands(const char* op, const at::Tensor& input,
-                                 const at::Tensor& target, c10::string_view kind, double param,
-                                 int64_t reduction) {
+LossOperands regression_operands(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                 c10::string_view kind, double param, int64_t reduction) {
   const LossConfig config = check_loss_args(op, input, target, kind, param, reduction);
   return {config, input.contiguous(), target.contiguous(), at::Tensor()};
 }
@@ -131,7 +132,8 @@ double loss_norm(const LossConfig& config, int64_t numel) {
 
 double loss_grad_scale(const LossConfig& config, int64_t numel, double grad_output,
                        at::ScalarType dtype) {
-  if (config.kind != LossKind::L1 || config.reduction != Reduction::Mean || config.heteroscedastic) {
+  if (config.kind != LossKind::L1 || config.reduction != Reduction::Mean ||
+      config.heteroscedastic) {
     return grad_output;
   }
   if (dtype == at::kDouble) return grad_output / static_cast<double>(numel);

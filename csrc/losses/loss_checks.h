@@ -36,9 +36,8 @@ struct LossOperands {
   at::Tensor input, target, log_var;
 };
 
-LossOperands regression_operands(const char* op, const at::Tensor& input,
-                                 const at::Tensor& target, c10::string_view kind, double param,
-                                 int64_t reduction);
+LossOperands regression_operands(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                 c10::string_view kind, double param, int64_t reduction);
 LossOperands heteroscedastic_operands(const char* op, const at::Tensor& input,
                                       const at::Tensor& target, const at::Tensor& log_var,
                                       c10::string_view kind, double beta, int64_t reduction);

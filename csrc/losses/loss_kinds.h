@@ -12,10 +12,10 @@
 //   is bitwise torch's gradient at grad_output (float32/float64) for every element count; false
 //   for L1, whose torch gradient is sign(d) * (grad_output / N): scaling sign(d) * (1 / N) gives
 //   the same bits only when 1 / N is exact (reduction sum, or N a power of two).
-#define FUSEDMTL_REGRESSION_KINDS(X)              \
-  X(L1, "l1", 0, false, false)                    \
-  X(MSE, "mse", 1, false, true)                   \
-  X(SmoothL1, "smooth_l1", 2, true, true)         \
+#define FUSEDMTL_REGRESSION_KINDS(X)      \
+  X(L1, "l1", 0, false, false)            \
+  X(MSE, "mse", 1, false, true)           \
+  X(SmoothL1, "smooth_l1", 2, true, true) \
   X(Huber, "huber", 3, false, true)
 
 // The heteroscedastic losses, by their base loss: X(BaseEnum, "name"). The Gaussian form is named

@@ -20,7 +20,8 @@ struct LossParams {
   C inv_param;   // 1 / param (see ParamDivision)
   C norm;        // ATen's "norm": 1/N (2/N for MSE) for reduction='mean', 1 (2) otherwise
   C grad_scale;  // scalar grad_output; for L1 with reduction='mean' already divided by N,
-                 // because autograd's mean backward divides grad_output before sign(d) multiplies it
+                 // because autograd's mean backward divides grad_output before sign(d) multiplies
+                 // it
 };
 
 // |x| by clearing the sign bit, as torch.abs does (abs(-0) == +0, NaN stays NaN): one AND where a

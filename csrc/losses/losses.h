@@ -1,10 +1,10 @@
 // The loss ops' implementations, one per device; schemas in csrc/torch_bindings.cpp.
 #pragma once
 
-#include <tuple>
-
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
+
+#include <tuple>
 
 namespace fusedmtl::losses {
 

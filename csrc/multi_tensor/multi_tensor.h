@@ -4,10 +4,10 @@
 // parameter p at index i * P + p; None means the task does not reach the parameter (zeros).
 #pragma once
 
-#include <optional>
-
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 
 namespace fusedmtl::multi_tensor {
 
@@ -25,7 +25,8 @@ void combine_cpu(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& co
 at::Tensor normalized_sum_cpu(const TaskGrads& grads, int64_t num_tasks, double eps,
                               at::TensorList out, bool accumulate);
 
-// l1 * sum |w| + l2 * sum w^2 over params; writes (overwrite) or adds l1 sign(w) + 2 l2 w into grads.
+// l1 * sum |w| + l2 * sum w^2 over params; writes (overwrite) or adds l1 sign(w) + 2 l2 w into
+// grads.
 at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool overwrite, double l1,
                              double l2);
 

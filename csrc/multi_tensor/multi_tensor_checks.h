@@ -18,7 +18,9 @@ struct TaskGradTable {
   at::Device device = at::kCPU;
   bool any_defined = false;
 
-  const at::Tensor& at(int64_t task, int64_t param) const { return tensors[task * num_params + param]; }
+  const at::Tensor& at(int64_t task, int64_t param) const {
+    return tensors[task * num_params + param];
+  }
 };
 
 // Raises, naming the task and parameter, for mixed dtypes or devices, shapes that differ between

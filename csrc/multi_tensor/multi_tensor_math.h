@@ -15,9 +15,13 @@ FUSEDMTL_HOST_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }
 FUSEDMTL_HOST_DEVICE double add_rn(double a, double b) { return __dadd_rn(a, b); }
 #else
 template <typename A, typename B>
-FUSEDMTL_HOST_DEVICE auto mul_rn(A a, B b) { return a * b; }
+FUSEDMTL_HOST_DEVICE auto mul_rn(A a, B b) {
+  return a * b;
+}
 template <typename A, typename B>
-FUSEDMTL_HOST_DEVICE auto add_rn(A a, B b) { return a + b; }
+FUSEDMTL_HOST_DEVICE auto add_rn(A a, B b) {
+  return a + b;
+}
 #endif
 
 // The gradient of l1 * |w| + l2 * w^2: l1 * sign(w) + 2 l2 * w (two_l2 = 2 * l2), with sign(w) in

@@ -2,12 +2,12 @@
 // the forward pass (regression_loss_with_grad, 3N elements moved) and handed to autograd in
 // backward without a copy. In C++ because at 1M elements the Python autograd.Function around the
 // kernel cost a fifth of the step: its interpreter work runs on caches the kernel just flushed.
-#include <optional>
-#include <vector>
-
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include <optional>
+#include <vector>
 
 #include "losses/loss_checks.h"
 #include "losses/losses.h"
@@ -65,12 +65,11 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     const bool input_grad = input.requires_grad();
     const bool target_grad = target.requires_grad();
     // Through the dispatcher, so that dispatch modes (profilers, op recorders) see the kernel.
-    static const auto with_grad =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fusedmtl::regression_loss_with_grad", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t, bool,
-                bool)>();
+    static const auto with_grad = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("fusedmtl::regression_loss_with_grad", "")
+                                      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                          const at::Tensor&, const at::Tensor&, c10::string_view,
+                                          double, int64_t, bool, bool)>();
     auto [loss, grad_input, grad_target] =
         with_grad.call(input, target, kind, param, reduction, input_grad, target_grad);
     // L1's gradient is sign(d) * (grad_output / N) and sign(d) is the sign of the gradient computed
@@ -79,10 +78,10 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     // forward is no error. They are kept unversioned for a second backward (retain_graph=True,
     // after autograd adopted the buffers), which checks that they were not modified.
     // (not while tracing with symbolic shapes: the element count is not known there)
-    const bool from_sign =
-        (kind == "l1" || (kind == "smooth_l1" && param == 0.0)) && (input_grad || target_grad) &&
-        !input.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
-        sign_survives(input.scalar_type(), reduction, input.numel());
+    const bool from_sign = (kind == "l1" || (kind == "smooth_l1" && param == 0.0)) &&
+                           (input_grad || target_grad) &&
+                           !input.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+                           sign_survives(input.scalar_type(), reduction, input.numel());
     if (from_sign) {
       ctx->saved_data["input"] = input;
       ctx->saved_data["target"] = target;
@@ -147,11 +146,12 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
     }
     if (from_sign) {
       const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
-      TORCH_CHECK(static_cast<int64_t>(input._version()) == versions[0] &&
-                      static_cast<int64_t>(target._version()) == versions[1],
-                  "one of the variables needed for gradient computation has been modified by an "
-                  "inplace operation: the input or target of a fusedmtl l1_loss, before a double or "
-                  "second backward through it (create_graph or retain_graph)");
+      TORCH_CHECK(
+          static_cast<int64_t>(input._version()) == versions[0] &&
+              static_cast<int64_t>(target._version()) == versions[1],
+          "one of the variables needed for gradient computation has been modified by an "
+          "inplace operation: the input or target of a fusedmtl l1_loss, before a double or "
+          "second backward through it (create_graph or retain_graph)");
     }
 
     if (at::GradMode::is_enabled()) {
@@ -167,20 +167,19 @@ class RegressionLossWithGrad : public torch::autograd::Function<RegressionLossWi
       at::Tensor loss = regression_loss.call(input, target, kind, param, reduction);
       return differentiable_grads(loss, grad_output, input, target, input_grad, target_grad);
     }
-    const LossConfig config = check_loss_args("fusedmtl::regression_loss_eager", input, target,
-                                              kind, param, reduction);
+    const LossConfig config =
+        check_loss_args("fusedmtl::regression_loss_eager", input, target, kind, param, reduction);
     const std::optional<double> scale = plain_scalar(grad_output);
     if (!precomputed || !scale ||
-        (*scale != 1.0 && !scales_exactly(input.scalar_type(), config.kind, config.reduction,
-                                          input.numel()))) {
+        (*scale != 1.0 &&
+         !scales_exactly(input.scalar_type(), config.kind, config.reduction, input.numel()))) {
       grad_input.reset();  // back to the buffer cache before the recomputation allocates
       grad_target.reset();
-      static const auto recompute =
-          c10::Dispatcher::singleton()
-              .findSchemaOrThrow("fusedmtl::regression_loss_backward", "")
-              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&, c10::string_view,
-                                                        double, int64_t, bool, bool)>();
+      static const auto recompute = c10::Dispatcher::singleton()
+                                        .findSchemaOrThrow("fusedmtl::regression_loss_backward", "")
+                                        .typed<std::tuple<at::Tensor, at::Tensor>(
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            c10::string_view, double, int64_t, bool, bool)>();
       std::tie(grad_input, grad_target) = recompute.call(grad_output, input, target, kind, param,
                                                          reduction, input_grad, target_grad);
     } else if (*scale != 1.0) {

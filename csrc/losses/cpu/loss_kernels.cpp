@@ -2,13 +2,13 @@
 //
 // One pass reads input and target (and log_var for the heteroscedastic losses) and writes any
 // subset of: the element-wise loss, the sum of the losses, the gradient w.r.t. input, the gradient
-// w.r.t. target (regression losses) or w.r.t. log_var (heteroscedastic losses). The inner loop handles kLanes
-// elements with independent accumulators so that it vectorizes without reassociating float sums
-// (no -ffast-math) and keeps enough additions in flight to hide their latency.
+// w.r.t. target (regression losses) or w.r.t. log_var (heteroscedastic losses). The inner loop
+// handles kLanes elements with independent accumulators so that it vectorizes without reassociating
+// float sums (no -ffast-math) and keeps enough additions in flight to hide their latency.
+#include "losses/cpu/loss_kernels.h"
+
 #include <cmath>
 #include <cstdint>
-
-#include "losses/cpu/loss_kernels.h"
 
 namespace fusedmtl::losses::cpu::FUSEDMTL_CPU_NS {
 namespace {
@@ -17,8 +17,8 @@ constexpr int kLanes = 32;
 
 // What a specialisation computes, as bits of its template argument.
 enum Mode : unsigned {
-  kReduce = 1u,       // sum of the losses
-  kLoss = 2u,         // element-wise loss
+  kReduce = 1u,  // sum of the losses
+  kLoss = 2u,    // element-wise loss
   kGradInput = 4u,
   kGradTarget = 8u,
   kGradTensor = 16u,  // grad_output is element-wise rather than one scalar
@@ -103,11 +103,10 @@ double loss_range(const LossKernelArgs& args, int64_t begin, int64_t end) {
 template <LossKind K, ParamDivision kDivision, bool kLogVar, typename S>
 double with_mode(const LossKernelArgs& args, int64_t begin, int64_t end) {
   constexpr unsigned kGradOther = kLogVar ? kGradLogVar : kGradTarget;
-  const unsigned mode = (args.reduce ? kReduce : 0u) | (args.loss ? kLoss : 0u) |
-                        (args.grad_input ? kGradInput : 0u) |
-                        (args.grad_target ? kGradTarget : 0u) |
-                        (args.grad_log_var ? kGradLogVar : 0u) |
-                        (args.grad_output ? kGradTensor : 0u);
+  const unsigned mode =
+      (args.reduce ? kReduce : 0u) | (args.loss ? kLoss : 0u) |
+      (args.grad_input ? kGradInput : 0u) | (args.grad_target ? kGradTarget : 0u) |
+      (args.grad_log_var ? kGradLogVar : 0u) | (args.grad_output ? kGradTensor : 0u);
   switch (mode) {
 #define FUSEDMTL_MODE_CASE(m) \
   case (m):                   \

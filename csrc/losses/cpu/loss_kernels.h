@@ -17,17 +17,17 @@ namespace fusedmtl::losses::cpu {
 struct LossKernelArgs {
   LossKind kind;
   ScalarKind dtype;
-  double param;           // beta or delta
-  double norm;            // see LossParams::norm
-  double grad_scale;      // see LossParams::grad_scale (1 when the gradient is computed in forward)
-  bool reduce;            // return the sum of the losses of [begin, end)
+  double param;       // beta or delta
+  double norm;        // see LossParams::norm
+  double grad_scale;  // see LossParams::grad_scale (1 when the gradient is computed in forward)
+  bool reduce;        // return the sum of the losses of [begin, end)
   const void* input;
   const void* target;
-  const void* log_var;    // heteroscedastic losses only
-  void* loss;             // element-wise loss (reduction='none')
+  const void* log_var;  // heteroscedastic losses only
+  void* loss;           // element-wise loss (reduction='none')
   void* grad_input;
   void* grad_target;
-  void* grad_log_var;     // heteroscedastic losses only
+  void* grad_log_var;       // heteroscedastic losses only
   const void* grad_output;  // element-wise grad_output (reduction='none'); else grad_scale is used
 };
 

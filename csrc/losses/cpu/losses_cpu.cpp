@@ -1,7 +1,5 @@
 // CPU implementations of the loss ops: argument checks, allocation and threading around the
 // per-instruction-set kernels of loss_kernels.cpp.
-#include "losses/losses.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -10,6 +8,7 @@
 #include "common/tensor_utils.h"
 #include "losses/cpu/loss_kernels.h"
 #include "losses/loss_checks.h"
+#include "losses/losses.h"
 
 FUSEDMTL_CPU_KERNEL(fusedmtl::losses::cpu, loss_block, ::fusedmtl::losses::cpu::LossBlockFn)
 
@@ -56,8 +55,7 @@ double run_loss_kernel(const cpu::LossKernelArgs& args, int64_t n) {
   return total;
 }
 
-at::Tensor reduced_loss(const LossConfig& config, double total, int64_t n,
-                        const at::Tensor& like) {
+at::Tensor reduced_loss(const LossConfig& config, double total, int64_t n, const at::Tensor& like) {
   // mean of an empty tensor is 0 / 0 = nan, as in torch.
   const double value = config.reduction == Reduction::Mean ? total / static_cast<double>(n) : total;
   return at::scalar_tensor(value, like.options());
@@ -118,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor> loss_backward(const char* name, const LossOpe
   } else {
     // A CPU scalar: reading it is a load, not a device synchronisation (under vmap this op runs
     // once per batch entry, on plain tensors).
-    args.grad_scale = loss_grad_scale(op.config, input.numel(), grad_output_.item<double>(),
-                                      input.scalar_type());
+    args.grad_scale =
+        loss_grad_scale(op.config, input.numel(), grad_output_.item<double>(), input.scalar_type());
   }
   at::Tensor grad_input = input_grad ? empty_for_overwrite(input) : empty_gradient(input);
   at::Tensor grad_second = second_grad ? empty_for_overwrite(input) : empty_gradient(input);
@@ -141,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_loss_with_grad_cpu(
     const at::Tensor& input, const at::Tensor& target, c10::string_view kind, double param,
     int64_t reduction, bool input_grad, bool target_grad) {
   constexpr const char* name = "fusedmtl::regression_loss_with_grad";
-  return loss_forward_with_grad(
-      name, regression_operands(name, input, target, kind, param, reduction), input_grad,
-      target_grad);
+  return loss_forward_with_grad(name,
+                                regression_operands(name, input, target, kind, param, reduction),
+                                input_grad, target_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cpu(

@@ -1,6 +1,6 @@
 // CUDA implementations of the loss ops: the regression losses and the heteroscedastic ones. The
-// per-element math is loss_math.h and heteroscedastic_math.h, the same code the CPU kernels run (and
-// the CPU tests cover).
+// per-element math is loss_math.h and heteroscedastic_math.h, the same code the CPU kernels run
+// (and the CPU tests cover).
 //
 // One kernel does every pass: grid-stride over the elements (16-byte vector loads when every
 // pointer is aligned), writing what the call asks for. Which outputs are wanted is a uniform
@@ -8,7 +8,8 @@
 // compile time) small. Reductions write one partial sum per block (cub::BlockReduce) and a
 // one-block kernel adds the partials in a fixed order: no float atomics, so a result is the same
 // from run to run. The grid size depends only on the element count, so it is also the same on
-// every GPU. No host synchronisation: a scalar grad_output is read by the kernel from device memory.
+// every GPU. No host synchronisation: a scalar grad_output is read by the kernel from device
+// memory.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -28,20 +29,21 @@ namespace fusedmtl::losses {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxBlocks = 1024;  // a constant, not the SM count: results must not depend on the GPU
+constexpr int kMaxBlocks =
+    1024;  // a constant, not the SM count: results must not depend on the GPU
 constexpr int kVectorBytes = 16;
 
 template <typename S>
 struct LossPointers {
   const S* input;
   const S* target;
-  const S* log_var;        // heteroscedastic losses only, else null
-  S* loss;                 // element-wise loss, or null
-  S* grad_input;           // or null
-  S* grad_target;          // regression losses only (the heteroscedastic caller negates), or null
-  S* grad_log_var;         // heteroscedastic losses only, or null
-  const S* grad_output;    // element-wise grad_output, or null
-  const S* grad_scalar;    // 0-dim grad_output on the device, or null (then grad_scale is used)
+  const S* log_var;      // heteroscedastic losses only, else null
+  S* loss;               // element-wise loss, or null
+  S* grad_input;         // or null
+  S* grad_target;        // regression losses only (the heteroscedastic caller negates), or null
+  S* grad_log_var;       // heteroscedastic losses only, or null
+  const S* grad_output;  // element-wise grad_output, or null
+  const S* grad_scalar;  // 0-dim grad_output on the device, or null (then grad_scale is used)
 };
 
 template <typename S, int kWidth>
@@ -87,12 +89,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (want_grad) {
       if constexpr (kLogVar) {
-        const HeteroscedasticGrad<C> grad = divide ? heteroscedastic_grad<K, kDivide>(d, s, g, params)
-                                                   : heteroscedastic_grad<K, kInverse>(d, s, g, params);
+        const HeteroscedasticGrad<C> grad =
+            divide ? heteroscedastic_grad<K, kDivide>(d, s, g, params)
+                   : heteroscedastic_grad<K, kInverse>(d, s, g, params);
         if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad.input);
         if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(grad.log_var);
       } else {
-        const C grad = divide ? loss_grad<K, kDivide>(d, g, params) : loss_grad<K, kInverse>(d, g, params);
+        const C grad =
+            divide ? loss_grad<K, kDivide>(d, g, params) : loss_grad<K, kInverse>(d, g, params);
         if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
         if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(-grad);
       }
@@ -102,8 +106,8 @@ __global__ void __launch_bounds__(kThreads)
 
   C sum = C(0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kWidth;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidth; base < n;
-       base += stride) {
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
+       base < n; base += stride) {
     if (kWidth > 1 && base + kWidth <= n) {
       using P = Packed<S, kWidth>;
       const P x = *reinterpret_cast<const P*>(ptr.input + base);
@@ -125,7 +129,8 @@ __global__ void __launch_bounds__(kThreads)
       if (grad_other) *reinterpret_cast<P*>(grad_other + base) = g_oth;
     } else {
       for (int64_t i = base; i < n && i < base + kWidth; ++i) {
-        const C g = ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
+        const C g =
+            ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
         C s = C(0);
         if constexpr (kLogVar) s = static_cast<C>(ptr.log_var[i]);
         element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g,
@@ -164,12 +169,11 @@ bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorByt
 
 template <typename S>
 bool all_aligned(const LossPointers<S>& ptr) {
-  for (const void* p : {static_cast<const void*>(ptr.input), static_cast<const void*>(ptr.target),
-                        static_cast<const void*>(ptr.log_var), static_cast<const void*>(ptr.loss),
-                        static_cast<const void*>(ptr.grad_input),
-                        static_cast<const void*>(ptr.grad_target),
-                        static_cast<const void*>(ptr.grad_log_var),
-                        static_cast<const void*>(ptr.grad_output)}) {
+  for (const void* p :
+       {static_cast<const void*>(ptr.input), static_cast<const void*>(ptr.target),
+        static_cast<const void*>(ptr.log_var), static_cast<const void*>(ptr.loss),
+        static_cast<const void*>(ptr.grad_input), static_cast<const void*>(ptr.grad_target),
+        static_cast<const void*>(ptr.grad_log_var), static_cast<const void*>(ptr.grad_output)}) {
     if (p != nullptr && !aligned(p)) return false;
   }
   return true;
@@ -186,30 +190,31 @@ void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n
   params.norm = static_cast<C>(loss_norm(config, n));
   params.grad_scale = static_cast<C>(grad_scale);
   const bool divide = config.kind == LossKind::SmoothL1 && !is_power_of_two(config.param);
-  const bool l1_mean = config.kind == LossKind::L1 && config.reduction == Reduction::Mean &&
-                       !config.heteroscedastic;
+  const bool l1_mean =
+      config.kind == LossKind::L1 && config.reduction == Reduction::Mean && !config.heteroscedastic;
   constexpr int kWidth = kVectorBytes / sizeof(S);
   const bool vectorized = all_aligned(ptr);
   const int64_t per_block = static_cast<int64_t>(kThreads) * (vectorized ? kWidth : 1);
-  const int num_blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
+  const int num_blocks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor block_sums;
   C* block_sums_ptr = nullptr;
   if (reduced.defined()) {
-    block_sums = at::empty({num_blocks}, reduced.options().dtype(c10::CppTypeToScalarType<C>::value));
+    block_sums =
+        at::empty({num_blocks}, reduced.options().dtype(c10::CppTypeToScalarType<C>::value));
     block_sums_ptr = block_sums.mutable_data_ptr<C>();
   }
   auto launch = [&](auto kind_tag, auto log_var_tag) {
     constexpr LossKind K = decltype(kind_tag)::value;
     constexpr bool kLogVar = decltype(log_var_tag)::value;
     if (vectorized) {
-      loss_kernel<K, kLogVar, S, kWidth><<<num_blocks, kThreads, 0, stream>>>(
-          ptr, params, divide, l1_mean, n, block_sums_ptr);
+      loss_kernel<K, kLogVar, S, kWidth>
+          <<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n, block_sums_ptr);
     } else {
-      loss_kernel<K, kLogVar, S, 1><<<num_blocks, kThreads, 0, stream>>>(
-          ptr, params, divide, l1_mean, n, block_sums_ptr);
+      loss_kernel<K, kLogVar, S, 1>
+          <<<num_blocks, kThreads, 0, stream>>>(ptr, params, divide, l1_mean, n, block_sums_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -224,9 +229,9 @@ void launch_loss(const LossConfig& config, const LossPointers<S>& ptr, int64_t n
     }
   });
   if (reduced.defined()) {
-    finish_reduction_kernel<S><<<1, kThreads, 0, stream>>>(
-        block_sums_ptr, num_blocks, config.reduction == Reduction::Mean, n,
-        reduced.mutable_data_ptr<S>());
+    finish_reduction_kernel<S><<<1, kThreads, 0, stream>>>(block_sums_ptr, num_blocks,
+                                                           config.reduction == Reduction::Mean, n,
+                                                           reduced.mutable_data_ptr<S>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -261,12 +266,14 @@ at::Tensor forward(const LossOperands& op) {
   const LossConfig& config = op.config;
   const at::Tensor& input = op.input;
   const bool reduce = config.reduction != Reduction::None;
-  at::Tensor out = reduce ? at::empty({}, input.options()) : at::empty(input.sizes(), input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_cuda", [&] {
-    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
-    if (!reduce) ptr.loss = out.mutable_data_ptr<scalar_t>();
-    launch_loss<scalar_t>(config, ptr, input.numel(), reduce ? out : at::Tensor(), 1.0);
-  });
+  at::Tensor out =
+      reduce ? at::empty({}, input.options()) : at::empty(input.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_cuda", [&] {
+        LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
+        if (!reduce) ptr.loss = out.mutable_data_ptr<scalar_t>();
+        launch_loss<scalar_t>(config, ptr, input.numel(), reduce ? out : at::Tensor(), 1.0);
+      });
   return out;
 }
 
@@ -280,13 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad(const char* nam
   at::Tensor out = at::empty({}, input.options());
   at::Tensor grad_input = new_gradient(input, input_grad);
   at::Tensor grad_second = new_gradient(input, second_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_with_grad_cuda", [&] {
-    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
-    ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
-    set_second_grad(op, ptr, grad_second, second_grad);
-    launch_loss<scalar_t>(op.config, ptr, input.numel(), out,
-                          loss_grad_scale(op.config, input.numel(), 1.0, input.scalar_type()));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_with_grad_cuda", [&] {
+        LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
+        ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
+        set_second_grad(op, ptr, grad_second, second_grad);
+        launch_loss<scalar_t>(op.config, ptr, input.numel(), out,
+                              loss_grad_scale(op.config, input.numel(), 1.0, input.scalar_type()));
+      });
   return {out, grad_input, grad_second};
 }
 
@@ -301,14 +309,15 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* name, const LossOperands
   const at::Tensor grad_output = grad_output_.to(input.device(), input.scalar_type()).contiguous();
   at::Tensor grad_input = new_gradient(input, input_grad);
   at::Tensor grad_second = new_gradient(input, second_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_backward_cuda", [&] {
-    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-    LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
-    ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
-    set_second_grad(op, ptr, grad_second, second_grad);
-    (reduce ? ptr.grad_scalar : ptr.grad_output) = g;
-    launch_loss<scalar_t>(op.config, ptr, input.numel(), at::Tensor(), 1.0);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fusedmtl_loss_backward_cuda", [&] {
+        const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+        LossPointers<scalar_t> ptr = operand_pointers<scalar_t>(op);
+        ptr.grad_input = optional_ptr<scalar_t>(grad_input, input_grad);
+        set_second_grad(op, ptr, grad_second, second_grad);
+        (reduce ? ptr.grad_scalar : ptr.grad_output) = g;
+        launch_loss<scalar_t>(op.config, ptr, input.numel(), at::Tensor(), 1.0);
+      });
   return {grad_input, grad_second};
 }
 
@@ -339,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> regression_loss_backward_cuda(
 at::Tensor heteroscedastic_loss_cuda(const at::Tensor& input, const at::Tensor& target,
                                      const at::Tensor& log_var, c10::string_view kind, double beta,
                                      int64_t reduction) {
-  return forward(heteroscedastic_operands("fusedmtl::heteroscedastic_loss", input, target,
-                                          log_var, kind, beta, reduction));
+  return forward(heteroscedastic_operands("fusedmtl::heteroscedastic_loss", input, target, log_var,
+                                          kind, beta, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heteroscedastic_loss_with_grad_cuda(

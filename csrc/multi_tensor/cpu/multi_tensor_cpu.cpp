@@ -2,24 +2,26 @@
 // kChunk elements (so that a thousand tiny tensors and one huge one both spread over the threads),
 // each item is processed by the per-instruction-set kernels for the tasks that reach it, and
 // per-item partial sums are added in item order: results do not depend on the thread count.
-#include "multi_tensor/multi_tensor.h"
-
-#include <cstring>
-#include <vector>
-
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <cstring>
+#include <vector>
+
 #include "common/cpu_capability.h"
 #include "common/tensor_utils.h"
 #include "multi_tensor/cpu/multi_tensor_kernels.h"
+#include "multi_tensor/multi_tensor.h"
 #include "multi_tensor/multi_tensor_checks.h"
 
-FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, gramian_block, ::fusedmtl::multi_tensor::cpu::GramianBlockFn)
-FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, combine_block, ::fusedmtl::multi_tensor::cpu::CombineBlockFn)
-FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, penalty_block, ::fusedmtl::multi_tensor::cpu::PenaltyBlockFn)
+FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, gramian_block,
+                    ::fusedmtl::multi_tensor::cpu::GramianBlockFn)
+FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, combine_block,
+                    ::fusedmtl::multi_tensor::cpu::CombineBlockFn)
+FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, penalty_block,
+                    ::fusedmtl::multi_tensor::cpu::PenaltyBlockFn)
 
 namespace fusedmtl::multi_tensor {
 namespace {
@@ -69,9 +71,9 @@ int reaching_tasks(const TaskGradTable& table, const WorkItem& item, const void*
 }
 
 void check_supported_dtype(const char* op, at::ScalarType dtype) {
-  TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                                  dtype == at::kBFloat16,
-                              "\"", op, "\" not implemented for '", dtype, "'");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "\"", op, "\" not implemented for '", dtype, "'");
 }
 
 }  // namespace
@@ -104,8 +106,9 @@ at::Tensor gramian_cpu(const TaskGrads& grads, int64_t num_tasks, bool diagonal_
     for (int64_t q = 0; q < K * K; ++q) sum[q] += partial[it * K * K + q];
   }
   const at::ScalarType result_dtype = accumulate_dtype(table.dtype);
-  at::Tensor result = at::empty(diagonal_only ? std::vector<int64_t>{K} : std::vector<int64_t>{K, K},
-                                at::TensorOptions().dtype(result_dtype));
+  at::Tensor result =
+      at::empty(diagonal_only ? std::vector<int64_t>{K} : std::vector<int64_t>{K, K},
+                at::TensorOptions().dtype(result_dtype));
   AT_DISPATCH_FLOATING_TYPES(result_dtype, "multi_tensor_gramian_cpu", [&] {
     scalar_t* out = result.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < K; ++i) {
@@ -138,7 +141,8 @@ void combine_cpu(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& co
     TORCH_CHECK(!table.any_defined || o.scalar_type() == table.dtype, op, ": output ", p,
                 " has dtype ", o.scalar_type(), " but the gradients have ", table.dtype);
     TORCH_CHECK(table.numel[p] == 0 || o.numel() == table.numel[p], op, ": output ", p, " has ",
-                o.numel(), " elements but the gradients of parameter ", p, " have ", table.numel[p]);
+                o.numel(), " elements but the gradients of parameter ", p, " have ",
+                table.numel[p]);
     numel[p] = o.numel();
     check_supported_dtype(op, o.scalar_type());
   }
@@ -183,7 +187,8 @@ at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool o
                 ": parameter ", p, " and its gradient must have dtype ", dtype);
     TORCH_CHECK(params[p].is_contiguous() && grads[p].is_contiguous() &&
                     params[p].sizes() == grads[p].sizes(),
-                op, ": parameter ", p, " and its gradient must be contiguous and of the same shape");
+                op, ": parameter ", p,
+                " and its gradient must be contiguous and of the same shape");
     numel[p] = params[p].numel();
   }
   check_supported_dtype(op, dtype);
@@ -195,9 +200,9 @@ at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool o
     const at::Tensor& w = params[item.param];
     const at::Tensor& g = grads[item.param];
     const int64_t offset = item.begin * w.element_size();
-    partial[it] = kernel(scalar_kind(dtype), static_cast<const char*>(w.const_data_ptr()) + offset,
-                         static_cast<char*>(g.mutable_data_ptr()) + offset, overwrite, item.length,
-                         l1, l2);
+    partial[it] =
+        kernel(scalar_kind(dtype), static_cast<const char*>(w.const_data_ptr()) + offset,
+               static_cast<char*>(g.mutable_data_ptr()) + offset, overwrite, item.length, l1, l2);
   });
   double sum = 0.0;
   for (double s : partial) sum += s;

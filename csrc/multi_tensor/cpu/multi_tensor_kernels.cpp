@@ -5,12 +5,13 @@
 // accumulators (one vector of kLanes per pair) stay in registers. Element e of a range goes to lane
 // e % kLanes (a zero-padded tail to lanes 0, 1, ...) and the lanes are summed pairwise at the end:
 // every capability, and the run-time-k path, gives bitwise the same sums.
+#include "multi_tensor/cpu/multi_tensor_kernels.h"
+
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/cpu_vector.h"
-#include "multi_tensor/cpu/multi_tensor_kernels.h"
 #include "multi_tensor/multi_tensor_math.h"
 
 namespace fusedmtl::multi_tensor::cpu::FUSEDMTL_CPU_NS {

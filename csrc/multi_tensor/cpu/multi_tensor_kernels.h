@@ -22,7 +22,7 @@ using CombineBlockFn = void(ScalarKind dtype, const void* const* grads, const do
 
 // Returns l1 * sum |w| + l2 * sum w^2 over w[0:n] and writes (overwrite) or adds into grad[0:n]
 // l1 * sign(w) + 2 * l2 * w.
-using PenaltyBlockFn = double(ScalarKind dtype, const void* w, void* grad, bool overwrite, int64_t n,
-                              double l1, double l2);
+using PenaltyBlockFn = double(ScalarKind dtype, const void* w, void* grad, bool overwrite,
+                              int64_t n, double l1, double l2);
 
 }  // namespace fusedmtl::multi_tensor::cpu

@@ -30,9 +30,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
 
-#include <cub/block/block_reduce.cuh>
-
 #include <cstdlib>
+#include <cub/block/block_reduce.cuh>
 #include <vector>
 
 #include "multi_tensor/multi_tensor.h"
@@ -53,8 +52,8 @@ constexpr int kMaxPairs = kMaxTasks * (kMaxTasks + 1) / 2;
 constexpr int kTileElements = 32;
 constexpr int kTileStride = kTileElements + 1;
 constexpr int kSlots = (kMaxPairs + kThreads - 1) / kThreads;
-constexpr int kTileSize = kMaxTasks * kTileStride > kSlots * kThreads ? kMaxTasks * kTileStride
-                                                                      : kSlots * kThreads;
+constexpr int kTileSize =
+    kMaxTasks * kTileStride > kSlots* kThreads ? kMaxTasks * kTileStride : kSlots * kThreads;
 
 // One row of the device-side table: [length, out, grad_0 .. grad_{K-1}] as int64.
 struct Table {
@@ -64,8 +63,8 @@ struct Table {
   __host__ __device__ int64_t row_size() const { return 2 + num_tasks; }
 };
 
-Table upload_rows(const std::vector<int64_t>& rows, int64_t items, int num_tasks,
-                  at::Device device, at::Tensor* storage) {
+Table upload_rows(const std::vector<int64_t>& rows, int64_t items, int num_tasks, at::Device device,
+                  at::Tensor* storage) {
   at::Tensor host = at::empty({static_cast<int64_t>(rows.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(rows.begin(), rows.end(), host.mutable_data_ptr<int64_t>());
@@ -87,8 +86,7 @@ Table upload_table(const TaskGradTable& grads, at::TensorList out, at::Tensor* s
     }
     for (int64_t begin = 0; begin < numel; begin += kChunk, ++items) {
       rows.push_back(std::min(kChunk, numel - begin));
-      rows.push_back(out.empty() ? 0
-                                 : reinterpret_cast<int64_t>(out[p].data_ptr()) + begin * size);
+      rows.push_back(out.empty() ? 0 : reinterpret_cast<int64_t>(out[p].data_ptr()) + begin * size);
       for (int64_t i = 0; i < k; ++i) {
         const at::Tensor& g = grads.at(i, p);
         rows.push_back(g.defined() ? reinterpret_cast<int64_t>(g.const_data_ptr()) + begin * size
@@ -459,8 +457,8 @@ at::Tensor gramian_cuda(const TaskGrads& grads, int64_t num_tasks, bool diagonal
   const c10::cuda::CUDAGuard guard(table.device);
   const at::ScalarType acc = accumulate_dtype(table.dtype);
   const auto options = at::TensorOptions().device(table.device).dtype(acc);
-  at::Tensor result = diagonal_only ? at::zeros({num_tasks}, options)
-                                    : at::zeros({num_tasks, num_tasks}, options);
+  at::Tensor result =
+      diagonal_only ? at::zeros({num_tasks}, options) : at::zeros({num_tasks, num_tasks}, options);
   at::Tensor storage;
   const Table device_table = upload_table(table, {}, &storage);
   if (device_table.num_items == 0) return result;
@@ -469,17 +467,18 @@ at::Tensor gramian_cuda(const TaskGrads& grads, int64_t num_tasks, bool diagonal
                                   options.dtype(at::kDouble));
   at::Tensor counter = launch_counter(table.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_gramian_cuda", [&] {
-    using C = at::opmath_type<scalar_t>;
-    with_task_bound(num_tasks, [&](auto bound) {
-      constexpr int kMaxK = decltype(bound)::value;
-      auto kernel = diagonal_only ? gramian_kernel<scalar_t, kMaxK, true>
-                                  : gramian_kernel<scalar_t, kMaxK, false>;
-      kernel<<<grid, kThreads, 0, stream>>>(device_table, partials.mutable_data_ptr<double>(),
-                                            counter_ptr(counter), result.mutable_data_ptr<C>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_gramian_cuda", [&] {
+        using C = at::opmath_type<scalar_t>;
+        with_task_bound(num_tasks, [&](auto bound) {
+          constexpr int kMaxK = decltype(bound)::value;
+          auto kernel = diagonal_only ? gramian_kernel<scalar_t, kMaxK, true>
+                                      : gramian_kernel<scalar_t, kMaxK, false>;
+          kernel<<<grid, kThreads, 0, stream>>>(device_table, partials.mutable_data_ptr<double>(),
+                                                counter_ptr(counter), result.mutable_data_ptr<C>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return result;
 }
 
@@ -499,18 +498,20 @@ void combine_cuda(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& c
   const Table device_table = upload_table(table, out, &storage);
   if (device_table.num_items == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_combine_cuda", [&] {
-    using C = at::opmath_type<scalar_t>;
-    // The coefficients may be on the CPU or of another dtype: rounded once to C, as on the CPU.
-    const at::Tensor c = coeffs.to(at::kDouble).to(table.device, c10::CppTypeToScalarType<C>::value)
-                             .contiguous();
-    with_task_bound(num_tasks, [&](auto bound) {
-      combine_kernel<scalar_t, decltype(bound)::value>
-          <<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
-              device_table, c.const_data_ptr<C>(), accumulate);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_combine_cuda", [&] {
+        using C = at::opmath_type<scalar_t>;
+        // The coefficients may be on the CPU or of another dtype: rounded once to C, as on the CPU.
+        const at::Tensor c = coeffs.to(at::kDouble)
+                                 .to(table.device, c10::CppTypeToScalarType<C>::value)
+                                 .contiguous();
+        with_task_bound(num_tasks, [&](auto bound) {
+          combine_kernel<scalar_t, decltype(bound)::value>
+              <<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
+                  device_table, c.const_data_ptr<C>(), accumulate);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double eps,
@@ -536,52 +537,55 @@ at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   }
   at::Tensor squared = at::zeros({num_tasks}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_normalized_sum_cuda", [&] {
-    using C = at::opmath_type<scalar_t>;
-    with_task_bound(num_tasks, [&](auto bound) {
-      constexpr int kMaxK = decltype(bound)::value;
-      auto* fused = normalized_sum_kernel<scalar_t, kMaxK>;
-      // The same grid on both paths, so that they add the partials alike: at most as many blocks
-      // as can be resident at once where a grid-wide sync is possible.
-      int grid = grid_for(device_table.num_items);
-      if (cooperative) {
-        int per_sm = 0, sms = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused, kThreads, 0));
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-        if (per_sm * sms >= 1) {
-          grid = std::min(grid, per_sm * sms);
-        } else {
-          cooperative = 0;
-        }
-      }
-      at::Tensor partials = at::empty({grid * num_tasks}, options.dtype(at::kDouble));
-      double* partials_ptr = partials.mutable_data_ptr<double>();
-      C* squared_ptr = squared.mutable_data_ptr<C>();
-      C* norms_ptr = norms.mutable_data_ptr<C>();
-      if (cooperative) {
-        Table table_arg = device_table;
-        bool accumulate_arg = accumulate;
-        void* args[] = {&table_arg, &partials_ptr, &squared_ptr, &norms_ptr, &eps, &accumulate_arg};
-        const cudaError_t launched = cudaLaunchCooperativeKernel(
-            reinterpret_cast<void*>(fused), grid, kThreads, args, 0, stream);
-        if (launched == cudaSuccess) return;
-        // Refused (MPS, a device shared with other work): the launch did not happen, fall back.
-        if (launched != cudaErrorCooperativeLaunchTooLarge && launched != cudaErrorNotSupported &&
-            launched != cudaErrorNotPermitted) {
-          C10_CUDA_CHECK(launched);
-        }
-        (void)cudaGetLastError();  // clear the refusal
-      }
-      at::Tensor counter = launch_counter(table.device);
-      gramian_kernel<scalar_t, kMaxK, true><<<grid, kThreads, 0, stream>>>(
-          device_table, partials_ptr, counter_ptr(counter), squared_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      normalized_combine_kernel<scalar_t, kMaxK>
-          <<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
-              device_table, squared_ptr, norms_ptr, eps, accumulate);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_normalized_sum_cuda", [&] {
+        using C = at::opmath_type<scalar_t>;
+        with_task_bound(num_tasks, [&](auto bound) {
+          constexpr int kMaxK = decltype(bound)::value;
+          auto* fused = normalized_sum_kernel<scalar_t, kMaxK>;
+          // The same grid on both paths, so that they add the partials alike: at most as many
+          // blocks as can be resident at once where a grid-wide sync is possible.
+          int grid = grid_for(device_table.num_items);
+          if (cooperative) {
+            int per_sm = 0, sms = 0;
+            C10_CUDA_CHECK(
+                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused, kThreads, 0));
+            C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+            if (per_sm * sms >= 1) {
+              grid = std::min(grid, per_sm * sms);
+            } else {
+              cooperative = 0;
+            }
+          }
+          at::Tensor partials = at::empty({grid * num_tasks}, options.dtype(at::kDouble));
+          double* partials_ptr = partials.mutable_data_ptr<double>();
+          C* squared_ptr = squared.mutable_data_ptr<C>();
+          C* norms_ptr = norms.mutable_data_ptr<C>();
+          if (cooperative) {
+            Table table_arg = device_table;
+            bool accumulate_arg = accumulate;
+            void* args[] = {&table_arg, &partials_ptr, &squared_ptr,
+                            &norms_ptr, &eps,          &accumulate_arg};
+            const cudaError_t launched = cudaLaunchCooperativeKernel(
+                reinterpret_cast<void*>(fused), grid, kThreads, args, 0, stream);
+            if (launched == cudaSuccess) return;
+            // Refused (MPS, a device shared with other work): the launch did not happen, fall back.
+            if (launched != cudaErrorCooperativeLaunchTooLarge &&
+                launched != cudaErrorNotSupported && launched != cudaErrorNotPermitted) {
+              C10_CUDA_CHECK(launched);
+            }
+            (void)cudaGetLastError();  // clear the refusal
+          }
+          at::Tensor counter = launch_counter(table.device);
+          gramian_kernel<scalar_t, kMaxK, true><<<grid, kThreads, 0, stream>>>(
+              device_table, partials_ptr, counter_ptr(counter), squared_ptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          normalized_combine_kernel<scalar_t, kMaxK>
+              <<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
+                  device_table, squared_ptr, norms_ptr, eps, accumulate);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return norms;
 }
 
@@ -621,13 +625,14 @@ at::Tensor l1_l2_penalty_cuda(at::TensorList params, at::TensorList grads, bool 
   at::Tensor partials = at::empty({grid}, options.dtype(at::kDouble));
   at::Tensor counter = launch_counter(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_add_l1_l2_penalty_cuda", [&] {
-    using C = at::opmath_type<scalar_t>;
-    auto kernel = overwrite ? penalty_kernel<scalar_t, true> : penalty_kernel<scalar_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(table, l1, l2, partials.mutable_data_ptr<double>(),
-                                          counter_ptr(counter), result.mutable_data_ptr<C>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "multi_tensor_add_l1_l2_penalty_cuda", [&] {
+        using C = at::opmath_type<scalar_t>;
+        auto kernel = overwrite ? penalty_kernel<scalar_t, true> : penalty_kernel<scalar_t, false>;
+        kernel<<<grid, kThreads, 0, stream>>>(table, l1, l2, partials.mutable_data_ptr<double>(),
+                                              counter_ptr(counter), result.mutable_data_ptr<C>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return result;
 }
 
