@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import min_norm_simplex
+from fusedmtl.weighting.solvers import as_float64_gramian, min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -38,10 +38,13 @@ class MGDA(GradientWeighting):
         self.normalization = normalization
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian64 = gramian.detach().to("cpu", torch.float64)
+        gramian64, _ = as_float64_gramian(gramian)  # at the accuracy of the Gramian's dtype
         scales = torch.ones(gramian64.shape[0], dtype=torch.float64)
         if self.normalization in ("l2", "loss+"):
-            scales = scales / (gramian64.diagonal().clamp_min(0).sqrt() + self.eps)
+            # 1 / norm, not 1 / (norm + eps): an absolute eps would turn tiny gradients'
+            # directions (it is invariant to scaling the losses); a zero gradient gets 0
+            norms = gramian64.diagonal().clamp_min(0).sqrt()
+            scales = torch.where(norms > 0, scales / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"MGDA: normalization {self.normalization!r} needs the losses")
