@@ -1,4 +1,4 @@
-"""Small K x K solvers of the gradient-based aggregations (../shared/METHODS.md, section 4).
+"""Small K x K solvers of the gradient-based aggregations (docs/METHODS.md, section 4).
 
 Every method turns the Gramian ``M[i, j] = <g_i, g_j>`` of the K task gradients into
 coefficients ``c`` and the shared update ``d = sum_i c_i g_i``. The problems solved here are
@@ -9,10 +9,9 @@ solvers with loose tolerances.
 Conventions shared by every public function:
 
 * ``M`` is a symmetric positive semi-definite ``Tensor[K, K]`` of any floating dtype and device.
-  It is copied to float64 on the CPU and symmetrised; results are float64 CPU tensors. A Gramian
-  computed in low precision can have slightly negative eigenvalues (float32 rounding of a
-  singular ``J J^T``); those are clamped to zero when they exceed float64 rounding, which
-  changes ``M`` by no more than that rounding. Non-finite entries raise ``ValueError``.
+  It is copied to float64 on the CPU, symmetrised and cut to the accuracy of its dtype
+  (:func:`as_float64_gramian`); results are float64 CPU tensors. Non-finite entries raise
+  ``ValueError``.
 * Singular ``M`` (identical, opposite, zero or linearly dependent gradients) is supported and
   never produces NaN or inf; each function documents what it returns in those cases.
 * Accuracy: the KKT conditions of each problem hold to about 1e-12 relative to the scale of
@@ -22,7 +21,7 @@ Conventions shared by every public function:
   thread (``torch.set_num_threads(1)``): on a loaded machine the OpenMP spin-waits of these
   tiny ops can cost tens of ms.
 * Deterministic: same input, same output (ties are broken by index, then resolved as
-  documented).
+  documented; for low-precision Gramians the dual cone's ridge resolves them).
 """
 
 from __future__ import annotations
@@ -69,7 +68,8 @@ def as_float64_gramian(M: Tensor) -> tuple[Tensor, float]:
     Checks the shape (``Tensor[K, K]``, K >= 1) and finiteness (``ValueError`` otherwise). The
     Gramian ``M = D C D`` (``D = diag(||g_i||)``, C the correlation matrix: gradients rounded or
     accumulated in M's dtype make C's entries accurate to a few eps) is replaced by ``D C' D``,
-    C' = C with its eigenvalues below ``gramian_resolution(M.dtype, K)`` set to 0. That changes
+    C' = C with its eigenvalues below ``gramian_resolution(M.dtype, K)`` set to 0 (float64
+    Gramians: only negative eigenvalues beyond rounding, so exact ties stay exact). That changes
     M by no more than its own rounding, removes the noise eigenvalues of a rank-deficient Gramian
     (a float32 ``J J^T`` of rank r has K - r eigenvalues of ~eps32 instead of 0, and near-dependent
     gradients seen through that noise make weights of ~1 / sqrt(eps32) and solutions that depend
@@ -90,7 +90,7 @@ def as_float64_gramian(M: Tensor) -> tuple[Tensor, float]:
     if K == 1:
         return M.clamp_min(0), resolution
     norms = M.diagonal().clamp_min(0).sqrt()
-    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(_TINY), torch.zeros((), dtype=_F64))
+    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(_TINY), 0.0)
     correlation = M * inverse_norms[:, None] * inverse_norms[None, :]
     eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
     # float64 Gramians keep their exact ties and zero rows unless genuinely indefinite
@@ -308,7 +308,7 @@ def lower_bounded_min_norm(M: Tensor, lower: Tensor, ridge: float) -> Tensor:
     u can be as large as 1 / sqrt(resolution) on nearly dependent gradients (an ill-conditioned
     face): then sum_j v_j g_j, combined in the gradients' dtype, cancels to noise, and which face
     is found depends on the task order. The ridge (the Gramian's resolution, see
-    :func:`gramian_resolution`) makes u unique, permutation equivariant, invariant to scaling any
+    :func:`dual_cone_ridge`) makes u unique, permutation equivariant, invariant to scaling any
     gradient and bounded (||D u|| <= ||G^T l|| / sqrt(ridge)), at a conflict
     <g_j, p> = -ridge ||g_j||^2 u_j, i.e. at most about ridge times the gradients' scale for
     u = O(1), which is below what the Gramian resolves."""

@@ -33,6 +33,10 @@ class CAGrad(GradientWeighting):
     maximises the worst task's improvement in a ball of radius c norm(g0) around g0. The K-dim
     problem is solved on the Gramian by :func:`cagrad_coefficients`.
     ``c`` = 0 is the plain mean; ``rescale`` divides by 1 + c^2 (the paper's option).
+
+    Properties (tests/weighting/test_solver_properties.py): permutation invariant, d(s J) =
+    s d(J); non-conflicting only for c >= 1 (the paper, section 3.1); not linear under scaling,
+    not strongly stationary.
     """
 
     def __init__(self, shared_params, tasks, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
@@ -171,7 +175,8 @@ def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Ten
         if gw_norm > math.sqrt(resolution) * float(w @ norms) + _NORM_FLOOR * float(norms.max()):
             coefficients = mean_weights + (r / gw_norm) * w
         else:
-            coefficients = lower_bounded_min_norm(M, mean_weights.unsqueeze(0), dual_cone_ridge(resolution))[0]
+            ridge = dual_cone_ridge(resolution)
+            coefficients = lower_bounded_min_norm(M, mean_weights.unsqueeze(0), ridge)[0]
     if rescale:
         coefficients = coefficients / (1.0 + c * c)
     return coefficients

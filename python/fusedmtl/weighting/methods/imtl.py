@@ -49,7 +49,8 @@ def impartial_weights(gramian: Tensor) -> Tensor:
     m, resolution = as_float64_gramian(gramian)
     k = m.shape[0]
     norms = m.diagonal().clamp_min(0).sqrt()
-    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    tiny = torch.finfo(torch.float64).tiny
+    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(tiny), 0.0)
     correlation = m * inverse_norms[:, None] * inverse_norms[None, :]
     eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
     kept = eigenvalues > resolution * eigenvalues[-1].clamp_min(0)

@@ -29,6 +29,10 @@ class MGDA(GradientWeighting):
 
     Representation mode (``backward(losses, features=z)``) is MGDA-UB: the Gramian of the
     gradients with respect to the shared features, one trunk backward.
+
+    Properties (tests/weighting/test_solver_properties.py): non-conflicting, permutation
+    invariant, d(s J) = s^p d(J) (p = 0 with 'l2', 1 with 'none'); not linear under scaling and
+    not strongly stationary (d = 0 whenever 0 is in the hull, weakly stationary J included).
     """
 
     def __init__(self, shared_params, tasks, *, normalization: str = "l2", **kwargs) -> None:

@@ -24,6 +24,10 @@ class NashMTL(GradientWeighting):
     the update is clipped to norm ``max_norm`` (on the Gramian: c scaled by
     min(1, max_norm / sqrt(c^T M c)); None disables it), and ``update_every`` n > 1 re-solves only
     every n-th step, reusing the last coefficients in between (the paper's speed option).
+
+    Properties (tests/weighting/test_solver_properties.py), where some d has J d > 0 (else the
+    bargaining problem has no solution and the ridge decides): non-conflicting, permutation
+    invariant, d(s J) = d(J); not linear under scaling, not strongly stationary.
     """
 
     def __init__(self, shared_params, tasks, *, max_norm: float | None = 1.0, update_every: int = 1, **kwargs) -> None:
