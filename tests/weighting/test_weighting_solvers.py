@@ -13,10 +13,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from fusedmtl.weighting import solvers
+from fusedmtl.weighting.methods.cagrad import cagrad_coefficients, cagrad_weights
+from fusedmtl.weighting.methods.nash_mtl import nash_bargaining
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fusedmtl.weighting import solvers
 
 KINDS = (
     "random",
@@ -171,9 +172,9 @@ ALL_FUNCTIONS = {
     "min_norm_simplex": (solvers.min_norm_simplex, lambda K: (K,)),
     "dual_cone_weights": (solvers.dual_cone_weights, lambda K: (K, K)),
     "upgrad_coefficients": (solvers.upgrad_coefficients, lambda K: (K,)),
-    "nash_bargaining": (solvers.nash_bargaining, lambda K: (K,)),
-    "cagrad_weights": (solvers.cagrad_weights, lambda K: (K,)),
-    "cagrad_coefficients": (solvers.cagrad_coefficients, lambda K: (K,)),
+    "nash_bargaining": (nash_bargaining, lambda K: (K,)),
+    "cagrad_weights": (cagrad_weights, lambda K: (K,)),
+    "cagrad_coefficients": (cagrad_coefficients, lambda K: (K,)),
 }
 
 
@@ -265,7 +266,7 @@ def test_min_norm_simplex_two_tasks_closed_form():
         c = solvers.min_norm_simplex(torch.from_numpy(M)).numpy()
         np.testing.assert_allclose(c, [y, 1 - y], rtol=1e-12, atol=1e-14)
         # the general active-set path agrees with the closed form
-        c_active, _ = solvers._min_norm_simplex_active_set(torch.from_numpy(M), least_norm=True)
+        c_active, _ = solvers.min_norm_simplex_with_support(torch.from_numpy(M), least_norm=True)
         np.testing.assert_allclose(c_active.numpy(), [y, 1 - y], rtol=1e-10, atol=1e-12)
 
 
@@ -363,7 +364,7 @@ def nash_residual(M_ridge: np.ndarray, a: np.ndarray) -> float:
 def test_nash_bargaining_residual(kind, K, n):
     J = make_jacobian(kind, K, n)
     M = J @ J.T
-    a = solvers.nash_bargaining(torch.from_numpy(M)).numpy()
+    a = nash_bargaining(torch.from_numpy(M)).numpy()
     assert np.all(a > 0) and np.all(np.isfinite(a))
     if np.trace(M) == 0:
         np.testing.assert_array_equal(a, np.ones(K))
@@ -377,17 +378,17 @@ def test_nash_bargaining_residual(kind, K, n):
 def test_nash_bargaining_without_ridge(K):
     J = make_jacobian("conflicting", K, K + 2, seed=K)  # full rank
     M = J @ J.T
-    a = solvers.nash_bargaining(torch.from_numpy(M), ridge=0.0).numpy()
+    a = nash_bargaining(torch.from_numpy(M), ridge=0.0).numpy()
     assert np.abs(a * (M @ a) - 1).max() <= 1e-12
     assert np.abs(M @ a - 1 / a).max() <= 1e-12 * np.abs(1 / a).max()
     with pytest.raises(ValueError):
-        solvers.nash_bargaining(gramian(make_jacobian("zero_row", 3)), ridge=0.0)
+        nash_bargaining(gramian(make_jacobian("zero_row", 3)), ridge=0.0)
 
 
 def test_nash_bargaining_closed_forms():
     g = np.array([[1.0, 2.0, -0.5]])
     gg = float(g[0] @ g[0])
-    nash = lambda J, **kw: solvers.nash_bargaining(gramian(J), **kw).numpy()  # noqa: E731
+    nash = lambda J, **kw: nash_bargaining(gramian(J), **kw).numpy()  # noqa: E731
     np.testing.assert_allclose(nash(g, ridge=0.0), [1 / np.sqrt(gg)], rtol=1e-14)
     # orthogonal gradients: M diagonal, a_i = 1 / ||g_i||
     J = np.diag([0.5, 2.0, 7.0])
@@ -413,7 +414,7 @@ def check_cagrad(J: np.ndarray, c: float):
     K = J.shape[0]
     scale = scale_of(J)
     M = J @ J.T
-    w = solvers.cagrad_weights(torch.from_numpy(M), c).numpy()
+    w = cagrad_weights(torch.from_numpy(M), c).numpy()
     assert_in_simplex(w)
     g0 = J.mean(0)
     r = c * np.linalg.norm(g0)
@@ -434,7 +435,7 @@ def check_cagrad(J: np.ndarray, c: float):
     # strong duality, an optimality certificate for both w and d: d is feasible for
     # max_d min_i <g_i, d> s.t. ||d - g0|| <= r, and its value equals the dual value F(w)
     for rescale in (False, True):
-        coefficients = solvers.cagrad_coefficients(torch.from_numpy(M), c, rescale=rescale).numpy()
+        coefficients = cagrad_coefficients(torch.from_numpy(M), c, rescale=rescale).numpy()
         assert np.all(np.isfinite(coefficients))
         d = coefficients @ J * ((1 + c * c) if rescale else 1.0)
         assert np.linalg.norm(d - g0) <= r * (1 + 1e-12) + 1e-14 * np.sqrt(scale)
@@ -457,7 +458,7 @@ def test_cagrad_kkt_and_duality(kind, K, n, c):
 @pytest.mark.parametrize("seed", range(3))
 def test_cagrad_grid(K, kind, seed):
     J = make_jacobian(kind, K, 3, seed)
-    w = solvers.cagrad_weights(gramian(J), 0.5).numpy()
+    w = cagrad_weights(gramian(J), 0.5).numpy()
     grid = simplex_grid(K, 400 if K == 3 else 20000)
     assert cagrad_objective(J, w, 0.5) <= cagrad_objective(J, grid, 0.5).min() + TOL * scale_of(J)
 
@@ -484,7 +485,7 @@ def test_cagrad_two_tasks_closed_form():
         y = (q * e_norm - e @ g2) / e_norm**2
         if not 0 < y < 1:
             continue
-        w = solvers.cagrad_weights(gramian(J), 0.5).numpy()
+        w = cagrad_weights(gramian(J), 0.5).numpy()
         np.testing.assert_allclose(w, [y, 1 - y], rtol=1e-10, atol=1e-12)
         checked += 1
     assert checked > 20
@@ -492,8 +493,8 @@ def test_cagrad_two_tasks_closed_form():
 
 def test_cagrad_degenerate_values():
     g = np.array([[1.0, 2.0, -0.5]])
-    cw = lambda J, c=0.5: solvers.cagrad_weights(gramian(J), c).numpy()  # noqa: E731
-    cc = lambda J, c=0.5, **kw: solvers.cagrad_coefficients(gramian(J), c, **kw).numpy()  # noqa: E731
+    cw = lambda J, c=0.5: cagrad_weights(gramian(J), c).numpy()  # noqa: E731
+    cc = lambda J, c=0.5, **kw: cagrad_coefficients(gramian(J), c, **kw).numpy()  # noqa: E731
     np.testing.assert_array_equal(cw(g), [1.0])
     np.testing.assert_allclose(cc(g), [1.5], rtol=1e-15)  # d = g0 + c ||g|| g / ||g||
     np.testing.assert_allclose(cc(g, rescale=True), [1.5 / 1.25], rtol=1e-15)
@@ -526,13 +527,13 @@ def test_cagrad_degenerate_values():
 @pytest.mark.parametrize("kind,K,n", cases(ks=(2, 3, 5, 10)))
 def test_scale_invariance(kind, K, n, factor):
     M = gramian(make_jacobian(kind, K, n))
-    for fn in (solvers.min_norm_simplex, solvers.dual_cone_weights, solvers.cagrad_weights):
+    for fn in (solvers.min_norm_simplex, solvers.dual_cone_weights, cagrad_weights):
         torch.testing.assert_close(fn(M * factor), fn(M), rtol=1e-9, atol=1e-10)
     # Nash: a(t M) = a(M) / sqrt(t), as well as M's conditioning allows (the ridge-dominated
     # solutions of singular M have condition numbers ~1 / ridge = 1e8)
     if kind != "all_zero":  # a = 1 there, documented
         torch.testing.assert_close(
-            solvers.nash_bargaining(M * factor) * factor**0.5, solvers.nash_bargaining(M), rtol=nash_rtol(M), atol=0
+            nash_bargaining(M * factor) * factor**0.5, nash_bargaining(M), rtol=nash_rtol(M), atol=0
         )
 
 
@@ -557,16 +558,16 @@ def test_permutation_equivariance(kind, K, n):
     close(c_permuted @ Jt[index], c @ Jt)
     W, W_permuted = solvers.dual_cone_weights(M), solvers.dual_cone_weights(M_permuted)
     close(W_permuted @ Jt[index], (W @ Jt)[index])  # the projections p_i
-    coefficients = solvers.cagrad_coefficients(M)
-    coefficients_permuted = solvers.cagrad_coefficients(M_permuted)
+    coefficients = cagrad_coefficients(M)
+    coefficients_permuted = cagrad_coefficients(M_permuted)
     close(coefficients_permuted @ Jt[index], coefficients @ Jt)
     if unique or kind in ("zero_row", "all_zero"):
         close(c_permuted, c[index])
         close(W_permuted, W[index][:, index])
     if unique and kind != "identical":  # for identical gradients every w is optimal
-        close(solvers.cagrad_weights(M_permuted), solvers.cagrad_weights(M)[index])
+        close(cagrad_weights(M_permuted), cagrad_weights(M)[index])
         close(coefficients_permuted, coefficients[index])
-    a, a_permuted = solvers.nash_bargaining(M), solvers.nash_bargaining(M_permuted)
+    a, a_permuted = nash_bargaining(M), nash_bargaining(M_permuted)
     torch.testing.assert_close(a_permuted, a[index], rtol=nash_rtol(M), atol=0)
 
 
@@ -591,7 +592,7 @@ def test_property_all_solvers(K, n, seed, kind, c):
     assert ((W @ J) @ J.T).min() >= -TOL * scale
     for i in range(K):
         assert_dual_cone_projection(J, J[i], W[i] @ J)
-    a = solvers.nash_bargaining(M).numpy()
+    a = nash_bargaining(M).numpy()
     assert np.all(a > 0)
     if np.trace(J @ J.T) > 0:
         assert nash_residual(ridged(J @ J.T, 1e-8), a) <= 1e-13

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.solvers import as_float64_gramian
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -18,8 +19,12 @@ class AlignedMTL(GradientWeighting):
     B = sigma V diag(lambda)^-1/2 V^T and c = B w with w = 1/K: the task gradients are replaced
     by orthogonal ones of equal norm sigma spanning the same space, condition number 1.
     Eigenvalues below lambda_max K eps (rank deficiency: identical, opposite or zero gradients)
-    are dropped, as in the paper's code. sigma = sqrt of the smallest kept eigenvalue ('min', the
+    are dropped, as in the paper's code, with eps that of the Gramian's dtype. sigma = sqrt of the smallest kept eigenvalue ('min', the
     paper), of their median ('median') or of their mean ('rmse').
+
+    Properties (tests/weighting/test_solver_properties.py): permutation invariant, d(s J) =
+    s d(J) for s > 0; not non-conflicting (J d = sigma V diag(lambda)^1/2 V^T 1 / K can have
+    negative entries), not linear under scaling.
     """
 
     def __init__(self, shared_params, tasks, *, scale_mode: str = "min", **kwargs) -> None:
@@ -29,10 +34,12 @@ class AlignedMTL(GradientWeighting):
         self.scale_mode = scale_mode
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        m = gramian.detach().to("cpu", torch.float64)
+        m, _ = as_float64_gramian(gramian)
         k = m.shape[0]
         eigenvalues, eigenvectors = torch.linalg.eigh(m)
-        kept = eigenvalues > eigenvalues.max() * k * torch.finfo(torch.float64).eps
+        # the cutoff of the paper's code, at the accuracy of the dtype the Gramian came in
+        # (float64's eps on a float32 Gramian keeps its noise eigenvalues, and 'min' collapses)
+        kept = eigenvalues > eigenvalues.max() * k * torch.finfo(gramian.dtype).eps
         if not bool(kept.any()):  # all gradients zero
             return torch.zeros(k, dtype=gramian.dtype)
         eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import min_norm_simplex
+from fusedmtl.weighting.solvers import as_float64_gramian, min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -29,6 +29,10 @@ class MGDA(GradientWeighting):
 
     Representation mode (``backward(losses, features=z)``) is MGDA-UB: the Gramian of the
     gradients with respect to the shared features, one trunk backward.
+
+    Properties (tests/weighting/test_solver_properties.py): non-conflicting, permutation
+    invariant, d(s J) = s^p d(J) (p = 0 with 'l2', 1 with 'none'); not linear under scaling and
+    not strongly stationary (d = 0 whenever 0 is in the hull, weakly stationary J included).
     """
 
     def __init__(self, shared_params, tasks, *, normalization: str = "l2", **kwargs) -> None:
@@ -38,10 +42,13 @@ class MGDA(GradientWeighting):
         self.normalization = normalization
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian64 = gramian.detach().to("cpu", torch.float64)
+        gramian64, _ = as_float64_gramian(gramian)  # at the accuracy of the Gramian's dtype
         scales = torch.ones(gramian64.shape[0], dtype=torch.float64)
         if self.normalization in ("l2", "loss+"):
-            scales = scales / (gramian64.diagonal().clamp_min(0).sqrt() + self.eps)
+            # 1 / norm, not 1 / (norm + eps): an absolute eps would turn tiny gradients'
+            # directions (it is invariant to scaling the losses); a zero gradient gets 0
+            norms = gramian64.diagonal().clamp_min(0).sqrt()
+            scales = torch.where(norms > 0, scales / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"MGDA: normalization {self.normalization!r} needs the losses")

@@ -16,6 +16,11 @@ class UPGrad(GradientWeighting):
     gradient when no two gradients conflict. The K projections are K small non-negative QPs on
     the Gramian (:func:`~fusedmtl.weighting.solvers.dual_cone_weights`), solved exactly without
     a QP library.
+
+    Properties (tests/weighting/test_solver_properties.py): non-conflicting, permutation
+    invariant, linear under scaling, strongly stationary. For a low-precision Gramian the K
+    projections carry a ridge at its resolution (bounded weights, no dependence on the task
+    order; see :func:`~fusedmtl.weighting.solvers.lower_bounded_min_norm`).
     """
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
