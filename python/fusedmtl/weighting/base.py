@@ -27,6 +27,10 @@ Losses = Sequence[Tensor] | Mapping[str, Tensor]
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 
 
+def _count(tasks: int | Sequence[str]) -> int:
+    return tasks if isinstance(tasks, int) else len(list(tasks))
+
+
 class SkipStep(Exception):
     """Raised inside a weighting when the step is skipped (non-finite losses, policy 'skip')."""
 
@@ -70,6 +74,38 @@ class Weighting(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    @classmethod
+    def example(cls, tasks: int | Sequence[str], shared_params=None, **overrides) -> Weighting:
+        """A ready instance with settings fit for tests, the benchmark and the demo (the
+        registries LOSS_BASED and GRADIENT_BASED map names to classes; this builds any of them
+        the same way).
+
+        Args:
+            tasks: the number of tasks K, or their names.
+            shared_params: the shared parameters (an iterable of tensors, e.g.
+                ``trunk.parameters()``): required by gradient-based methods, ignored by
+                loss-based ones.
+            **overrides: constructor arguments that replace the example's settings (e.g. the
+                priors of PriorLoss computed from the data).
+
+        Returns:
+            An instance of ``cls``: its defaults, plus what a method cannot run without or
+            runs better with in a short deterministic run (PriorLoss's priors, GradNorm's last
+            shared layer, fixed seeds, DWA's period), see :meth:`_example_settings`.
+        """
+        params = None if shared_params is None else list(shared_params)
+        settings = {**cls._example_settings(_count(tasks), params), **overrides}
+        return cls._from_settings(tasks, params, settings)
+
+    @classmethod
+    def _example_settings(cls, num_tasks: int, shared_params: list[Tensor] | None) -> dict:
+        """The constructor arguments :meth:`example` gives beyond the tasks (none by default)."""
+        return {}
+
+    @classmethod
+    def _from_settings(cls, tasks, shared_params: list[Tensor] | None, settings: dict) -> Weighting:
+        return cls(tasks, **settings)
 
     def log(self) -> dict[str, float]:
         """The last step's weights (and gradient norms and cosine similarities, where known) as

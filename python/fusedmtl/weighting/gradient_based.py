@@ -70,6 +70,12 @@ class GradientWeighting(Weighting):
         self.track_conflict = track_conflict
         self.eps = float(eps)
 
+    @classmethod
+    def _from_settings(cls, tasks, shared_params, settings: dict) -> GradientWeighting:
+        if shared_params is None:
+            raise ValueError(f"{cls.__name__}.example: a gradient-based method needs shared_params")
+        return cls(shared_params, tasks, **settings)
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The coefficients c (Tensor[K]) of d = sum_i c_i g_i from the Gramian (Tensor[K, K]; only
         its diagonal is meaningful when ``needs_full_gramian`` is False) and the detached losses

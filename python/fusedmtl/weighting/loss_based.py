@@ -128,6 +128,12 @@ class PriorLoss(LossWeighting):
         self.register_buffer("priors", priors)
         self.eps = float(eps)
 
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        # Made-up priors 1, 2, ..., K (distinct, so the weights are not uniform); real data
+        # gives them from its labels (prior_loss_classification & co).
+        return {"priors": [float(i + 1) for i in range(num_tasks)]}
+
     def total(self, values):
         return _weighted(values, 1.0 / (self.priors + self.eps))
 
@@ -235,6 +241,10 @@ class DWA(LossWeighting):
         self.register_buffer("periods_done", torch.tensor(0))
         self.register_buffer("weights", torch.ones(k, dtype=torch.float64))
 
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        return {"period_steps": 2}  # the weights move within a few steps
+
     def end_period(self) -> None:
         """Closes the current period: its mean losses enter the history, the weights update."""
         if int(self.period_count) == 0:
@@ -266,6 +276,10 @@ class RLW(LossWeighting):
     def __init__(self, tasks, seed: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)
         self._generator = SharedGenerator(seed)
+
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        return {"seed": 0}
 
     def total(self, values):
         z = torch.randn(self.num_tasks, generator=self._generator.get(), dtype=torch.float64)

@@ -61,6 +61,15 @@ class GradNorm(GradientWeighting):
             self, "task_weights", weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025))
         )
 
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        # W: the last weight matrix of the shared parameters and what follows it (its bias),
+        # the last layer of a trunk listed in order (trunk.parameters()).
+        if not shared_params:
+            return {}
+        matrices = [i for i, p in enumerate(shared_params) if p.dim() >= 2]
+        return {"last_shared_layer": shared_params[matrices[-1] if matrices else -1:]}
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         if losses is None:
             raise ValueError("GradNorm needs the losses")

@@ -27,6 +27,10 @@ class PCGrad(GradientWeighting):
         super().__init__(shared_params, tasks, **kwargs)
         self._generator = SharedGenerator(seed)
 
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        return {"seed": 0}
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         m = gramian.detach().to("cpu", torch.float64)
         k = m.shape[0]
