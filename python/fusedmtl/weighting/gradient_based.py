@@ -119,7 +119,8 @@ class GradientWeighting(Weighting):
         )
         if features is None:
             distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
-        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True)
+        specific = [g for _, g in grads.specific]
+        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True, checked=specific)
         if coeffs is None:
             return None
         if features is not None:  # (else averaged above)
@@ -144,9 +145,12 @@ class GradientWeighting(Weighting):
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         return self._weigh(table, values, 1.0, None, None, False, owned=False)
 
-    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool) -> Tensor | None:
+    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool,
+               checked: Sequence[Tensor] = ()) -> Tensor | None:
         """Gramian, coefficients, update: everything after the per-task gradients (``owned``:
-        the gradients are this step's temporaries, free to be modified)."""
+        the gradients are this step's temporaries, free to be modified; ``checked``: other
+        gradients of this step whose finiteness decides, with the Gramian's, whether the step
+        counts: the task-specific ones)."""
         representation = features is not None
         table, table_scale = self._task_table(table, values, scale, representation, owned)
         gramian = self._gramian(table, representation)
@@ -157,10 +161,13 @@ class GradientWeighting(Weighting):
             gramian = distributed.sum_(gramian) / size**2
         if table_scale != 1.0:
             gramian = gramian / table_scale**2
-        coeffs = self._coefficients_or_passthrough(gramian, values, grad_scaler)
+        coeffs, finite = self._coefficients_or_passthrough(
+            gramian, values, grad_scaler, [*checked, *self._not_in_gramian(table, representation)]
+        )
         if coeffs is None:
             return None
-        self._commit(table)
+        if finite:  # a step the scaler skips (or 'ignore' lets through) leaves the state as it was
+            self._commit(table)
         coeffs = coeffs.to(device=gramian.device)
         # The table carries the loss scale: so must the update, which the scaler then unscales.
         applied = coeffs * (scale / table_scale) if scale != table_scale else coeffs
@@ -188,25 +195,34 @@ class GradientWeighting(Weighting):
             return multi_tensor.gramian(shared)
         return torch.diag_embed(multi_tensor.gramian(shared, diagonal_only=True))
 
-    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler) -> Tensor | None:
-        """The method's coefficients, logged; with non-finite gradients either the policy
-        (without a scaler) or ones (with a scaler, which then skips the step)."""
-        if not bool(gramian.isfinite().all()):
+    def _not_in_gramian(self, table, representation: bool) -> list[Tensor]:
+        """The task gradients the Gramian does not cover (their finiteness is checked apart)."""
+        return []
+
+    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler,
+                                     checked: Sequence[Tensor] = ()) -> tuple[Tensor | None, bool]:
+        """(the method's coefficients, logged, True); with non-finite gradients (in the Gramian
+        or ``checked``) either the policy (without a scaler) or ones (with a scaler, which then
+        skips the step), and False: the method's state is not updated."""
+        finite = gramian.isfinite().all()
+        if checked:  # one host read either way
+            finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(finite.device)
+        if not bool(finite):
             if grad_scaler is None:
                 message = f"{type(self).__name__}: non-finite task gradients"
                 if self.on_nonfinite == "raise":
                     raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
                 if self.on_nonfinite == "skip":
                     warnings.warn(message + "; skipping this step", stacklevel=3)
-                    return None
-            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
+                    return None, False
+            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device), False
         coeffs = self.coefficients(gramian, values)
         norms = gramian.diagonal().clamp_min(0).sqrt()
         self.last_weights = coeffs.detach()
         self.last_grad_norms = norms
         if self.needs_full_gramian or self.track_conflict:
             self.last_cosine = gramian / (norms[:, None] * norms[None, :]).clamp_min(self.eps)
-        return coeffs
+        return coeffs, True
 
     def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
         combined = multi_tensor.combine(feature_grads, coeffs)

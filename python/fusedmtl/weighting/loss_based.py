@@ -16,16 +16,21 @@ process with the whole batch.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from torch import Tensor
 
 from fusedmtl.weighting.base import Losses, SkipStep, Weighting
+from fusedmtl.weighting.task_gradients import reachable_leaves
 
 
 class LossWeighting(Weighting):
-    """Base class: subclasses implement :meth:`total`."""
+    """Base class: subclasses implement :meth:`total`, and set ``has_step_state`` when it
+    updates state (see :meth:`backward` with a GradScaler)."""
+
+    has_step_state = False
 
     def forward(self, losses: Losses) -> Tensor:
         """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is skipped)."""
@@ -43,13 +48,21 @@ class LossWeighting(Weighting):
 
     def backward(self, losses: Losses, grad_scaler: torch.amp.GradScaler | None = None, retain_graph: bool = False) -> Tensor | None:
         """Backpropagates the total (scaled by ``grad_scaler`` if given); returns the weights
-        (None if the step was skipped)."""
+        (None if the step was skipped).
+
+        With a scaler, a method with step state (``has_step_state``) keeps it as it was when the
+        backward pass leaves a non-finite .grad on any leaf the total reaches: the step the scaler
+        then skips (one host read of those gradients' finiteness per such step)."""
+        scaling = grad_scaler is not None and grad_scaler.is_enabled()
+        saved = copy.deepcopy(self.state_dict()) if scaling and self.has_step_state else None
         total = self(losses)
         if total.grad_fn is None:
             return None
-        if grad_scaler is not None:
+        if scaling:
             total = grad_scaler.scale(total)
         total.backward(retain_graph=retain_graph)
+        if saved is not None and not _grads_finite(total):
+            self.load_state_dict(saved)
         return self.last_weights
 
     def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,3 +75,9 @@ def weighted_total(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """(sum_i w_i L_i, w) for weights that do not depend on the losses' graph."""
     weights = weights.to(values)
     return (weights * values).sum(), weights
+
+
+def _grads_finite(total: Tensor) -> bool:
+    """Whether every leaf ``total`` reaches has a finite .grad (what GradScaler checks)."""
+    grads = [leaf.grad for leaf in reachable_leaves(total, set())[0] if leaf.grad is not None]
+    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())

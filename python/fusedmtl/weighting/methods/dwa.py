@@ -16,6 +16,8 @@ class DWA(LossWeighting):
     to roll over every that many steps.
     """
 
+    has_step_state = True
+
     def __init__(self, tasks, temperature: float = 2.0, period_steps: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)
         self.temperature = float(temperature)

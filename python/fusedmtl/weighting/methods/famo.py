@@ -29,6 +29,8 @@ class FAMO(LossWeighting):
         gamma: the logits' weight decay (regularisation towards equal weights).
     """
 
+    has_step_state = True
+
     def __init__(
         self,
         tasks,

@@ -93,6 +93,12 @@ class GradNorm(GradientWeighting):
         columns = shared if representation else [[row[p] for p in self._layer_columns] for row in shared]
         return torch.diag_embed(multi_tensor.gramian(columns, diagonal_only=True))
 
+    def _not_in_gramian(self, table, representation: bool) -> list[Tensor]:
+        if representation:  # (the Gramian is of all the features)
+            return []
+        layer = set(self._layer_columns)
+        return [g for row in table for p, g in enumerate(row) if p not in layer and g is not None]
+
     def get_extra_state(self) -> dict:
         return {"optimizer": self._optimizer.state_dict()}
 

@@ -20,6 +20,8 @@ class InitialLoss(LossWeighting):
     ignored when ``initial`` is given).
     """
 
+    has_step_state = True
+
     def __init__(self, tasks, initial: Sequence[float] | None = None, steps: int = 1, eps: float = 1e-8, **kwargs) -> None:
         super().__init__(tasks, **kwargs)
         if steps < 1:

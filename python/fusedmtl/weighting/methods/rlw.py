@@ -14,6 +14,8 @@ class RLW(LossWeighting):
     generator seeded by ``seed`` (default: a seed drawn on rank 0 and broadcast), so every rank
     draws the same weights; its state is part of the state_dict."""
 
+    has_step_state = True
+
     def __init__(self, tasks, seed: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)
         self._generator = SharedGenerator(seed)
