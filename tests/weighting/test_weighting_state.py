@@ -112,3 +112,68 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name):
                          ids=["initial_loss-mid-warmup", "nash_mtl-reused-solution"])
 def test_state_dict_round_trip_with_state_of_other_settings(name, settings):
     _check_round_trip(_run(name, **settings), stateful=True)
+
+
+# -- the tasks in the state (issue 19, point 4) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_state_of_other_tasks_is_refused_before_anything_loads(name):
+    model = SharedTrunkNet()
+    source = build(name, model, 2)
+    target = build(name, model, 5)
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="2 tasks"):
+        target.load_state_dict(source.state_dict())
+    for key, value in target.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]) or bool(value.isnan().all()), key
+    with pytest.raises(ValueError, match=r"\['a', 'b'\]"):
+        build(name, model, ["b", "a"]).load_state_dict(build(name, model, ["a", "b"]).state_dict())
+
+
+def test_uncertainty_refuses_swapped_task_names_and_unnamed_tasks_adopt_the_names():
+    from fusedmtl import weighting as W
+
+    saved = W.Uncertainty(["a", "b"], init=0.0)
+    with torch.no_grad():
+        saved.log_vars.copy_(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="tasks"):
+        W.Uncertainty(["b", "a"]).load_state_dict(saved.state_dict())
+    unnamed = W.Uncertainty(2)
+    unnamed.load_state_dict(torch.load(_saved(saved), weights_only=True))
+    assert unnamed.task_names == ["a", "b"] and unnamed.log_vars.tolist() == [1.0, 2.0]
+
+
+def _saved(module) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    return buf
+
+
+# -- optimizer state of FAMO and GradNorm (issue 19, point 9) -----------------------------------
+
+
+def _adam_state(method):
+    return method._optimizer.state_dict()["state"][0]
+
+
+@pytest.mark.parametrize("with_optimizer", ["famo", "gradnorm"])
+def test_loaded_optimizer_state_is_a_copy_and_survives_dtype_moves(with_optimizer):
+    run = _run(with_optimizer)
+    a, ctx = run.build()
+    for t in range(3):
+        run.step(a, ctx, t)
+    b, b_ctx = run.build()
+    b.load_state_dict(a.state_dict())
+    steps = float(_adam_state(a)["step"])
+    run.step(a, ctx, 3)  # a steps on: b's state must not move with it
+    run.step(b, b_ctx, 3)
+    assert float(_adam_state(a)["step"]) == float(_adam_state(b)["step"]) == steps + 1
+    steps = float(_adam_state(a)["step"])
+    a.double()
+    run.step(a, ctx, 4)
+    state = _adam_state(a)
+    assert float(state["step"]) == steps + 1
+    assert state["exp_avg"].dtype == torch.float64

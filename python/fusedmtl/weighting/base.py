@@ -54,6 +54,8 @@ class Weighting(nn.Module):
 
     def __init__(self, tasks: int | Sequence[str], on_nonfinite: str = "raise") -> None:
         super().__init__()
+        if isinstance(tasks, str):
+            raise TypeError(f"{type(self).__name__}: tasks must be a count or a sequence of names, got the string {tasks!r} (for one task named so: [{tasks!r}])")
         if isinstance(tasks, int):
             if tasks < 1:
                 raise ValueError(f"{type(self).__name__}: tasks must be at least 1, got {tasks}")
@@ -67,6 +69,7 @@ class Weighting(nn.Module):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"{type(self).__name__}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        self.register_load_state_dict_pre_hook(_check_tasks_on_load)
         self.last_weights: Tensor | None = None
         self.last_grad_norms: Tensor | None = None
         self.last_cosine: Tensor | None = None
@@ -74,6 +77,13 @@ class Weighting(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    def get_extra_state(self) -> dict:
+        """The tasks (names and count), checked when the state is loaded; subclasses add theirs."""
+        return {"task_names": list(self.task_names), "named": self._named}
+
+    def set_extra_state(self, state: dict) -> None:
+        """(The tasks were checked, and adopted if this module's were unnamed, before loading.)"""
 
     @classmethod
     def example(cls, tasks: int | Sequence[str], shared_params=None, **overrides) -> Weighting:
@@ -172,3 +182,20 @@ class Weighting(nn.Module):
             raise SkipStep(message)
         size = distributed.world_size()
         return distributed.sum_(values) / size if size > 1 else values
+
+
+def _check_tasks_on_load(module: Weighting, state_dict, prefix, *args) -> None:
+    """Before anything is loaded: the state's tasks must be this module's (same count; same names
+    in the same order when both are named); unnamed tasks take the state's names."""
+    extra = state_dict.get(prefix + "_extra_state")
+    if not isinstance(extra, Mapping) or "task_names" not in extra:
+        return  # a state saved without them (strict loading reports the missing key)
+    saved, named = [str(n) for n in extra["task_names"]], bool(extra.get("named", True))
+    name = type(module).__name__
+    if len(saved) != module.num_tasks or (named and module._named and saved != module.task_names):
+        raise ValueError(
+            f"{name}.load_state_dict: the state is of {len(saved)} tasks {saved}, this {name} has "
+            f"{module.num_tasks} tasks {module.task_names}"
+        )
+    if named and not module._named:
+        module.task_names, module._named = saved, True

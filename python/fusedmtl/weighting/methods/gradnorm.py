@@ -100,7 +100,8 @@ class GradNorm(GradientWeighting):
         return [g for row in table for p, g in enumerate(row) if p not in layer and g is not None]
 
     def get_extra_state(self) -> dict:
-        return {"optimizer": self._optimizer.state_dict()}
+        return {**super().get_extra_state(), "optimizer": self._optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._optimizer.load_state_dict(state["optimizer"])

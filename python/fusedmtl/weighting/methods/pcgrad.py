@@ -46,7 +46,8 @@ class PCGrad(GradientWeighting):
         return projections.sum(0).to(gramian.dtype)
 
     def get_extra_state(self) -> dict:
-        return {"generator": self._generator.state_dict()}
+        return {**super().get_extra_state(), "generator": self._generator.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._generator.load_state_dict(state["generator"])
