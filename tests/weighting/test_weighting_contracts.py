@@ -353,3 +353,81 @@ def test_permuting_the_tasks_permutes_the_coefficients(name):
     coeffs = cls.example(4, jacobian_params()).step(split_rows(jacobian), losses)
     permuted = cls.example(4, jacobian_params()).step(split_rows(jacobian[perm]), losses[perm])
     torch.testing.assert_close(permuted, coeffs[perm], rtol=1e-7, atol=1e-10)
+
+
+# -- issue 19's reproductions -------------------------------------------------------------------
+
+
+def _prelude():
+    torch.manual_seed(0)
+    trunk, heads = torch.nn.Linear(4, 8), [torch.nn.Linear(8, 1) for _ in range(2)]
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    return trunk, heads, lambda: [torch.nn.functional.mse_loss(h(trunk(x)), y) for h in heads]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_db_mtl_detached_and_expanded_gradient_losses(beta):
+    """Point 3: a loss without a path warns and counts as zero; p.sum() (an expanded gradient)
+    is not written in place."""
+    trunk, _, losses = _prelude()
+    method = W.DBMTL(trunk.parameters(), 2, beta=beta)
+    first, second = losses()
+    with pytest.warns(UserWarning, match="no path"):
+        method.backward([first, second.detach()])
+    assert all(bool(p.grad.isfinite().all()) for p in trunk.parameters())
+    trunk.zero_grad()
+    method.backward([first.detach() * 0 + trunk.weight.sum(), losses()[1]])
+    assert all(bool(p.grad.isfinite().all()) for p in trunk.parameters())
+
+
+def test_all_losses_detached_raise_and_one_detached_warns_on_both_sides():
+    """Point 6."""
+    trunk, _, losses = _prelude()
+    for method in (W.RealTime(2), W.MGDA(trunk.parameters(), 2)):
+        with pytest.raises(RuntimeError, match="requires grad"):
+            method.backward([loss.detach() for loss in losses()])
+    first, second = losses()
+    with pytest.warns(UserWarning, match="'1'"):
+        W.RealTime(2).backward([first, second.detach()])
+
+
+def test_step_checks_the_losses():
+    """Point 10: DBMTL.step without losses, and a wrong number of losses."""
+    grads = split_rows(make_jacobian(2, 0))
+    with pytest.raises(ValueError, match="needs the losses"):
+        W.DBMTL(jacobian_params(), 2).step(grads)
+    for name in GRADIENT_NAMES:
+        with pytest.raises(ValueError, match="expected 2 losses"):
+            W.GRADIENT_BASED[name].example(2, jacobian_params()).step(grads, torch.ones(3))
+
+
+def test_features_empty_or_off_the_loss_path_raise():
+    """Point 10: features=[] or features no loss depends on."""
+    trunk, heads, losses = _prelude()
+    method = W.MGDA(trunk.parameters(), 2)
+    with pytest.raises(ValueError, match=r"features=\[\]"):
+        method.backward(losses(), features=[])
+    with pytest.raises(ValueError, match="no loss depends on the features"):
+        method.backward(losses(), features=trunk(torch.randn(3, 4)))
+
+
+def test_task_arguments_are_checked_at_construction():
+    """Point 10: a string is not a list of names; more than 64 tasks fail at once."""
+    with pytest.raises(TypeError, match="string"):
+        W.Fixed("depth")
+    trunk, _, _ = _prelude()
+    with pytest.raises(ValueError, match="at most 64"):
+        W.MGDA(trunk.parameters(), 65)
+    assert W.Fixed(65).num_tasks == 65
+
+
+@pytest.mark.parametrize("cls", [W.MGDA, W.IMTLG])
+def test_a_zero_gradient_task_taking_all_the_weight_is_warned_once(cls, model, batch):
+    l0, l1, l2 = model_losses(model, batch)
+    method = cls(model.shared, ["depth", "seg", "cls"])
+    with pytest.warns(UserWarning, match=r"\['depth'\]"):
+        method.backward([0.0 * l0, l1, l2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        l0, l1, l2 = model_losses(model, batch)
+        method.backward([0.0 * l0, l1, l2])

@@ -28,6 +28,8 @@ from fusedmtl.weighting import distributed
 from fusedmtl.weighting.base import Losses, SkipStep, Weighting
 from fusedmtl.weighting.task_gradients import task_gradients
 
+MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
+
 
 class GradientWeighting(Weighting):
     """Base class of the methods that weight task gradients.
@@ -47,6 +49,9 @@ class GradientWeighting(Weighting):
     """
 
     needs_full_gramian = True
+    # Whether one task with an exactly zero gradient takes all the weight (MGDA, IMTL-G): warned
+    # once per task, as the shared update is then zero.
+    zero_gradient_takes_all = False
 
     def __init__(
         self,
@@ -59,6 +64,8 @@ class GradientWeighting(Weighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(tasks, on_nonfinite)
+        if self.num_tasks > MAX_TASKS:
+            raise ValueError(f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' limit), got {self.num_tasks}")
         params = list(shared_params)
         if not params:
             raise ValueError(f"{type(self).__name__}: no shared parameters given")
@@ -69,6 +76,7 @@ class GradientWeighting(Weighting):
         self.grad_mode = grad_mode
         self.track_conflict = track_conflict
         self.eps = float(eps)
+        self._warned_zero: set[str] = set()
 
     @classmethod
     def _from_settings(cls, tasks, shared_params, settings: dict) -> GradientWeighting:
@@ -104,12 +112,16 @@ class GradientWeighting(Weighting):
             values = self._loss_values(torch.stack([loss.detach() for loss in losses]))
         except SkipStep:
             return None
+        if not any(loss.requires_grad for loss in losses):
+            raise RuntimeError(f"{type(self).__name__}.backward: no loss requires grad (all are detached)")
         scale = 1.0
         if grad_scaler is not None and grad_scaler.is_enabled():
             losses = [grad_scaler.scale(loss) for loss in losses]
             scale = float(grad_scaler.get_scale())
         if features is not None:
             features = [features] if isinstance(features, Tensor) else list(features)
+            if not features:
+                raise ValueError(f"{type(self).__name__}.backward: features=[]: give the shared representation(s) or None")
         grads = task_gradients(
             losses,
             features if features is not None else self._shared,
@@ -117,6 +129,11 @@ class GradientWeighting(Weighting):
             retain_graph=retain_graph or features is not None,
             names=self.task_names,
         )
+        if features is not None and not any(grads.reached):
+            raise ValueError(
+                f"{type(self).__name__}.backward: no loss depends on the features given: pass the "
+                "shared representation the heads read"
+            )
         if features is None:
             distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
         specific = [g for _, g in grads.specific]
@@ -143,6 +160,8 @@ class GradientWeighting(Weighting):
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
+        if values is not None and values.numel() != self.num_tasks:
+            raise ValueError(f"{type(self).__name__}.step: expected {self.num_tasks} losses, got {values.numel()}")
         return self._weigh(table, values, 1.0, None, None, False, owned=False)
 
     def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool,
@@ -217,12 +236,25 @@ class GradientWeighting(Weighting):
                     return None, False
             return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device), False
         coeffs = self.coefficients(gramian, values)
+        if self.zero_gradient_takes_all:  # (these methods read the Gramian on the host anyway)
+            self._warn_zero_gradients(gramian)
         norms = gramian.diagonal().clamp_min(0).sqrt()
         self.last_weights = coeffs.detach()
         self.last_grad_norms = norms
         if self.needs_full_gramian or self.track_conflict:
             self.last_cosine = gramian / (norms[:, None] * norms[None, :]).clamp_min(self.eps)
         return coeffs, True
+
+    def _warn_zero_gradients(self, gramian: Tensor) -> None:
+        zero = (gramian.diagonal() == 0).cpu().tolist()
+        new = [task for task, z in zip(self.task_names, zero) if z and task not in self._warned_zero]
+        if new and not all(zero):
+            self._warned_zero.update(new)
+            warnings.warn(
+                f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the method then "
+                "puts all the weight on them and the shared update is zero (warned once per task)",
+                stacklevel=4,
+            )
 
     def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
         combined = multi_tensor.combine(feature_grads, coeffs)

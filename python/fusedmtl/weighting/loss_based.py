@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -35,6 +36,10 @@ class LossWeighting(Weighting):
     def forward(self, losses: Losses) -> Tensor:
         """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is skipped)."""
         checked = self._checked_losses(losses)
+        if torch.is_grad_enabled() and any(loss.requires_grad for loss in checked):
+            for task, loss in zip(self.task_names, checked):
+                if not loss.requires_grad:
+                    warnings.warn(f"task {task!r}: its loss does not require grad; it contributes no gradient", stacklevel=3)
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
         stacked = torch.stack([loss.to(dtype) for loss in checked])
         try:
@@ -56,7 +61,9 @@ class LossWeighting(Weighting):
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         saved = copy.deepcopy(self.state_dict()) if scaling and self.has_step_state else None
         total = self(losses)
-        if total.grad_fn is None:
+        if not total.requires_grad:
+            raise RuntimeError(f"{type(self).__name__}.backward: no loss requires grad (all are detached)")
+        if total.grad_fn is None:  # the step was skipped
             return None
         if scaling:
             total = grad_scaler.scale(total)

@@ -24,6 +24,7 @@ class TaskGradients:
 
     shared: list[list[Tensor | None]]
     specific: list[tuple[Tensor, Tensor]]
+    reached: list[bool] | None = None  # per task: whether its loss reaches a shared input
 
 
 def task_gradients(
@@ -54,6 +55,7 @@ def task_gradients(
         result = _batched(losses, shared, specific, retain_graph)
     else:
         result = _loop(losses, shared, specific, retain_graph)
+    result.reached = reaches_shared
     for i, reaches in enumerate(reaches_shared):
         if not reaches:
             name = names[i] if names is not None else i

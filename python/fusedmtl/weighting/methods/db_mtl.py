@@ -50,16 +50,17 @@ class DBMTL(GradientWeighting):
     def _task_table(self, shared, values, scale, representation, owned):
         if representation and self.beta > 0:
             raise ValueError("DBMTL: representation mode needs beta=0 (no running average over features)")
+        if values is None:
+            raise ValueError("DBMTL.step: needs the losses (Tensor[K]): its gradients are those of log L_i")
         inverse = 1.0 / (values.double().clamp_min(self.eps) * scale)
         if self.beta == 0:  # h_i = g_i / L_i: in place when the gradients are this step's temporaries
             table = []
             for row, factor in zip(shared, inverse.unbind()):  # 0-dim tensors: no host sync
                 present = [p for p, g in enumerate(row) if g is not None]
                 grads = [row[p] for p in present]
-                if owned:
-                    torch._foreach_mul_(grads, factor)
-                else:
-                    grads = torch._foreach_mul(grads, factor)
+                # in place only on this step's own dense gradients (autograd may hand back an
+                # expanded one, whose elements share memory)
+                grads = [g.mul_(factor) if owned and g.is_contiguous() else g * factor for g in grads]
                 row = list(row)
                 for p, g in zip(present, grads):
                     row[p] = g
@@ -70,7 +71,7 @@ class DBMTL(GradientWeighting):
         for i, row in enumerate(shared):
             averages = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(self._shared))]
             if owned:  # overwrite this step's gradients (a parameter not reached gets a tensor)
-                out = [g if g is not None else torch.empty_like(h) for g, h in zip(row, averages)]
+                out = [g if g is not None and g.is_contiguous() else torch.empty_like(h) for g, h in zip(row, averages)]
             else:
                 out = self._spare_averages(i)
             coeffs = torch.stack([beta_t, (1.0 - beta_t) * inverse[i]])

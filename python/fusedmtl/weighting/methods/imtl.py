@@ -21,6 +21,8 @@ class IMTLG(GradientWeighting):
     norm eps.
     """
 
+    zero_gradient_takes_all = True
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         m = gramian.detach().to("cpu", torch.float64)
         k = m.shape[0]

@@ -31,6 +31,8 @@ class MGDA(GradientWeighting):
     gradients with respect to the shared features, one trunk backward.
     """
 
+    zero_gradient_takes_all = True
+
     def __init__(self, shared_params, tasks, *, normalization: str = "l2", **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if normalization not in NORMALIZATIONS:
