@@ -431,3 +431,24 @@ def test_a_zero_gradient_task_taking_all_the_weight_is_warned_once(cls, model, b
         warnings.simplefilter("error")
         l0, l1, l2 = model_losses(model, batch)
         method.backward([0.0 * l0, l1, l2])
+
+
+# -- coefficients(gramian) alone (issue 14) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in GRADIENT_NAMES if n != "gradnorm"])  # (its state is of W)
+def test_coefficients_alone_without_shared_params_or_tasks(name):
+    """Built with no arguments, as torchjd's weightings are used: K comes from the Gramian, the
+    coefficients are those of a fully built instance; stepping asks for what is missing."""
+    jacobian = make_jacobian(3, 2, conflicting=True)
+    gramian, losses = jacobian @ jacobian.T, torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    cls = W.GRADIENT_BASED[name]
+    settings = {"seed": 0} if name == "pcgrad" else {}
+    alone = cls(**settings)
+    torch.testing.assert_close(alone.coefficients(gramian, losses),
+                               cls.example(3, jacobian_params()).coefficients(gramian, losses), rtol=0, atol=0)
+    assert alone.num_tasks == 3
+    with pytest.raises(ValueError, match="for 3 tasks"):
+        alone.coefficients(torch.eye(2, dtype=torch.float64), losses[:2])
+    with pytest.raises(ValueError, match="only computes coefficients"):
+        alone.step(split_rows(jacobian), losses)

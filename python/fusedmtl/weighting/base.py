@@ -52,11 +52,18 @@ class Weighting(nn.Module):
     ``last_cosine`` Tensor[K, K] (when the method computes the full Gramian, or track_conflict).
     """
 
-    def __init__(self, tasks: int | Sequence[str], on_nonfinite: str = "raise") -> None:
+    # Whether tasks=None is allowed: K then comes from the first Gramian (coefficients only).
+    _tasks_optional = False
+
+    def __init__(self, tasks: int | Sequence[str] | None, on_nonfinite: str = "raise") -> None:
         super().__init__()
+        if tasks is None and not self._tasks_optional:
+            raise TypeError(f"{type(self).__name__}: tasks (a count or the task names) is required")
         if isinstance(tasks, str):
             raise TypeError(f"{type(self).__name__}: tasks must be a count or a sequence of names, got the string {tasks!r} (for one task named so: [{tasks!r}])")
-        if isinstance(tasks, int):
+        if tasks is None:
+            self.task_names, self._named = None, False
+        elif isinstance(tasks, int):
             if tasks < 1:
                 raise ValueError(f"{type(self).__name__}: tasks must be at least 1, got {tasks}")
             self.task_names = [str(i) for i in range(tasks)]
@@ -75,12 +82,12 @@ class Weighting(nn.Module):
         self.last_cosine: Tensor | None = None
 
     @property
-    def num_tasks(self) -> int:
-        return len(self.task_names)
+    def num_tasks(self) -> int | None:
+        return len(self.task_names) if self.task_names is not None else None
 
     def get_extra_state(self) -> dict:
         """The tasks (names and count), checked when the state is loaded; subclasses add theirs."""
-        return {"task_names": list(self.task_names), "named": self._named}
+        return {"task_names": list(self.task_names or []), "named": self._named}
 
     def set_extra_state(self, state: dict) -> None:
         """(The tasks were checked, and adopted if this module's were unnamed, before loading.)"""
@@ -192,6 +199,8 @@ def _check_tasks_on_load(module: Weighting, state_dict, prefix, *args) -> None:
         return  # a state saved without them (strict loading reports the missing key)
     saved, named = [str(n) for n in extra["task_names"]], bool(extra.get("named", True))
     name = type(module).__name__
+    if module.task_names is None:
+        module._bind_task_count(len(saved))
     if len(saved) != module.num_tasks or (named and module._named and saved != module.task_names):
         raise ValueError(
             f"{name}.load_state_dict: the state is of {len(saved)} tasks {saved}, this {name} has "

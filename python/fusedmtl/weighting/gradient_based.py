@@ -17,6 +17,7 @@ of sum_i c_i dL_i/dz through the trunk gives the shared update.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -53,10 +54,17 @@ class GradientWeighting(Weighting):
     # once per task, as the shared update is then zero.
     zero_gradient_takes_all = False
 
+    _tasks_optional = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "coefficients" in vars(cls):
+            cls.coefficients = _learning_k(vars(cls)["coefficients"])
+
     def __init__(
         self,
-        shared_params,
-        tasks: int | Sequence[str],
+        shared_params=None,
+        tasks: int | Sequence[str] | None = None,
         *,
         on_nonfinite: str = "raise",
         grad_mode: str = "loop",
@@ -64,12 +72,12 @@ class GradientWeighting(Weighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(tasks, on_nonfinite)
-        if self.num_tasks > MAX_TASKS:
+        if self.num_tasks is not None and self.num_tasks > MAX_TASKS:
             raise ValueError(f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' limit), got {self.num_tasks}")
-        params = list(shared_params)
-        if not params:
+        params = list(shared_params) if shared_params is not None else None
+        if params is not None and not params:
             raise ValueError(f"{type(self).__name__}: no shared parameters given")
-        if any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
+        if params is not None and any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
             raise ValueError(f"{type(self).__name__}: shared parameters must be tensors that require grad")
         # Kept out of the module's parameters: they belong to the model, not the weighting.
         self._shared = params
@@ -107,6 +115,7 @@ class GradientWeighting(Weighting):
             method's update. Non-finite gradients then pass through unweighted, so the scaler sees
             them and skips the step; the method's state is not updated on such steps.
         """
+        self._require_bound("backward")
         losses = self._checked_losses(losses)
         try:
             values = self._loss_values(torch.stack([loss.detach() for loss in losses]))
@@ -153,6 +162,7 @@ class GradientWeighting(Weighting):
         the order of the shared parameters, already averaged across ranks if data-parallel.
         losses: Tensor[K] or K floats, for the methods that use them.
         """
+        self._require_bound("step")
         table = [list(row) for row in task_grads]
         if len(table) != self.num_tasks or any(len(row) != len(self._shared) for row in table):
             raise ValueError(
@@ -163,6 +173,21 @@ class GradientWeighting(Weighting):
         if values is not None and values.numel() != self.num_tasks:
             raise ValueError(f"{type(self).__name__}.step: expected {self.num_tasks} losses, got {values.numel()}")
         return self._weigh(table, values, 1.0, None, None, False, owned=False)
+
+    def _require_bound(self, what: str) -> None:
+        if self._shared is None or self.task_names is None:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: built without shared_params or tasks, this instance "
+                "only computes coefficients(gramian); give both to the constructor to step"
+            )
+
+    def _bind_task_count(self, k: int) -> None:
+        """Tasks learned from the first Gramian (or a loaded state): K names, K-sized state."""
+        self.task_names = [str(i) for i in range(k)]
+        self._init_task_state()
+
+    def _init_task_state(self) -> None:
+        """Allocates the state whose size is the number of tasks (none by default)."""
 
     def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool,
                checked: Sequence[Tensor] = ()) -> Tensor | None:
@@ -275,3 +300,20 @@ def _accumulate_grad(pairs: list[tuple[Tensor, Tensor]]) -> None:
                 leaf.grad = g
             else:
                 leaf.grad.add_(g)
+
+
+def _learning_k(coefficients):
+    """Wraps a method's coefficients(gramian, losses): checks the Gramian's shape and, for an
+    instance built without tasks, takes K from it."""
+
+    @functools.wraps(coefficients)
+    def wrapped(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.coefficients: expected a K x K Gramian, got shape {tuple(gramian.shape)}")
+        if self.task_names is None:
+            self._bind_task_count(gramian.shape[0])
+        elif gramian.shape[0] != self.num_tasks:
+            raise ValueError(f"{type(self).__name__}.coefficients: a {gramian.shape[0]} x {gramian.shape[0]} Gramian for {self.num_tasks} tasks")
+        return coefficients(self, gramian, losses)
+
+    return wrapped

@@ -20,7 +20,7 @@ class CAGrad(GradientWeighting):
     ``c`` = 0 is the plain mean; ``rescale`` divides by 1 + c^2 (the paper's option).
     """
 
-    def __init__(self, shared_params, tasks, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if c < 0:
             raise ValueError(f"CAGrad: c must be non-negative, got {c}")

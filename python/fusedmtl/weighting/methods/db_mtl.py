@@ -31,14 +31,14 @@ class DBMTL(GradientWeighting):
 
     needs_full_gramian = False
 
-    def __init__(self, shared_params, tasks, *, beta: float = 0.9, beta_sigma: float = 0.5, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, beta: float = 0.9, beta_sigma: float = 0.5, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"DBMTL: beta must be in [0, 1), got {beta}")
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.register_buffer("steps_done", torch.tensor(0))
-        self._spare: list[list[Tensor] | None] = [None] * self.num_tasks  # see _spare_averages
-        if self.beta > 0:
+        self._spare: list[list[Tensor] | None] = [None] * (self.num_tasks or 0)  # see _spare_averages
+        if self.beta > 0 and self._shared is not None:
             for i in range(self.num_tasks):
                 for p, param in enumerate(self._shared):
                     self.register_buffer(f"grad_ema_{i}_{p}", torch.zeros_like(param))

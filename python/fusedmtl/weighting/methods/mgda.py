@@ -33,7 +33,7 @@ class MGDA(GradientWeighting):
 
     zero_gradient_takes_all = True
 
-    def __init__(self, shared_params, tasks, *, normalization: str = "l2", **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, normalization: str = "l2", **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"MGDA: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
