@@ -54,6 +54,7 @@ def _batch():
 def _train(case: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     """STEPS steps of SGD on this rank's share of the batch; the final parameters."""
     factory, ddp, representation = CASES[case]
+    torch.manual_seed(0)  # the seed rank 0 draws for RLW and PCGrad: the one-process run's
     net = _net()
     model = nn.parallel.DistributedDataParallel(net) if ddp and world > 1 else net
     method = factory(list(net.trunk.parameters()))
