@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from weighting_cases import SharedTrunkNet
 
 from fusedmtl import weighting
 
@@ -36,15 +37,8 @@ CASES = {
 }
 
 
-class MultiTaskNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1), nn.Linear(8, 4)])
-
-    def forward(self, x):
-        z = self.trunk(x)
-        return z, [head(z) for head in self.heads]
+def _net():
+    return SharedTrunkNet(seed=0, in_dim=6, hidden=16, feat=8, out_dims=(1, 1, 4))
 
 
 def _batch():
@@ -60,8 +54,8 @@ def _batch():
 def _train(case: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     """STEPS steps of SGD on this rank's share of the batch; the final parameters."""
     factory, ddp, representation = CASES[case]
-    torch.manual_seed(0)
-    net = MultiTaskNet().double()
+    torch.manual_seed(0)  # the seed rank 0 draws for RLW and PCGrad: the one-process run's
+    net = _net()
     model = nn.parallel.DistributedDataParallel(net) if ddp and world > 1 else net
     method = factory(list(net.trunk.parameters()))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -55,10 +55,6 @@ class MultiTaskNet(nn.Module):
             {name: nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, out)) for name, out in out_dims.items()}
         )
 
-    @property
-    def last_shared_layer(self) -> nn.Linear:
-        return [m for m in self.trunk if isinstance(m, nn.Linear)][-1]
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.trunk(x)
         return {name: head(z) for name, head in self.heads.items()}
@@ -78,30 +74,21 @@ def loss_fn(kind: str, beta: float) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def make_weighting(name: str, model: MultiTaskNet, problem: Problem, losses: dict[str, str], config: Config) -> W.Weighting:
-    """The weighting ``name`` (a registry key) with sensible arguments for this model and problem."""
+    """The weighting ``name`` (a registry key) from its ``example``, with the settings this
+    problem supplies: priors and kinds from the labels, an epoch as DWA's period, the seed."""
     methods = all_methods()
     if name not in methods:
         raise ValueError(f"unknown weighting method {name!r}; choose from {sorted(methods)}")
-    cls, tasks = methods[name], problem.task_names
-    if name in W.GRADIENT_BASED:
-        shared = list(model.trunk.parameters())
-        if name == "gradnorm":
-            return cls(shared, tasks, last_shared_layer=model.last_shared_layer)
-        if name == "pcgrad":
-            return cls(shared, tasks, seed=config.seed)
-        return cls(shared, tasks)
-    if name == "uncertainty":
-        kinds = ["classification" if t.kind == "classification" else "regression" for t in problem.tasks]
-        return cls(tasks, kinds=kinds)
-    if name == "prior_loss":
-        return cls(tasks, priors=[_prior_loss(problem.y_train[t.name], losses[t.name], config.beta) for t in problem.tasks])
-    if name == "initial_loss":
-        return cls(tasks, steps=10)  # the mean of the first 10 minibatch losses
-    if name == "dwa":
-        return cls(tasks, period_steps=max(1, config.n_train // config.batch_size))  # one epoch
-    if name == "rlw":
-        return cls(tasks, seed=config.seed)
-    return cls(tasks)
+    tasks = problem.task_names
+    settings = {
+        "uncertainty": lambda: {"kinds": ["classification" if t.kind == "classification" else "regression" for t in problem.tasks]},
+        "prior_loss": lambda: {"priors": [_prior_loss(problem.y_train[t.name], losses[t.name], config.beta) for t in problem.tasks]},
+        "initial_loss": lambda: {"steps": 10},  # the mean of the first 10 minibatch losses
+        "dwa": lambda: {"period_steps": max(1, config.n_train // config.batch_size)},  # one epoch
+        "rlw": lambda: {"seed": config.seed},
+        "pcgrad": lambda: {"seed": config.seed},
+    }.get(name, dict)()
+    return methods[name].example(tasks, model.trunk.parameters(), **settings)
 
 
 def _prior_loss(y: Tensor, kind: str, beta: float) -> float:

@@ -1,4 +1,4 @@
-"""Multi-task weighting modules (../shared/METHODS.md, sections 3 and 4).
+"""Multi-task weighting modules (docs/METHODS.md, sections 3 and 4).
 
 Loss-based (``forward(losses)`` is the total loss; ``backward(losses)`` backpropagates it):
 Fixed, InitialLoss, PriorLoss, RealTime, GeneralizedMean, AnchorToMain, Uncertainty, DWA, RLW,
@@ -13,35 +13,37 @@ GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, U
     optimizer.step(); optimizer.zero_grad()
 """
 
-from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
 from fusedmtl.weighting.base import Weighting
+from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.loss_based import LossWeighting
+from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
+from fusedmtl.weighting.methods.anchor_to_main import AnchorToMain
 from fusedmtl.weighting.methods.cagrad import CAGrad
 from fusedmtl.weighting.methods.db_mtl import DBMTL
+from fusedmtl.weighting.methods.dwa import DWA
 from fusedmtl.weighting.methods.famo import FAMO
+from fusedmtl.weighting.methods.fixed import Fixed
+from fusedmtl.weighting.methods.generalized_mean import GeneralizedMean
 from fusedmtl.weighting.methods.grad_normalization import GradNormalization
-from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.methods.gradnorm import GradNorm
 from fusedmtl.weighting.methods.imtl import IMTLG
-from fusedmtl.weighting.loss_based import (
-    DWA,
-    RLW,
-    AnchorToMain,
-    Fixed,
-    GeneralizedMean,
+from fusedmtl.weighting.methods.initial_loss import (
     InitialLoss,
-    LossWeighting,
-    PriorLoss,
-    RealTime,
-    Uncertainty,
     initial_loss_cross_entropy,
     initial_loss_l2,
-    prior_loss_classification,
-    prior_loss_l1,
-    prior_loss_l2,
 )
 from fusedmtl.weighting.methods.mgda import MGDA
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
 from fusedmtl.weighting.methods.pcgrad import PCGrad
+from fusedmtl.weighting.methods.prior_loss import (
+    PriorLoss,
+    prior_loss_classification,
+    prior_loss_l1,
+    prior_loss_l2,
+)
+from fusedmtl.weighting.methods.real_time import RealTime
+from fusedmtl.weighting.methods.rlw import RLW
+from fusedmtl.weighting.methods.uncertainty import Uncertainty
 from fusedmtl.weighting.methods.upgrad import UPGrad
 
 LOSS_BASED = {

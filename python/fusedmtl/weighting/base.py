@@ -27,6 +27,10 @@ Losses = Sequence[Tensor] | Mapping[str, Tensor]
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 
 
+def _count(tasks: int | Sequence[str]) -> int:
+    return tasks if isinstance(tasks, int) else len(list(tasks))
+
+
 class SkipStep(Exception):
     """Raised inside a weighting when the step is skipped (non-finite losses, policy 'skip')."""
 
@@ -48,9 +52,18 @@ class Weighting(nn.Module):
     ``last_cosine`` Tensor[K, K] (when the method computes the full Gramian, or track_conflict).
     """
 
-    def __init__(self, tasks: int | Sequence[str], on_nonfinite: str = "raise") -> None:
+    # Whether tasks=None is allowed: K then comes from the first Gramian (coefficients only).
+    _tasks_optional = False
+
+    def __init__(self, tasks: int | Sequence[str] | None, on_nonfinite: str = "raise") -> None:
         super().__init__()
-        if isinstance(tasks, int):
+        if tasks is None and not self._tasks_optional:
+            raise TypeError(f"{type(self).__name__}: tasks (a count or the task names) is required")
+        if isinstance(tasks, str):
+            raise TypeError(f"{type(self).__name__}: tasks must be a count or a sequence of names, got the string {tasks!r} (for one task named so: [{tasks!r}])")
+        if tasks is None:
+            self.task_names, self._named = None, False
+        elif isinstance(tasks, int):
             if tasks < 1:
                 raise ValueError(f"{type(self).__name__}: tasks must be at least 1, got {tasks}")
             self.task_names = [str(i) for i in range(tasks)]
@@ -63,13 +76,53 @@ class Weighting(nn.Module):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"{type(self).__name__}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        self.register_load_state_dict_pre_hook(_check_tasks_on_load)
         self.last_weights: Tensor | None = None
         self.last_grad_norms: Tensor | None = None
         self.last_cosine: Tensor | None = None
 
     @property
-    def num_tasks(self) -> int:
-        return len(self.task_names)
+    def num_tasks(self) -> int | None:
+        return len(self.task_names) if self.task_names is not None else None
+
+    def get_extra_state(self) -> dict:
+        """The tasks (names and count), checked when the state is loaded; subclasses add theirs."""
+        return {"task_names": list(self.task_names or []), "named": self._named}
+
+    def set_extra_state(self, state: dict) -> None:
+        """(The tasks were checked, and adopted if this module's were unnamed, before loading.)"""
+
+    @classmethod
+    def example(cls, tasks: int | Sequence[str], shared_params=None, **overrides) -> Weighting:
+        """A ready instance with settings fit for tests, the benchmark and the demo (the
+        registries LOSS_BASED and GRADIENT_BASED map names to classes; this builds any of them
+        the same way).
+
+        Args:
+            tasks: the number of tasks K, or their names.
+            shared_params: the shared parameters (an iterable of tensors, e.g.
+                ``trunk.parameters()``): required by gradient-based methods, ignored by
+                loss-based ones.
+            **overrides: constructor arguments that replace the example's settings (e.g. the
+                priors of PriorLoss computed from the data).
+
+        Returns:
+            An instance of ``cls``: its defaults, plus what a method cannot run without or
+            runs better with in a short deterministic run (PriorLoss's priors, GradNorm's last
+            shared layer, fixed seeds, DWA's period), see :meth:`_example_settings`.
+        """
+        params = None if shared_params is None else list(shared_params)
+        settings = {**cls._example_settings(_count(tasks), params), **overrides}
+        return cls._from_settings(tasks, params, settings)
+
+    @classmethod
+    def _example_settings(cls, num_tasks: int, shared_params: list[Tensor] | None) -> dict:
+        """The constructor arguments :meth:`example` gives beyond the tasks (none by default)."""
+        return {}
+
+    @classmethod
+    def _from_settings(cls, tasks, shared_params: list[Tensor] | None, settings: dict) -> Weighting:
+        return cls(tasks, **settings)
 
     def log(self) -> dict[str, float]:
         """The last step's weights (and gradient norms and cosine similarities, where known) as
@@ -136,3 +189,22 @@ class Weighting(nn.Module):
             raise SkipStep(message)
         size = distributed.world_size()
         return distributed.sum_(values) / size if size > 1 else values
+
+
+def _check_tasks_on_load(module: Weighting, state_dict, prefix, *args) -> None:
+    """Before anything is loaded: the state's tasks must be this module's (same count; same names
+    in the same order when both are named); unnamed tasks take the state's names."""
+    extra = state_dict.get(prefix + "_extra_state")
+    if not isinstance(extra, Mapping) or "task_names" not in extra:
+        return  # a state saved without them (strict loading reports the missing key)
+    saved, named = [str(n) for n in extra["task_names"]], bool(extra.get("named", True))
+    name = type(module).__name__
+    if module.task_names is None:
+        module._bind_task_count(len(saved))
+    if len(saved) != module.num_tasks or (named and module._named and saved != module.task_names):
+        raise ValueError(
+            f"{name}.load_state_dict: the state is of {len(saved)} tasks {saved}, this {name} has "
+            f"{module.num_tasks} tasks {module.task_names}"
+        )
+    if named and not module._named:
+        module.task_names, module._named = saved, True

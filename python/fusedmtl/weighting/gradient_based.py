@@ -17,6 +17,7 @@ of sum_i c_i dL_i/dz through the trunk gives the shared update.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +28,8 @@ from fusedmtl import multi_tensor
 from fusedmtl.weighting import distributed
 from fusedmtl.weighting.base import Losses, SkipStep, Weighting
 from fusedmtl.weighting.task_gradients import task_gradients
+
+MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
 
 
 class GradientWeighting(Weighting):
@@ -47,11 +50,21 @@ class GradientWeighting(Weighting):
     """
 
     needs_full_gramian = True
+    # Whether one task with an exactly zero gradient takes all the weight (MGDA, IMTL-G): warned
+    # once per task, as the shared update is then zero.
+    zero_gradient_takes_all = False
+
+    _tasks_optional = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "coefficients" in vars(cls):
+            cls.coefficients = _learning_k(vars(cls)["coefficients"])
 
     def __init__(
         self,
-        shared_params,
-        tasks: int | Sequence[str],
+        shared_params=None,
+        tasks: int | Sequence[str] | None = None,
         *,
         on_nonfinite: str = "raise",
         grad_mode: str = "loop",
@@ -59,16 +72,25 @@ class GradientWeighting(Weighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(tasks, on_nonfinite)
-        params = list(shared_params)
-        if not params:
+        if self.num_tasks is not None and self.num_tasks > MAX_TASKS:
+            raise ValueError(f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' limit), got {self.num_tasks}")
+        params = list(shared_params) if shared_params is not None else None
+        if params is not None and not params:
             raise ValueError(f"{type(self).__name__}: no shared parameters given")
-        if any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
+        if params is not None and any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
             raise ValueError(f"{type(self).__name__}: shared parameters must be tensors that require grad")
         # Kept out of the module's parameters: they belong to the model, not the weighting.
         self._shared = params
         self.grad_mode = grad_mode
         self.track_conflict = track_conflict
         self.eps = float(eps)
+        self._warned_zero: set[str] = set()
+
+    @classmethod
+    def _from_settings(cls, tasks, shared_params, settings: dict) -> GradientWeighting:
+        if shared_params is None:
+            raise ValueError(f"{cls.__name__}.example: a gradient-based method needs shared_params")
+        return cls(shared_params, tasks, **settings)
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The coefficients c (Tensor[K]) of d = sum_i c_i g_i from the Gramian (Tensor[K, K]; only
@@ -93,17 +115,22 @@ class GradientWeighting(Weighting):
             method's update. Non-finite gradients then pass through unweighted, so the scaler sees
             them and skips the step; the method's state is not updated on such steps.
         """
+        self._require_bound("backward")
         losses = self._checked_losses(losses)
         try:
             values = self._loss_values(torch.stack([loss.detach() for loss in losses]))
         except SkipStep:
             return None
+        if not any(loss.requires_grad for loss in losses):
+            raise RuntimeError(f"{type(self).__name__}.backward: no loss requires grad (all are detached)")
         scale = 1.0
         if grad_scaler is not None and grad_scaler.is_enabled():
             losses = [grad_scaler.scale(loss) for loss in losses]
             scale = float(grad_scaler.get_scale())
         if features is not None:
             features = [features] if isinstance(features, Tensor) else list(features)
+            if not features:
+                raise ValueError(f"{type(self).__name__}.backward: features=[]: give the shared representation(s) or None")
         grads = task_gradients(
             losses,
             features if features is not None else self._shared,
@@ -111,9 +138,15 @@ class GradientWeighting(Weighting):
             retain_graph=retain_graph or features is not None,
             names=self.task_names,
         )
+        if features is not None and not any(grads.reached):
+            raise ValueError(
+                f"{type(self).__name__}.backward: no loss depends on the features given: pass the "
+                "shared representation the heads read"
+            )
         if features is None:
             distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
-        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True)
+        specific = [g for _, g in grads.specific]
+        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True, checked=specific)
         if coeffs is None:
             return None
         if features is not None:  # (else averaged above)
@@ -129,6 +162,7 @@ class GradientWeighting(Weighting):
         the order of the shared parameters, already averaged across ranks if data-parallel.
         losses: Tensor[K] or K floats, for the methods that use them.
         """
+        self._require_bound("step")
         table = [list(row) for row in task_grads]
         if len(table) != self.num_tasks or any(len(row) != len(self._shared) for row in table):
             raise ValueError(
@@ -136,11 +170,31 @@ class GradientWeighting(Weighting):
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
+        if values is not None and values.numel() != self.num_tasks:
+            raise ValueError(f"{type(self).__name__}.step: expected {self.num_tasks} losses, got {values.numel()}")
         return self._weigh(table, values, 1.0, None, None, False, owned=False)
 
-    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool) -> Tensor | None:
+    def _require_bound(self, what: str) -> None:
+        if self._shared is None or self.task_names is None:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: built without shared_params or tasks, this instance "
+                "only computes coefficients(gramian); give both to the constructor to step"
+            )
+
+    def _bind_task_count(self, k: int) -> None:
+        """Tasks learned from the first Gramian (or a loaded state): K names, K-sized state."""
+        self.task_names = [str(i) for i in range(k)]
+        self._init_task_state()
+
+    def _init_task_state(self) -> None:
+        """Allocates the state whose size is the number of tasks (none by default)."""
+
+    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool,
+               checked: Sequence[Tensor] = ()) -> Tensor | None:
         """Gramian, coefficients, update: everything after the per-task gradients (``owned``:
-        the gradients are this step's temporaries, free to be modified)."""
+        the gradients are this step's temporaries, free to be modified; ``checked``: other
+        gradients of this step whose finiteness decides, with the Gramian's, whether the step
+        counts: the task-specific ones)."""
         representation = features is not None
         table, table_scale = self._task_table(table, values, scale, representation, owned)
         gramian = self._gramian(table, representation)
@@ -151,10 +205,13 @@ class GradientWeighting(Weighting):
             gramian = distributed.sum_(gramian) / size**2
         if table_scale != 1.0:
             gramian = gramian / table_scale**2
-        coeffs = self._coefficients_or_passthrough(gramian, values, grad_scaler)
+        coeffs, finite = self._coefficients_or_passthrough(
+            gramian, values, grad_scaler, [*checked, *self._not_in_gramian(table, representation)]
+        )
         if coeffs is None:
             return None
-        self._commit(table)
+        if finite:  # a step the scaler skips (or 'ignore' lets through) leaves the state as it was
+            self._commit(table)
         coeffs = coeffs.to(device=gramian.device)
         # The table carries the loss scale: so must the update, which the scaler then unscales.
         applied = coeffs * (scale / table_scale) if scale != table_scale else coeffs
@@ -182,25 +239,47 @@ class GradientWeighting(Weighting):
             return multi_tensor.gramian(shared)
         return torch.diag_embed(multi_tensor.gramian(shared, diagonal_only=True))
 
-    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler) -> Tensor | None:
-        """The method's coefficients, logged; with non-finite gradients either the policy
-        (without a scaler) or ones (with a scaler, which then skips the step)."""
-        if not bool(gramian.isfinite().all()):
+    def _not_in_gramian(self, table, representation: bool) -> list[Tensor]:
+        """The task gradients the Gramian does not cover (their finiteness is checked apart)."""
+        return []
+
+    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler,
+                                     checked: Sequence[Tensor] = ()) -> tuple[Tensor | None, bool]:
+        """(the method's coefficients, logged, True); with non-finite gradients (in the Gramian
+        or ``checked``) either the policy (without a scaler) or ones (with a scaler, which then
+        skips the step), and False: the method's state is not updated."""
+        finite = gramian.isfinite().all()
+        if checked:  # one host read either way
+            finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(finite.device)
+        if not bool(finite):
             if grad_scaler is None:
                 message = f"{type(self).__name__}: non-finite task gradients"
                 if self.on_nonfinite == "raise":
                     raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
                 if self.on_nonfinite == "skip":
                     warnings.warn(message + "; skipping this step", stacklevel=3)
-                    return None
-            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
+                    return None, False
+            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device), False
         coeffs = self.coefficients(gramian, values)
+        if self.zero_gradient_takes_all:  # (these methods read the Gramian on the host anyway)
+            self._warn_zero_gradients(gramian)
         norms = gramian.diagonal().clamp_min(0).sqrt()
         self.last_weights = coeffs.detach()
         self.last_grad_norms = norms
         if self.needs_full_gramian or self.track_conflict:
             self.last_cosine = gramian / (norms[:, None] * norms[None, :]).clamp_min(self.eps)
-        return coeffs
+        return coeffs, True
+
+    def _warn_zero_gradients(self, gramian: Tensor) -> None:
+        zero = (gramian.diagonal() == 0).cpu().tolist()
+        new = [task for task, z in zip(self.task_names, zero) if z and task not in self._warned_zero]
+        if new and not all(zero):
+            self._warned_zero.update(new)
+            warnings.warn(
+                f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the method then "
+                "puts all the weight on them and the shared update is zero (warned once per task)",
+                stacklevel=4,
+            )
 
     def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
         combined = multi_tensor.combine(feature_grads, coeffs)
@@ -221,3 +300,20 @@ def _accumulate_grad(pairs: list[tuple[Tensor, Tensor]]) -> None:
                 leaf.grad = g
             else:
                 leaf.grad.add_(g)
+
+
+def _learning_k(coefficients):
+    """Wraps a method's coefficients(gramian, losses): checks the Gramian's shape and, for an
+    instance built without tasks, takes K from it."""
+
+    @functools.wraps(coefficients)
+    def wrapped(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.coefficients: expected a K x K Gramian, got shape {tuple(gramian.shape)}")
+        if self.task_names is None:
+            self._bind_task_count(gramian.shape[0])
+        elif gramian.shape[0] != self.num_tasks:
+            raise ValueError(f"{type(self).__name__}.coefficients: a {gramian.shape[0]} x {gramian.shape[0]} Gramian for {self.num_tasks} tasks")
+        return coefficients(self, gramian, losses)
+
+    return wrapped

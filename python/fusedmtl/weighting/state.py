@@ -4,6 +4,7 @@ that draws the same numbers on every rank."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,8 @@ class BufferOptimizer:
     def step(self, grad: Tensor) -> None:
         target = getattr(self._module, self._buffer)
         if self._optimizer is None or self._optimizer.param_groups[0]["params"][0] is not target:
+            if self._optimizer is not None:  # moved (.to, .double()): carry the state over, cast
+                self._pending = self._optimizer.state_dict()
             self._optimizer = self._factory([target])
             if self._pending is not None:
                 self._optimizer.load_state_dict(self._pending)
@@ -40,7 +43,8 @@ class BufferOptimizer:
         return self._optimizer.state_dict() if self._optimizer is not None else self._pending
 
     def load_state_dict(self, state: dict | None) -> None:
-        self._optimizer, self._pending = None, state
+        # A copy: the state's tensors stay the source module's (the optimizer steps them in place).
+        self._optimizer, self._pending = None, copy.deepcopy(state)
 
 
 class SharedGenerator:

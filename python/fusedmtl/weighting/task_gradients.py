@@ -24,6 +24,7 @@ class TaskGradients:
 
     shared: list[list[Tensor | None]]
     specific: list[tuple[Tensor, Tensor]]
+    reached: list[bool] | None = None  # per task: whether its loss reaches a shared input
 
 
 def task_gradients(
@@ -47,13 +48,14 @@ def task_gradients(
     stops = {t.grad_fn for t in shared if t.grad_fn is not None}
     specific, reaches_shared = [], []
     for loss in losses:
-        leaves, stopped = _reachable_leaves(loss, stops)
+        leaves, stopped = reachable_leaves(loss, stops)
         specific.append([leaf for leaf in leaves if id(leaf) not in shared_ids])
         reaches_shared.append(stopped or len(specific[-1]) < len(leaves))
     if mode == "batched":
         result = _batched(losses, shared, specific, retain_graph)
     else:
         result = _loop(losses, shared, specific, retain_graph)
+    result.reached = reaches_shared
     for i, reaches in enumerate(reaches_shared):
         if not reaches:
             name = names[i] if names is not None else i
@@ -97,7 +99,7 @@ def _batched(losses, shared, specific, retain_graph) -> TaskGradients:
     return TaskGradients(table, own)
 
 
-def _reachable_leaves(root: Tensor, stops: set) -> tuple[list[Tensor], bool]:
+def reachable_leaves(root: Tensor, stops: set) -> tuple[list[Tensor], bool]:
     """The leaves requiring grad that ``root``'s graph reaches without passing through a node in
     ``stops``, in a deterministic (depth-first) order, and whether it reached a stop."""
     if root.grad_fn is None:

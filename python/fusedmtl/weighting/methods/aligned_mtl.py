@@ -27,7 +27,7 @@ class AlignedMTL(GradientWeighting):
     negative entries), not linear under scaling.
     """
 
-    def __init__(self, shared_params, tasks, *, scale_mode: str = "min", **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, scale_mode: str = "min", **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")

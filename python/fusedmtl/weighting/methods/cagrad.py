@@ -39,7 +39,7 @@ class CAGrad(GradientWeighting):
     not strongly stationary.
     """
 
-    def __init__(self, shared_params, tasks, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if c < 0:
             raise ValueError(f"CAGrad: c must be non-negative, got {c}")

@@ -29,6 +29,8 @@ class FAMO(LossWeighting):
         gamma: the logits' weight decay (regularisation towards equal weights).
     """
 
+    has_step_state = True
+
     def __init__(
         self,
         tasks,
@@ -58,7 +60,8 @@ class FAMO(LossWeighting):
         return (z * (values + self.eps).log()).sum() / norm, z / (norm * (values + self.eps))
 
     def get_extra_state(self) -> dict:
-        return {"optimizer": self._optimizer.state_dict()}
+        return {**super().get_extra_state(), "optimizer": self._optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._optimizer.load_state_dict(state["optimizer"])

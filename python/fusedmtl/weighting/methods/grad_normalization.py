@@ -22,7 +22,7 @@ class GradNormalization(GradientWeighting):
 
     needs_full_gramian = False
 
-    def __init__(self, shared_params, tasks, *, rescale: bool = False, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, rescale: bool = False, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         self.rescale = rescale
 

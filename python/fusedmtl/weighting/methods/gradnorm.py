@@ -61,6 +61,15 @@ class GradNorm(GradientWeighting):
             self, "task_weights", weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025))
         )
 
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        # W: the last weight matrix of the shared parameters and what follows it (its bias),
+        # the last layer of a trunk listed in order (trunk.parameters()).
+        if not shared_params:
+            return {}
+        matrices = [i for i, p in enumerate(shared_params) if p.dim() >= 2]
+        return {"last_shared_layer": shared_params[matrices[-1] if matrices else -1:]}
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         if losses is None:
             raise ValueError("GradNorm needs the losses")
@@ -84,8 +93,15 @@ class GradNorm(GradientWeighting):
         columns = shared if representation else [[row[p] for p in self._layer_columns] for row in shared]
         return torch.diag_embed(multi_tensor.gramian(columns, diagonal_only=True))
 
+    def _not_in_gramian(self, table, representation: bool) -> list[Tensor]:
+        if representation:  # (the Gramian is of all the features)
+            return []
+        layer = set(self._layer_columns)
+        return [g for row in table for p, g in enumerate(row) if p not in layer and g is not None]
+
     def get_extra_state(self) -> dict:
-        return {"optimizer": self._optimizer.state_dict()}
+        return {**super().get_extra_state(), "optimizer": self._optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._optimizer.load_state_dict(state["optimizer"])

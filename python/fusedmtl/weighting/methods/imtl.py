@@ -24,6 +24,8 @@ class IMTLG(GradientWeighting):
     sum_i a_i = 1 needs it), not linear under scaling (row scaling leaves C, not d, unchanged).
     """
 
+    zero_gradient_takes_all = True
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         return impartial_weights(gramian).to(gramian.dtype)
 

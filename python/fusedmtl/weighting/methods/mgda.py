@@ -35,7 +35,9 @@ class MGDA(GradientWeighting):
     not strongly stationary (d = 0 whenever 0 is in the hull, weakly stationary J included).
     """
 
-    def __init__(self, shared_params, tasks, *, normalization: str = "l2", **kwargs) -> None:
+    zero_gradient_takes_all = True
+
+    def __init__(self, shared_params=None, tasks=None, *, normalization: str = "l2", **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"MGDA: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")

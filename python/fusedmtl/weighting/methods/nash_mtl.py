@@ -30,12 +30,16 @@ class NashMTL(GradientWeighting):
     invariant, d(s J) = d(J); not linear under scaling, not strongly stationary.
     """
 
-    def __init__(self, shared_params, tasks, *, max_norm: float | None = 1.0, update_every: int = 1, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, max_norm: float | None = 1.0, update_every: int = 1, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if update_every < 1:
             raise ValueError(f"NashMTL: update_every must be at least 1, got {update_every}")
         self.max_norm, self.update_every = max_norm, int(update_every)
         self.register_buffer("steps_done", torch.tensor(0))
+        if self.num_tasks is not None:
+            self._init_task_state()
+
+    def _init_task_state(self) -> None:
         self.register_buffer("solution", torch.ones(self.num_tasks, dtype=torch.float64))
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -23,9 +23,13 @@ class PCGrad(GradientWeighting):
     every rank projects in the same order; its state is part of the state_dict.
     """
 
-    def __init__(self, shared_params, tasks, *, seed: int | None = None, **kwargs) -> None:
+    def __init__(self, shared_params=None, tasks=None, *, seed: int | None = None, **kwargs) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         self._generator = SharedGenerator(seed)
+
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        return {"seed": 0}
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         m = gramian.detach().to("cpu", torch.float64)
@@ -42,7 +46,8 @@ class PCGrad(GradientWeighting):
         return projections.sum(0).to(gramian.dtype)
 
     def get_extra_state(self) -> dict:
-        return {"generator": self._generator.state_dict()}
+        return {**super().get_extra_state(), "generator": self._generator.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._generator.load_state_dict(state["generator"])
