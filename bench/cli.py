@@ -34,8 +34,9 @@ from bench.timing import ALL_THREADS
 from bench.training_step import TrainingStep
 from bench.weighting_step import WeightingStep
 
-SWEEPS: dict[str, Sweep] = {s.name: s for s in (Losses(), MultiTensor(), WeightingStep(),
-                                                TrainingStep())}
+SWEEPS: dict[str, Sweep] = {
+    s.name: s for s in (Losses(), MultiTensor(), WeightingStep(), TrainingStep())
+}
 FULL_REPEATS, QUICK_REPEATS = 15, 5
 FULL_WARMUP, QUICK_WARMUP = 3, 1
 
@@ -45,8 +46,11 @@ def parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--sweeps", default="all", help="comma-separated from " + ",".join(SWEEPS))
     add("--quick", action="store_true", help=f"fewer sizes, {QUICK_REPEATS} repeats, 1 thread")
-    add("--threads", help=f"thread counts, 'all' = torch's default ({ALL_THREADS}); default 1,all "
-        "(weighting_step, training_step: 1; --quick: 1)")
+    add(
+        "--threads",
+        help=f"thread counts, 'all' = torch's default ({ALL_THREADS}); default 1,all "
+        "(weighting_step, training_step: 1; --quick: 1)",
+    )
     add("--repeats", type=int, help=f"timed samples per contender and row ({FULL_REPEATS})")
     add("--warmup", type=int, help=f"untimed rounds per row ({FULL_WARMUP})")
     add("--device", default="auto", help="auto (cpu, and cuda when present), cpu, cuda")
@@ -85,8 +89,11 @@ def configs(args) -> list[tuple[Sweep, object]]:
             common = Common(
                 threads=counts if device == "cpu" else counts[-1:],  # one setting on a GPU
                 repeats=args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS),
-                warmup=args.warmup if args.warmup is not None
-                else (QUICK_WARMUP if args.quick else FULL_WARMUP), device=device)
+                warmup=args.warmup
+                if args.warmup is not None
+                else (QUICK_WARMUP if args.quick else FULL_WARMUP),
+                device=device,
+            )
             out.append((sweep, sweep.config(args, common)))
     return out
 
@@ -130,17 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"({sweep.name} on {config.device}: {elapsed} s, load {os.getloadavg()[0]:.2f})")
     env["loadavg_end"] = list(os.getloadavg())
     env["elapsed_s"] = round(time.perf_counter() - started, 1)
-    print(f"\n({env['elapsed_s']} s in all; load {env['loadavg'][0]:.2f} at start, "
-          f"{env['loadavg_end'][0]:.2f} at end, {os.cpu_count()} CPUs)")
+    print(
+        f"\n({env['elapsed_s']} s in all; load {env['loadavg'][0]:.2f} at start, "
+        f"{env['loadavg_end'][0]:.2f} at end, {os.cpu_count()} CPUs)"
+    )
     if args.json:
         document = {
             "environment": env,
-            "sweeps": [{"sweep": s.name, "device": c.device, "elapsed_s": e, "config": asdict(c)}
-                       for s, c, _, e in results],
-            "records": [record for _, _, rows, _ in results for row in rows
-                        for record in row.records()],
-            "targets": {f"{s.name}/{c.device}": check_targets(s.name, rows)
-                        for s, c, rows, _ in results},
+            "sweeps": [
+                {"sweep": s.name, "device": c.device, "elapsed_s": e, "config": asdict(c)}
+                for s, c, _, e in results
+            ],
+            "records": [
+                record for _, _, rows, _ in results for row in rows for record in row.records()
+            ],
+            "targets": {
+                f"{s.name}/{c.device}": check_targets(s.name, rows) for s, c, rows, _ in results
+            },
         }
         with open(args.json, "w") as out:
             json.dump(document, out, indent=1)

@@ -53,8 +53,8 @@ def environment(devices: str) -> dict:
         "loadavg": list(os.getloadavg()),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "transparent_hugepage": (_read("/sys/kernel/mm/transparent_hugepage/enabled") or
-                                 "").strip() or None,
+        "transparent_hugepage": (_read("/sys/kernel/mm/transparent_hugepage/enabled") or "").strip()
+        or None,
         "argv": sys.argv,
     }
 

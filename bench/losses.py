@@ -37,12 +37,20 @@ from bench.tables import (
 from bench.timing import Clock, CopyBandwidth, num_threads, time_contenders
 from bench.workload import loss_functions
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 VARIANTS = {"plain": None, "weighted": 0.37}  # the float the loss is multiplied by
 REDUCTIONS = ("mean", "sum", "none")
-FULL = {"sizes": "64K,1M,16M", "dtypes": "float32,bfloat16", "reductions": "mean",
-        "variants": "plain,weighted"}
+FULL = {
+    "sizes": "64K,1M,16M",
+    "dtypes": "float32,bfloat16",
+    "reductions": "mean",
+    "variants": "plain,weighted",
+}
 QUICK = {"sizes": "64K,1M", "dtypes": "float32", "reductions": "mean", "variants": "plain"}
 MIN_ELEMENTS_PER_SAMPLE, MAX_STEPS_PER_SAMPLE = 2**20, 16
 
@@ -79,9 +87,11 @@ class Config(Common):
 def loss_call(name: str, contender: str, reduction: str):
     fn = getattr(F if contender in ("eager", "compile") else fusedmtl, name)
     if contender == "triton":
+
         def run(x, target):
             with fusedmtl.backend.use("triton"):  # the op chosen in forward also runs backward
                 return fn(x, target, reduction=reduction)
+
         return run
     return lambda x, target: fn(x, target, reduction=reduction)
 
@@ -114,10 +124,16 @@ class Losses(Sweep):
         add("--losses", default="all", help="comma-separated loss functions; default all")
         add("--dtypes", help=f"from {','.join(DTYPES)} (default {FULL['dtypes']})")
         add("--reductions", help=f"from {','.join(REDUCTIONS)} (default {FULL['reductions']})")
-        add("--variants", help="plain: loss.backward(); weighted: (0.37 * loss).backward() "
-            f"(default {FULL['variants']}; --quick {QUICK['variants']})")
-        add("--contenders", help="from fused,triton,eager,compile; default all but triton on "
-            "the CPU (the Triton interpreter is not a contender)")
+        add(
+            "--variants",
+            help="plain: loss.backward(); weighted: (0.37 * loss).backward() "
+            f"(default {FULL['variants']}; --quick {QUICK['variants']})",
+        )
+        add(
+            "--contenders",
+            help="from fused,triton,eager,compile; default all but triton on "
+            "the CPU (the Triton interpreter is not a contender)",
+        )
         add("--cold-compile", action="store_true", help="disable Inductor's caches")
 
     def config(self, args, common: Common) -> Config:
@@ -137,8 +153,14 @@ class Losses(Sweep):
         )
 
     def planned_rows(self, c: Config) -> int:
-        return (len(c.threads) * len(c.sizes) * len(c.dtypes) * len(c.losses)
-                * len(c.reductions) * len(c.variants))
+        return (
+            len(c.threads)
+            * len(c.sizes)
+            * len(c.dtypes)
+            * len(c.losses)
+            * len(c.reductions)
+            * len(c.variants)
+        )
 
     def run(self, c: Config, progress) -> list[Row]:
         import torch._inductor.config as inductor_config
@@ -160,22 +182,34 @@ class Losses(Sweep):
                             target = torch.randn(n, generator=generator).to(device, DTYPES[dtype])
                             for loss in c.losses:
                                 for reduction in c.reductions:
-                                    rows += self.measure(c, loss, x, target, dtype, reduction,
-                                                         threads, clock, copy, progress)
+                                    rows += self.measure(
+                                        c,
+                                        loss,
+                                        x,
+                                        target,
+                                        dtype,
+                                        reduction,
+                                        threads,
+                                        clock,
+                                        copy,
+                                        progress,
+                                    )
         finally:
             inductor_config.force_disable_caches = previous
             torch._dynamo.reset()
         return rows
 
-    def measure(self, c: Config, loss, x, target, dtype, reduction, threads, clock, copy,
-                progress) -> list[Row]:
+    def measure(
+        self, c: Config, loss, x, target, dtype, reduction, threads, clock, copy, progress
+    ) -> list[Row]:
         """The rows of one (loss, size, dtype, reduction), one per variant, one compilation."""
         grad_output = torch.ones_like(target) if reduction == "none" else None
         fns = {name: loss_call(loss, name, reduction) for name in c.contenders if name != "compile"}
         compiled = {}
         if "compile" in c.contenders:
-            fn, seconds, cached = compile_loss(loss_call(loss, "eager", reduction), x, target,
-                                               grad_output, clock)
+            fn, seconds, cached = compile_loss(
+                loss_call(loss, "eager", reduction), x, target, grad_output, clock
+            )
             fns["compile"], compiled = fn, {"compile_s": seconds, "compile_cached": cached}
         n = x.numel()
         steps = max(1, min(MAX_STEPS_PER_SAMPLE, MIN_ELEMENTS_PER_SAMPLE // n))
@@ -190,39 +224,87 @@ class Losses(Sweep):
                         x.grad = None
                         value = fn(x, target)
                         (value if weight is None else weight * value).backward(grad_output)
+
                 return run
 
             gbs = copy.measure_gbs(c.repeats)
-            stats = time_contenders({name: sample(fn) for name, fn in fns.items()}, clock,
-                                    c.repeats, c.warmup, calls_per_sample=steps)
+            stats = time_contenders(
+                {name: sample(fn) for name, fn in fns.items()},
+                clock,
+                c.repeats,
+                c.warmup,
+                calls_per_sample=steps,
+            )
             x.grad = None
-            fields = {"loss": loss, "n": n, "dtype": dtype, "reduction": reduction,
-                      "threads": threads, "variant": variant, "device": c.device}
-            rows.append(Row(self.name, fields, stats, bandwidth_gbs=gbs,
-                            info={"steps_per_sample": steps, **compiled},
-                            bytes=(5 if reduction == "none" else 3) * n * x.element_size()))
+            fields = {
+                "loss": loss,
+                "n": n,
+                "dtype": dtype,
+                "reduction": reduction,
+                "threads": threads,
+                "variant": variant,
+                "device": c.device,
+            }
+            rows.append(
+                Row(
+                    self.name,
+                    fields,
+                    stats,
+                    bandwidth_gbs=gbs,
+                    info={"steps_per_sample": steps, **compiled},
+                    bytes=(5 if reduction == "none" else 3) * n * x.element_size(),
+                )
+            )
         return rows
 
     def report(self, rows) -> None:
-        columns = ["loss", "N", "dtype", "red.", "thr", "backward", "fused ms", "triton ms",
-                   "eager ms", "compile ms", "vs eager", "vs compile", "% bound"]
-        cells = [[
-            r.loss.removesuffix("_loss"), fmt_size(r.n), r.dtype, r.reduction, str(r.threads),
-            "w*loss" if r.variant == "weighted" else "loss",
-            *(fmt_ms(r.median(c)) for c in self.contenders),
-            fmt_ratio(r.ratio("eager")), fmt_ratio(r.ratio("compile")),
-            fmt_percent(r.fraction_of_bound()),
-        ] for r in rows]
+        columns = [
+            "loss",
+            "N",
+            "dtype",
+            "red.",
+            "thr",
+            "backward",
+            "fused ms",
+            "triton ms",
+            "eager ms",
+            "compile ms",
+            "vs eager",
+            "vs compile",
+            "% bound",
+        ]
+        cells = [
+            [
+                r.loss.removesuffix("_loss"),
+                fmt_size(r.n),
+                r.dtype,
+                r.reduction,
+                str(r.threads),
+                "w*loss" if r.variant == "weighted" else "loss",
+                *(fmt_ms(r.median(c)) for c in self.contenders),
+                fmt_ratio(r.ratio("eager")),
+                fmt_ratio(r.ratio("compile")),
+                fmt_percent(r.fraction_of_bound()),
+            ]
+            for r in rows
+        ]
         columns, cells = drop_empty_columns(columns, cells, keep_first=7)
-        render_table(f"Losses, forward+backward on {rows[0].device}: median ms per step; "
-                     "vs = contender / fused (>1: fused faster)", columns, cells, left_columns=6)
+        render_table(
+            f"Losses, forward+backward on {rows[0].device}: median ms per step; "
+            "vs = contender / fused (>1: fused faster)",
+            columns,
+            cells,
+            left_columns=6,
+        )
         compiles = [r for r in rows if "compile_s" in r.info and r.variant == rows[0].variant]
         if compiles:
             slowest = max(compiles, key=lambda r: r.compile_s)
-            print(f"torch.compile (first forward+backward, not in the step times): "
-                  f"{len(compiles)} compilations, {sum(r.compile_s for r in compiles):.1f} s, "
-                  f"{sum(r.compile_cached for r in compiles)} from Inductor's FX graph cache; "
-                  f"slowest {slowest.compile_s:.2f} s ({slowest.row_id})")
+            print(
+                f"torch.compile (first forward+backward, not in the step times): "
+                f"{len(compiles)} compilations, {sum(r.compile_s for r in compiles):.1f} s, "
+                f"{sum(r.compile_cached for r in compiles)} from Inductor's FX graph cache; "
+                f"slowest {slowest.compile_s:.2f} s ({slowest.row_id})"
+            )
         line = targets_line(self.name, check_targets(self.name, rows))
         if line:
             print(line)

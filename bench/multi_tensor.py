@@ -93,7 +93,8 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
             "flatten": lambda: flatten_into(lambda flat: 1.0 / (flat.norm(dim=1) + EPS)),
         },
         "gramian": {
-            "fused": lambda: mt.gramian(task_grads), "foreach": dots,
+            "fused": lambda: mt.gramian(task_grads),
+            "foreach": dots,
             "flatten": lambda: gram(flatten_rows(task_grads)),
         },
         "combine": {
@@ -108,8 +109,11 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
 def result_of(op: str, fn, out) -> torch.Tensor:
     """One call's result as a vector: the Gramian, or the outputs it wrote."""
     value = fn()
-    return value.detach().clone().reshape(-1) if op == "gramian" else torch.cat(
-        [t.reshape(-1) for t in out])
+    return (
+        value.detach().clone().reshape(-1)
+        if op == "gramian"
+        else torch.cat([t.reshape(-1) for t in out])
+    )
 
 
 class MultiTensor(Sweep):
@@ -118,11 +122,16 @@ class MultiTensor(Sweep):
 
     def add_arguments(self, group) -> None:
         group.add_argument("--ops", default=",".join(OPS), help="from " + ",".join(OPS))
-        group.add_argument("--tasks", type=int, default=4,
-                           help="K for multi_tensor and weighting_step (default 4)")
-        group.add_argument("--shape-divisor", type=int, default=1,
-                           help="divide ResNet-18's leading dimensions (multi_tensor and "
-                           "weighting_step; > 1 only for smoke tests)")
+        group.add_argument(
+            "--tasks", type=int, default=4, help="K for multi_tensor and weighting_step (default 4)"
+        )
+        group.add_argument(
+            "--shape-divisor",
+            type=int,
+            default=1,
+            help="divide ResNet-18's leading dimensions (multi_tensor and "
+            "weighting_step; > 1 only for smoke tests)",
+        )
 
     def config(self, args, common: Common) -> Config:
         ops = tuple(op.strip() for op in args.ops.split(","))
@@ -139,8 +148,9 @@ class MultiTensor(Sweep):
         shapes = resnet18_shapes(c.shape_divisor)
         task_grads = make_task_grads(shapes, c.tasks, device)
         out = [torch.zeros(s, device=device) for s in shapes]  # touched, like .grad
-        coeffs = torch.softmax(torch.randn(c.tasks, generator=torch.Generator().manual_seed(1)),
-                               0).to(device)
+        coeffs = torch.softmax(
+            torch.randn(c.tasks, generator=torch.Generator().manual_seed(1)), 0
+        ).to(device)
         k, g = c.tasks, sum(t.numel() for t in out)
         traffic = {"normalized_sum": 2 * k + 1, "gramian": k, "combine": k + 1}
         rows, checked = [], {}
@@ -149,24 +159,36 @@ class MultiTensor(Sweep):
                 for op in c.ops:
                     progress.row(f"{op} K={k} t{threads}")
                     fns = contenders(op, task_grads, out, coeffs)
-                    row = Row(self.name, {"op": op, "tasks": k, "elements": g,
-                                          "tensors": len(out), "threads": threads,
-                                          "device": c.device},
-                              {}, bytes=traffic[op] * g * 4, bandwidth_gbs=copy.measure_gbs(
-                                  c.repeats))
+                    row = Row(
+                        self.name,
+                        {
+                            "op": op,
+                            "tasks": k,
+                            "elements": g,
+                            "tensors": len(out),
+                            "threads": threads,
+                            "device": c.device,
+                        },
+                        {},
+                        bytes=traffic[op] * g * 4,
+                        bandwidth_gbs=copy.measure_gbs(c.repeats),
+                    )
                     if op not in checked:  # once per op: results and memory
                         fused = result_of(op, fns["fused"], out)
                         for name, fn in fns.items():
                             row.cosine[name], row.max_rel_diff[name] = cosine_and_diff(
-                                result_of(op, fn, out), fused)
+                                result_of(op, fn, out), fused
+                            )
                             row.peak_bytes[name] = peak_extra_bytes(fn, device)
                         bad = {n: d for n, d in row.max_rel_diff.items() if d > AGREEMENT_TOLERANCE}
                         if bad:
                             raise AssertionError(f"{op}: contenders disagree with fused: {bad}")
                         checked[op] = row
                     else:
-                        row.peak_bytes, row.max_rel_diff = (checked[op].peak_bytes,
-                                                            checked[op].max_rel_diff)
+                        row.peak_bytes, row.max_rel_diff = (
+                            checked[op].peak_bytes,
+                            checked[op].max_rel_diff,
+                        )
                     row.stats = time_contenders(fns, clock, c.repeats, c.warmup)
                     rows.append(row)
         return rows
@@ -177,20 +199,40 @@ class MultiTensor(Sweep):
             f"Multi-tensor ops, float32, K={first.tasks} x {first.tensors} tensors "
             f"(G={first.elements:,}), {first.device}: median ms per call; vs = contender / fused; "
             "sync = foreach_sync",
-            ["op", "thr", *(SHORT.get(n, n) for n in names),
-             *(f"vs {SHORT.get(n, n)}" for n in names[1:]), "% bound"],
-            [[r.op, str(r.threads), *(fmt_ms(r.median(n)) for n in names),
-              *(fmt_ratio(r.ratio(n)) for n in names[1:]), fmt_percent(r.fraction_of_bound())]
-             for r in rows], left_columns=2)
+            [
+                "op",
+                "thr",
+                *(SHORT.get(n, n) for n in names),
+                *(f"vs {SHORT.get(n, n)}" for n in names[1:]),
+                "% bound",
+            ],
+            [
+                [
+                    r.op,
+                    str(r.threads),
+                    *(fmt_ms(r.median(n)) for n in names),
+                    *(fmt_ratio(r.ratio(n)) for n in names[1:]),
+                    fmt_percent(r.fraction_of_bound()),
+                ]
+                for r in rows
+            ],
+            left_columns=2,
+        )
         once = {r.op: r for r in rows}.values()
         render_table(
             "Multi-tensor ops: peak extra memory of a call (beyond gradients and outputs), "
             "largest relative difference from fused",
             ["op", *(SHORT.get(n, n) for n in names), "max rel diff"],
-            [[r.op, *(fmt_bytes(r.peak_bytes.get(n)) if n in r.peak_bytes else "-"
-                      for n in names),
-              f"{max(v for n, v in r.max_rel_diff.items() if n != 'fused'):.1e}"]
-             for r in once], left_columns=1)
+            [
+                [
+                    r.op,
+                    *(fmt_bytes(r.peak_bytes.get(n)) if n in r.peak_bytes else "-" for n in names),
+                    f"{max(v for n, v in r.max_rel_diff.items() if n != 'fused'):.1e}",
+                ]
+                for r in once
+            ],
+            left_columns=1,
+        )
         line = targets_line(self.name, check_targets(self.name, rows))
         if line:
             print(line)

@@ -81,8 +81,9 @@ def _make(name: str, k: int):
     return getattr(scalarization, class_name)(**kwargs(k))
 
 
-def weighting_step(name: str, params: Sequence[torch.Tensor],
-                   task_grads: Sequence[Sequence[torch.Tensor]]) -> Callable[[], object]:
+def weighting_step(
+    name: str, params: Sequence[torch.Tensor], task_grads: Sequence[Sequence[torch.Tensor]]
+) -> Callable[[], object]:
     """torchjd's weighting step for a gradient-based method: ``jac_to_grad`` of the task
     gradients, which are stacked once (untimed) into the ``.jac`` fields mtl_backward fills."""
     if name not in AGGREGATORS:
@@ -100,9 +101,13 @@ def weighting_step(name: str, params: Sequence[torch.Tensor],
     return step
 
 
-def training_step(name: str, forward: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]],
-                  shared: Sequence[torch.Tensor], heads: Sequence[Sequence[torch.Tensor]],
-                  zero_grad: Callable[[], None]) -> Callable[[], object]:
+def training_step(
+    name: str,
+    forward: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]],
+    shared: Sequence[torch.Tensor],
+    heads: Sequence[Sequence[torch.Tensor]],
+    zero_grad: Callable[[], None],
+) -> Callable[[], object]:
     """A whole training step with torchjd: ``forward()`` returns (the shared features, the K task
     losses); gradient-based methods run mtl_backward + jac_to_grad, loss-based ones a scalarizer.
     FAMO's logits are updated, as fusedmtl's are, from this step's losses before weighting them

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 
 from bench.sweep import Row
 
-LABEL = {"losses": lambda r: f"{r.loss.removesuffix('_loss')} {r.n} {r.dtype} {r.variant}",
-         "multi_tensor": lambda r: r.op, "weighting_step": lambda r: r.method,
-         "training_step": lambda r: r.method}
+LABEL = {
+    "losses": lambda r: f"{r.loss.removesuffix('_loss')} {r.n} {r.dtype} {r.variant}",
+    "multi_tensor": lambda r: r.op,
+    "weighting_step": lambda r: r.method,
+    "training_step": lambda r: r.method,
+}
 
 
 def write_plots(rows: Sequence[Row], directory: str) -> list[str]:
@@ -30,8 +33,12 @@ def write_plots(rows: Sequence[Row], directory: str) -> list[str]:
         width = 0.8 / len(contenders)
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(group) * max(1, len(contenders) / 2) + 1.5))
         for j, contender in enumerate(contenders):
-            ax.barh([i + (j - (len(contenders) - 1) / 2) * width for i in range(len(group))],
-                    [r.median(contender) or 0.0 for r in group], width, label=contender)
+            ax.barh(
+                [i + (j - (len(contenders) - 1) / 2) * width for i in range(len(group))],
+                [r.median(contender) or 0.0 for r in group],
+                width,
+                label=contender,
+            )
         ax.set_yticks(range(len(group)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")

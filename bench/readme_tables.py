@@ -19,16 +19,24 @@ from bench.tables import fmt_bytes, fmt_ms, fmt_percent, fmt_ratio, fmt_size
 
 
 def markdown(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-                      *("| " + " | ".join(line) + " |" for line in lines)])
+    return "\n".join(
+        [
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(line) + " |" for line in lines),
+        ]
+    )
 
 
 def rows_of(document: dict, sweep: str, **where) -> list[dict[str, dict]]:
     """The rows of a sweep matching ``where``, in run order: contender -> its record."""
     rows: dict[str, dict[str, dict]] = {}
     for record in document["records"]:
-        if record["sweep"] == sweep and "skipped" not in record and all(
-                record.get(k) == v for k, v in where.items()):
+        if (
+            record["sweep"] == sweep
+            and "skipped" not in record
+            and all(record.get(k) == v for k, v in where.items())
+        ):
             rows.setdefault(record["row_id"], {})[record["contender"]] = record
     return list(rows.values())
 
@@ -51,47 +59,104 @@ def cosine(row: dict, contender: str) -> str:
 
 
 def losses_table(document: dict) -> str:
-    rows = rows_of(document, "losses", threads=1, dtype="float32", reduction="mean",
-                   variant="plain")
+    rows = rows_of(
+        document, "losses", threads=1, dtype="float32", reduction="mean", variant="plain"
+    )
     return markdown(
-        ["loss", "N", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile",
-         "% of bound"],
-        [[r["fused"]["loss"].removesuffix("_loss"), fmt_size(r["fused"]["n"]), ms(r, "fused"),
-          ms(r, "eager"), ms(r, "compile"), ratio(r, "eager"), ratio(r, "compile"),
-          fmt_percent(r["fused"]["fraction_of_bound"])] for r in rows])
+        ["loss", "N", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "% of bound"],
+        [
+            [
+                r["fused"]["loss"].removesuffix("_loss"),
+                fmt_size(r["fused"]["n"]),
+                ms(r, "fused"),
+                ms(r, "eager"),
+                ms(r, "compile"),
+                ratio(r, "eager"),
+                ratio(r, "compile"),
+                fmt_percent(r["fused"]["fraction_of_bound"]),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def multi_tensor_table(document: dict) -> str:
     names = ("fused", "foreach", "foreach_sync", "flatten")
     return markdown(
-        ["op", "threads", *(f"{n} ms" for n in names), *(f"vs {n}" for n in names[1:]),
-         "% of bound", "peak extra memory (fused / foreach / flatten)"],
-        [[r["fused"]["op"], str(r["fused"]["threads"]), *(ms(r, n) for n in names),
-          *(ratio(r, n) for n in names[1:]), fmt_percent(r["fused"]["fraction_of_bound"]),
-          " / ".join(peak(r, n) for n in ("fused", "foreach", "flatten"))]
-         for r in rows_of(document, "multi_tensor")])
+        [
+            "op",
+            "threads",
+            *(f"{n} ms" for n in names),
+            *(f"vs {n}" for n in names[1:]),
+            "% of bound",
+            "peak extra memory (fused / foreach / flatten)",
+        ],
+        [
+            [
+                r["fused"]["op"],
+                str(r["fused"]["threads"]),
+                *(ms(r, n) for n in names),
+                *(ratio(r, n) for n in names[1:]),
+                fmt_percent(r["fused"]["fraction_of_bound"]),
+                " / ".join(peak(r, n) for n in ("fused", "foreach", "flatten")),
+            ]
+            for r in rows_of(document, "multi_tensor")
+        ],
+    )
 
 
 def weighting_step_table(document: dict) -> str:
     names = ("fused", "flatten", "torchjd")
     return markdown(
-        ["method", *(f"{n} ms" for n in names), "vs flatten", "vs torchjd", "% of bound",
-         "peak extra memory (fused / flatten / torchjd)", "cosine torchjd"],
-        [[r["fused"]["method"], *(ms(r, n) for n in names), ratio(r, "flatten"),
-          ratio(r, "torchjd"), fmt_percent(r["fused"]["fraction_of_bound"]),
-          " / ".join(peak(r, n) for n in names), cosine(r, "torchjd")]
-         for r in rows_of(document, "weighting_step", threads=1)])
+        [
+            "method",
+            *(f"{n} ms" for n in names),
+            "vs flatten",
+            "vs torchjd",
+            "% of bound",
+            "peak extra memory (fused / flatten / torchjd)",
+            "cosine torchjd",
+        ],
+        [
+            [
+                r["fused"]["method"],
+                *(ms(r, n) for n in names),
+                ratio(r, "flatten"),
+                ratio(r, "torchjd"),
+                fmt_percent(r["fused"]["fraction_of_bound"]),
+                " / ".join(peak(r, n) for n in names),
+                cosine(r, "torchjd"),
+            ]
+            for r in rows_of(document, "weighting_step", threads=1)
+        ],
+    )
 
 
 def training_step_table(document: dict) -> str:
     names = ("fused", "plain", "torchjd")
     return markdown(
-        ["method", "kind", *(f"{n} ms" for n in names), "vs plain", "vs torchjd",
-         "peak extra memory (fused / torchjd)", "cosine torchjd"],
-        [[r["fused"]["method"], r["fused"]["family"], *(ms(r, n) for n in names),
-          ratio(r, "plain"), ratio(r, "torchjd"),
-          " / ".join(peak(r, n) for n in ("fused", "torchjd")), cosine(r, "torchjd")]
-         for r in rows_of(document, "training_step", threads=1)])
+        [
+            "method",
+            "kind",
+            *(f"{n} ms" for n in names),
+            "vs plain",
+            "vs torchjd",
+            "peak extra memory (fused / torchjd)",
+            "cosine torchjd",
+        ],
+        [
+            [
+                r["fused"]["method"],
+                r["fused"]["family"],
+                *(ms(r, n) for n in names),
+                ratio(r, "plain"),
+                ratio(r, "torchjd"),
+                " / ".join(peak(r, n) for n in ("fused", "torchjd")),
+                cosine(r, "torchjd"),
+            ]
+            for r in rows_of(document, "training_step", threads=1)
+        ],
+    )
 
 
 def demo_table(demo: dict) -> str:
@@ -99,8 +164,11 @@ def demo_table(demo: dict) -> str:
     tasks = demo["problem"]["tasks"]
     columns = ["method"]
     for task in tasks:
-        metric = "accuracy" if task["kind"] == "classification" else (
-            "mae" if task["name"] == demo["loss_comparison"]["task"] else "rmse")
+        metric = (
+            "accuracy"
+            if task["kind"] == "classification"
+            else ("mae" if task["name"] == demo["loss_comparison"]["task"] else "rmse")
+        )
         columns.append(f"{task['name']} {metric if metric == 'accuracy' else metric.upper()}")
     lines = []
     for method, run in demo["methods"].items():
@@ -113,17 +181,23 @@ def demo_table(demo: dict) -> str:
     return markdown([*columns, "ms/step"], lines)
 
 
-SECTIONS = {"losses": losses_table, "multi_tensor": multi_tensor_table,
-            "weighting_step": weighting_step_table, "training_step": training_step_table}
+SECTIONS = {
+    "losses": losses_table,
+    "multi_tensor": multi_tensor_table,
+    "weighting_step": weighting_step_table,
+    "training_step": training_step_table,
+}
 
 
 def generate(document: dict, demo: dict | None = None) -> str:
     """Every table the run has (and the demo's, if given) under a line naming the date and the
     machine."""
     env = document["environment"]
-    parts = [f"Measured {env['date']} (`{' '.join(env['argv'][1:]) or 'python -m bench'}`), "
-             f"{env['cpu_model']} x{env['cpu_count']}, torch {env['torch']}, torchjd "
-             f"{env.get('torchjd') or 'not installed'}, load {env['loadavg'][0]:.2f}."]
+    parts = [
+        f"Measured {env['date']} (`{' '.join(env['argv'][1:]) or 'python -m bench'}`), "
+        f"{env['cpu_model']} x{env['cpu_count']}, torch {env['torch']}, torchjd "
+        f"{env.get('torchjd') or 'not installed'}, load {env['loadavg'][0]:.2f}."
+    ]
     ran = {record["sweep"] for record in document["records"]}
     for sweep, table in SECTIONS.items():
         if sweep in ran:
@@ -137,8 +211,10 @@ def generate_sections(document: dict, demo: dict | None = None) -> dict[str, str
     """The README's generated sections: 'bench' (every sweep's table) and 'demo'."""
     sections = {"bench": generate(document)}
     if demo is not None:
-        sections["demo"] = (f"{demo['config']['steps']} steps, measured "
-                            f"{document['environment']['date'][:10]}:\n\n{demo_table(demo)}\n")
+        sections["demo"] = (
+            f"{demo['config']['steps']} steps, measured "
+            f"{document['environment']['date'][:10]}:\n\n{demo_table(demo)}\n"
+        )
     return sections
 
 
@@ -158,8 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("bench_json", help="a run's --json output")
     p.add_argument("--demo", metavar="JSON", help="the demo's fusedmtl_demo.json")
     p.add_argument("--out", help="write here instead of stdout")
-    p.add_argument("--readme", metavar="MD",
-                   help="rewrite the generated sections of this file (README.md) in place")
+    p.add_argument(
+        "--readme",
+        metavar="MD",
+        help="rewrite the generated sections of this file (README.md) in place",
+    )
     args = p.parse_args(argv)
     with open(args.bench_json) as file:
         document = json.load(file)

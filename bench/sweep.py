@@ -68,20 +68,37 @@ class Row:
         """One flat JSON record per contender."""
         out = []
         for contender, stats in self.stats.items():
-            out.append({
-                "sweep": self.sweep, "row_id": self.row_id, **self.fields, **self.info,
-                "contender": contender, "median_ms": stats.median_ms, "min_ms": stats.min_ms,
-                "iqr_ms": stats.iqr_ms, "samples_ms": stats.samples_ms,
-                "ratio_to_fused": self.ratio(contender),
-                "peak_bytes": self.peak_bytes.get(contender),
-                "cosine_to_fused": self.cosine.get(contender),
-                "max_rel_diff_from_fused": self.max_rel_diff.get(contender),
-                "bytes": self.bytes, "bandwidth_gbs": self.bandwidth_gbs,
-                "bound_ms": self.bound_ms, "fraction_of_bound": self.fraction_of_bound(contender),
-            })
+            out.append(
+                {
+                    "sweep": self.sweep,
+                    "row_id": self.row_id,
+                    **self.fields,
+                    **self.info,
+                    "contender": contender,
+                    "median_ms": stats.median_ms,
+                    "min_ms": stats.min_ms,
+                    "iqr_ms": stats.iqr_ms,
+                    "samples_ms": stats.samples_ms,
+                    "ratio_to_fused": self.ratio(contender),
+                    "peak_bytes": self.peak_bytes.get(contender),
+                    "cosine_to_fused": self.cosine.get(contender),
+                    "max_rel_diff_from_fused": self.max_rel_diff.get(contender),
+                    "bytes": self.bytes,
+                    "bandwidth_gbs": self.bandwidth_gbs,
+                    "bound_ms": self.bound_ms,
+                    "fraction_of_bound": self.fraction_of_bound(contender),
+                }
+            )
         for contender, note in self.notes.items():
-            out.append({"sweep": self.sweep, "row_id": self.row_id, **self.fields,
-                        "contender": contender, "skipped": note})
+            out.append(
+                {
+                    "sweep": self.sweep,
+                    "row_id": self.row_id,
+                    **self.fields,
+                    "contender": contender,
+                    "skipped": note,
+                }
+            )
         return out
 
 
@@ -133,20 +150,32 @@ def load_targets(path: Path = TARGETS_PATH) -> dict[str, list[dict]]:
     return json.loads(path.read_text())["targets"]
 
 
-def check_targets(sweep: str, rows: Sequence[Row],
-                  targets: dict[str, list[dict]] | None = None) -> list[dict]:
+def check_targets(
+    sweep: str, rows: Sequence[Row], targets: dict[str, list[dict]] | None = None
+) -> list[dict]:
     """For each target of the sweep: the worst ratio over the rows its ``where`` matches, and
     PASS (>= min_ratio), MISS or n/a (no such row ran)."""
     results = []
     for target in (targets if targets is not None else load_targets()).get(sweep, []):
-        ratios = {row.row_id: row.ratio(target["against"]) for row in rows
-                  if all(row.fields.get(k) == v for k, v in target["where"].items())}
+        ratios = {
+            row.row_id: row.ratio(target["against"])
+            for row in rows
+            if all(row.fields.get(k) == v for k, v in target["where"].items())
+        }
         ratios = {k: v for k, v in ratios.items() if v is not None}
         worst = min(ratios, key=ratios.get) if ratios else None
-        status = "n/a" if worst is None else (
-            "PASS" if ratios[worst] >= target["min_ratio"] else "MISS")
-        results.append({**target, "status": status, "worst_row": worst,
-                        "worst_ratio": ratios.get(worst), "ratios": ratios})
+        status = (
+            "n/a" if worst is None else ("PASS" if ratios[worst] >= target["min_ratio"] else "MISS")
+        )
+        results.append(
+            {
+                **target,
+                "status": status,
+                "worst_row": worst,
+                "worst_ratio": ratios.get(worst),
+                "ratios": ratios,
+            }
+        )
     return results
 
 
@@ -154,7 +183,7 @@ def targets_line(sweep: str, results: Sequence[dict]) -> str | None:
     if not results:
         return None
     return f"{sweep} targets (worst row, fused speed-up): " + " | ".join(
-        f"{r['label']}: {r['status']}" + ("" if r["worst_ratio"] is None
-                                          else f" ({r['worst_ratio']:.2f}x)") for r in results)
-
-
+        f"{r['label']}: {r['status']}"
+        + ("" if r["worst_ratio"] is None else f" ({r['worst_ratio']:.2f}x)")
+        for r in results
+    )

@@ -50,25 +50,34 @@ def fmt_agreement(cosine: float | None) -> str:
 def drop_empty_columns(columns: Sequence[str], cells: list[list[str]], keep_first: int):
     """Removes the columns after the first ``keep_first`` whose cells are all '-' (a contender
     that did not run on this device or was not installed)."""
-    keep = [i for i in range(len(columns))
-            if i < keep_first or any(line[i] != "-" for line in cells)]
+    keep = [
+        i for i in range(len(columns)) if i < keep_first or any(line[i] != "-" for line in cells)
+    ]
     return [columns[i] for i in keep], [[line[i] for i in keep] for line in cells]
 
 
-def plain_table(title: str, columns: Sequence[str], cells: Sequence[Sequence[str]],
-                left_columns: int = 1) -> str:
+def plain_table(
+    title: str, columns: Sequence[str], cells: Sequence[Sequence[str]], left_columns: int = 1
+) -> str:
     """The table as plain text: left-aligned labels, right-aligned numbers, two spaces apart."""
     widths = [max(len(c) for c in column) for column in zip(columns, *cells)]
     lines = textwrap.wrap(title, WIDTH)
     for line in [list(columns), *cells]:
-        parts = [c.ljust(w) if i < left_columns else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(line, widths))]
+        parts = [
+            c.ljust(w) if i < left_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths))
+        ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
 
 
-def render_table(title: str, columns: Sequence[str], cells: Sequence[Sequence[str]],
-                 left_columns: int = 1, file=None) -> None:
+def render_table(
+    title: str,
+    columns: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    left_columns: int = 1,
+    file=None,
+) -> None:
     """Prints a table with rich (a header rule, no side borders) or as plain text; the title wraps
     to ``WIDTH``, the rows are never cut."""
     file = file or sys.stdout
@@ -108,8 +117,12 @@ class Progress:
                 pass
             else:
                 self._bar = RichProgress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=Console(stderr=True),
+                    transient=True,
                 )
                 self._bar.__enter__()
         return self
@@ -128,11 +141,15 @@ class Progress:
     def row(self, description: str) -> None:
         """Called before each row: shows what is being measured."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=self._done,
-                             description=f"{self._sweep}: {description}")
+            self._bar.update(
+                self._task, completed=self._done, description=f"{self._sweep}: {description}"
+            )
         elif self._enabled:
-            print(f"[{self._sweep} {self._done + 1}/{self._total}] {description}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{self._sweep} {self._done + 1}/{self._total}] {description}",
+                file=sys.stderr,
+                flush=True,
+            )
         self._done += 1
 
 
@@ -142,17 +159,39 @@ def memory_and_agreement_table(sweep: str, names, rows) -> None:
     once = list({r.method: r for r in rows}.values())
     others = [n for n in names if n != "fused"]
     columns, cells = drop_empty_columns(
-        ["method", *(f"mem {n}" for n in names), *(f"cos {n}" for n in others),
-         *(f"diff {n}" for n in others)],
-        [[r.method, *(fmt_bytes(r.peak_bytes.get(n)) for n in names),
-          *(fmt_agreement(r.cosine.get(n)) for n in others),
-          *("-" if r.max_rel_diff.get(n) is None else f"{r.max_rel_diff[n]:.1e}" for n in others)]
-         for r in once], keep_first=1)
-    render_table(f"{sweep}: peak extra memory of one step; cos = cosine of a contender's .grad "
-                 "with fused's, diff = its largest difference / fused's largest magnitude",
-                 columns, cells, left_columns=1)
-    lacking = {contender: sorted(r.method for r in once if r.notes.get(contender, "").startswith(
-        f"{contender} has no")) for contender in names}
+        [
+            "method",
+            *(f"mem {n}" for n in names),
+            *(f"cos {n}" for n in others),
+            *(f"diff {n}" for n in others),
+        ],
+        [
+            [
+                r.method,
+                *(fmt_bytes(r.peak_bytes.get(n)) for n in names),
+                *(fmt_agreement(r.cosine.get(n)) for n in others),
+                *(
+                    "-" if r.max_rel_diff.get(n) is None else f"{r.max_rel_diff[n]:.1e}"
+                    for n in others
+                ),
+            ]
+            for r in once
+        ],
+        keep_first=1,
+    )
+    render_table(
+        f"{sweep}: peak extra memory of one step; cos = cosine of a contender's .grad "
+        "with fused's, diff = its largest difference / fused's largest magnitude",
+        columns,
+        cells,
+        left_columns=1,
+    )
+    lacking = {
+        contender: sorted(
+            r.method for r in once if r.notes.get(contender, "").startswith(f"{contender} has no")
+        )
+        for contender in names
+    }
     other = sorted({note for r in once for note in r.notes.values() if " has no " not in note})
     for line in [f"{c} has no {', '.join(methods)}" for c, methods in lacking.items() if methods]:
         print(line)

@@ -56,8 +56,11 @@ class Stats:
 
     @classmethod
     def of(cls, samples: list[float]) -> Stats:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 \
+        q1, _, q3 = (
+            statistics.quantiles(samples, n=4, method="inclusive")
+            if len(samples) > 1
             else (samples[0],) * 3
+        )
         return cls(statistics.median(samples), min(samples), q3 - q1, samples)
 
 
@@ -75,8 +78,12 @@ def quiet_gc() -> Iterator[None]:
 
 
 def time_contenders(
-    samples: dict[str, Callable[[], object]], clock: Clock, repeats: int, warmup: int,
-    before_each: Callable[[], None] | None = None, calls_per_sample: int = 1,
+    samples: dict[str, Callable[[], object]],
+    clock: Clock,
+    repeats: int,
+    warmup: int,
+    before_each: Callable[[], None] | None = None,
+    calls_per_sample: int = 1,
 ) -> dict[str, Stats]:
     """Times each callable ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
 
@@ -165,8 +172,11 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     with stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         fn()
     try:
-        events = sorted((e.start_ns(), e.nbytes()) for e in p.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in p.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        )
     except AttributeError:  # another profiler layout
         return None
     live = peak = 0

@@ -52,10 +52,15 @@ class SharedTrunkModel(nn.Module):
         super().__init__()
         channels = max(4, width // 16)  # 8, 16, 32 channels at width 128
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * channels, 4 * channels, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(4 * channels * 8 * 8, width), nn.ReLU(),
+            nn.Conv2d(3, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * channels, 4 * channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * channels * 8 * 8, width),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleList(nn.Linear(width, outputs) for _, outputs in HEADS)
 
@@ -67,8 +72,10 @@ class SharedTrunkModel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(size, 3, 32, 32, generator=generator).to(device)
         targets = [
-            torch.randn(size, n, generator=generator).to(device) if kind == "regression"
-            else torch.randint(n, (size,), generator=generator).to(device) for kind, n in HEADS
+            torch.randn(size, n, generator=generator).to(device)
+            if kind == "regression"
+            else torch.randint(n, (size,), generator=generator).to(device)
+            for kind, n in HEADS
         ]
         return x, targets
 
@@ -116,7 +123,7 @@ def plain_step(name: str, model: SharedTrunkModel, x, targets):
             head_params = list(head.parameters())
             grads = torch.autograd.grad(loss, shared + head_params, retain_graph=i < k - 1)
             task_grads.append(list(grads[: len(shared)]))
-            for p, g in zip(head_params, grads[len(shared):]):
+            for p, g in zip(head_params, grads[len(shared) :]):
                 p.grad = g
         combine(task_grads, torch.stack([loss.detach() for loss in losses]))
 
@@ -125,17 +132,24 @@ def plain_step(name: str, model: SharedTrunkModel, x, targets):
 
 def torchjd_step(name: str, model: SharedTrunkModel, x, targets):
     return peers.training_step(
-        name, lambda: model.losses(x, targets), model.shared,
+        name,
+        lambda: model.losses(x, targets),
+        model.shared,
         [list(head.parameters()) for head in model.heads],
-        lambda: model.zero_grad(set_to_none=True))
+        lambda: model.zero_grad(set_to_none=True),
+    )
 
 
 FACTORIES = {"fused": fused_step, "plain": plain_step, "torchjd": torchjd_step}
 
 
 def all_grads(model: nn.Module) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in model.parameters()])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
 
 
 class TrainingStep(Sweep):
@@ -145,13 +159,21 @@ class TrainingStep(Sweep):
 
     def add_arguments(self, group) -> None:
         group.add_argument("--batch-size", type=int, default=32, help="batch (default 32)")
-        group.add_argument("--width", type=int, default=128, help="shared feature width; the "
-                           "trunk's channels scale with it (default 128)")
+        group.add_argument(
+            "--width",
+            type=int,
+            default=128,
+            help="shared feature width; the trunk's channels scale with it (default 128)",
+        )
 
     def config(self, args, common: Common) -> Config:
         every = {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
-        return Config(**vars(common), methods=tuple(chosen_methods(args.methods, every)),
-                      batch_size=args.batch_size, width=args.width)
+        return Config(
+            **vars(common),
+            methods=tuple(chosen_methods(args.methods, every)),
+            batch_size=args.batch_size,
+            width=args.width,
+        )
 
     def planned_rows(self, c: Config) -> int:
         return len(c.threads) * len(c.methods)
@@ -183,9 +205,19 @@ class TrainingStep(Sweep):
                 for name in c.methods:
                     progress.row(f"{name} B={c.batch_size} t{threads}")
                     family = "gradient" if name in weighting.GRADIENT_BASED else "loss"
-                    row = Row(self.name, {"method": name, "family": family, "tasks": len(HEADS),
-                                          "shared_elements": shared, "batch_size": c.batch_size,
-                                          "threads": threads, "device": c.device}, {})
+                    row = Row(
+                        self.name,
+                        {
+                            "method": name,
+                            "family": family,
+                            "tasks": len(HEADS),
+                            "shared_elements": shared,
+                            "batch_size": c.batch_size,
+                            "threads": threads,
+                            "device": c.device,
+                        },
+                        {},
+                    )
                     if name not in first:  # fresh instances, one step each
                         steps, row.notes = self.make_steps(name, model, x, targets)
                         grads = {}
@@ -195,8 +227,9 @@ class TrainingStep(Sweep):
                         for contender, value in grads.items():
                             if contender == "plain" and family == "loss":
                                 continue  # constant weights: nothing to compare
-                            row.cosine[contender], row.max_rel_diff[contender] = \
-                                cosine_and_diff(value, grads["fused"])
+                            row.cosine[contender], row.max_rel_diff[contender] = cosine_and_diff(
+                                value, grads["fused"]
+                            )
                         for contender, step in steps.items():
                             row.peak_bytes[contender] = peak_extra_bytes(step, device)
                         first[name] = row
@@ -213,13 +246,26 @@ class TrainingStep(Sweep):
     def report(self, rows) -> None:
         first, names = rows[0], self.contenders
         columns, cells = drop_empty_columns(
-            ["method", "kind", "thr", *(f"{n} ms" for n in names),
-             *(f"vs {n}" for n in names[1:])],
-            [[r.method, r.family, str(r.threads), *(fmt_ms(r.median(n)) for n in names),
-              *(fmt_ratio(r.ratio(n)) for n in names[1:])] for r in rows], keep_first=5)
+            ["method", "kind", "thr", *(f"{n} ms" for n in names), *(f"vs {n}" for n in names[1:])],
+            [
+                [
+                    r.method,
+                    r.family,
+                    str(r.threads),
+                    *(fmt_ms(r.median(n)) for n in names),
+                    *(fmt_ratio(r.ratio(n)) for n in names[1:]),
+                ]
+                for r in rows
+            ],
+            keep_first=5,
+        )
         render_table(
             f"Training step (zero_grad, forward, K={first.tasks} losses, weighting, .grad) of a "
             f"conv trunk ({first.shared_elements:,} shared parameters), batch {first.batch_size}, "
             f"{first.device}: median ms; plain = flatten (gradient-based) or sum L_i / K "
-            "(loss-based); vs = contender / fused", columns, cells, left_columns=3)
+            "(loss-based); vs = contender / fused",
+            columns,
+            cells,
+            left_columns=3,
+        )
         memory_and_agreement_table(self.name, names, rows)

@@ -70,13 +70,20 @@ class WeightingStep(Sweep):
     full_threads = "1"  # memory-bound like multi_tensor, whose sweep shows the thread scaling
 
     def add_arguments(self, group) -> None:
-        group.add_argument("--methods", default="all", help="comma-separated weighting names "
-                           "(GRADIENT_BASED for weighting_step, LOSS_BASED too for training_step)")
+        group.add_argument(
+            "--methods",
+            default="all",
+            help="comma-separated weighting names "
+            "(GRADIENT_BASED for weighting_step, LOSS_BASED too for training_step)",
+        )
 
     def config(self, args, common: Common) -> Config:
-        return Config(**vars(common), methods=tuple(chosen_methods(args.methods,
-                                                                   weighting.GRADIENT_BASED)),
-                      tasks=args.tasks, shape_divisor=args.shape_divisor)
+        return Config(
+            **vars(common),
+            methods=tuple(chosen_methods(args.methods, weighting.GRADIENT_BASED)),
+            tasks=args.tasks,
+            shape_divisor=args.shape_divisor,
+        )
 
     def planned_rows(self, c: Config) -> int:
         return len(c.threads) * len(c.methods)
@@ -87,8 +94,10 @@ class WeightingStep(Sweep):
         k, columns = len(task_grads), gramian_columns(name, params)
         fused, flatten = build(name, k, params), build(name, k, params)
         combine = flatten_step(name, flatten, params, columns)
-        steps = {"fused": lambda: fused.step(fused_grads, losses),
-                 "flatten": lambda: combine(task_grads, losses)}
+        steps = {
+            "fused": lambda: fused.step(fused_grads, losses),
+            "flatten": lambda: combine(task_grads, losses),
+        }
         notes = {}
         try:
             steps["torchjd"] = peers.weighting_step(name, params, task_grads)
@@ -109,9 +118,11 @@ class WeightingStep(Sweep):
             grads[contender] = torch.cat([p.grad.reshape(-1) for p in params])
         for contender, value in grads.items():
             row.cosine[contender], row.max_rel_diff[contender] = cosine_and_diff(
-                value, grads["fused"])
-        return any(not torch.equal(a, b) for ra, rb in zip(copies, task_grads)
-                   for a, b in zip(ra, rb))
+                value, grads["fused"]
+            )
+        return any(
+            not torch.equal(a, b) for ra, rb in zip(copies, task_grads) for a, b in zip(ra, rb)
+        )
 
     def run(self, c: Config, progress) -> list[Row]:
         device = torch.device(c.device)
@@ -126,20 +137,33 @@ class WeightingStep(Sweep):
             with num_threads(threads):
                 for name in c.methods:
                     progress.row(f"{name} K={k} t{threads}")
-                    row = Row(self.name, {"method": name, "tasks": k, "elements": g,
-                                          "tensors": len(params), "threads": threads,
-                                          "device": c.device}, {},
-                              bytes=(k * (gramian_columns(name, params) or g) + k * g + 2 * g)
-                              * 4, bandwidth_gbs=copy.measure_gbs(c.repeats))
+                    row = Row(
+                        self.name,
+                        {
+                            "method": name,
+                            "tasks": k,
+                            "elements": g,
+                            "tensors": len(params),
+                            "threads": threads,
+                            "device": c.device,
+                        },
+                        {},
+                        bytes=(k * (gramian_columns(name, params) or g) + k * g + 2 * g) * 4,
+                        bandwidth_gbs=copy.measure_gbs(c.repeats),
+                    )
                     if name in first:
                         seen = first[name]
                         row.cosine, row.max_rel_diff = seen.cosine, seen.max_rel_diff
                         row.notes, row.info["mutates_input"] = seen.notes, seen.mutates_input
                     else:
-                        row.info["mutates_input"] = self.agreement(row, name, params,
-                                                                     task_grads, losses)
-                    private = ([[t.clone() for t in grads] for grads in task_grads]
-                               if row.mutates_input else task_grads)
+                        row.info["mutates_input"] = self.agreement(
+                            row, name, params, task_grads, losses
+                        )
+                    private = (
+                        [[t.clone() for t in grads] for grads in task_grads]
+                        if row.mutates_input
+                        else task_grads
+                    )
                     steps, _ = self.steps(name, params, task_grads, losses, private)
                     zero_grads(params)
                     if name not in first:
@@ -158,19 +182,31 @@ class WeightingStep(Sweep):
     def report(self, rows) -> None:
         first, names = rows[0], self.contenders
         columns, cells = drop_empty_columns(
-            ["method", "thr", *(f"{n} ms" for n in names), "vs flatten", "vs torchjd",
-             "% bound"],
-            [[r.method + (" *" if r.mutates_input else ""), str(r.threads),
-              *(fmt_ms(r.median(n)) for n in names), fmt_ratio(r.ratio("flatten")),
-              fmt_ratio(r.ratio("torchjd")), fmt_percent(r.fraction_of_bound())] for r in rows],
-            keep_first=4)
+            ["method", "thr", *(f"{n} ms" for n in names), "vs flatten", "vs torchjd", "% bound"],
+            [
+                [
+                    r.method + (" *" if r.mutates_input else ""),
+                    str(r.threads),
+                    *(fmt_ms(r.median(n)) for n in names),
+                    fmt_ratio(r.ratio("flatten")),
+                    fmt_ratio(r.ratio("torchjd")),
+                    fmt_percent(r.fraction_of_bound()),
+                ]
+                for r in rows
+            ],
+            keep_first=4,
+        )
         render_table(
             f"Weighting step after the per-task backward passes, float32, K={first.tasks} x "
             f"{first.tensors} tensors (G={first.elements:,}), {first.device}: median ms; "
-            "vs = contender / fused", columns, cells, left_columns=2)
+            "vs = contender / fused",
+            columns,
+            cells,
+            left_columns=2,
+        )
         memory_and_agreement_table(self.name, names, rows)
         if any(r.mutates_input for r in rows):
-            print("* step() scales the task gradients it is given in place; its fused contender "
-                  "was timed on a private copy.")
-
-
+            print(
+                "* step() scales the task gradients it is given in place; its fused contender "
+                "was timed on a private copy."
+            )

@@ -95,8 +95,9 @@ def all_methods() -> dict[str, type]:
     return {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
 
 
-def make_method(name: str, k: int, shared_params: Sequence[torch.Tensor] | None = None,
-                **options) -> weighting.Weighting:
+def make_method(
+    name: str, k: int, shared_params: Sequence[torch.Tensor] | None = None, **options
+) -> weighting.Weighting:
     """A fresh, ready instance of a registered weighting method for K tasks: the class's own
     ``example`` where it has one, else its defaults plus what it cannot do without (GradNorm's
     last shared layer, PriorLoss's priors, a seed for random methods, so that two instances draw
@@ -105,8 +106,11 @@ def make_method(name: str, k: int, shared_params: Sequence[torch.Tensor] | None 
     if hasattr(cls, "example"):  # the registry's own way (its GradNorm layer: the last 2 here too)
         return cls.example(k, shared_params, **options)
     accepted = inspect.signature(cls.__init__).parameters
-    defaults = {"last_shared_layer": list(shared_params or ())[-LAST_LAYER_TENSORS:],
-                "priors": [1.0] * k, "seed": 0}
+    defaults = {
+        "last_shared_layer": list(shared_params or ())[-LAST_LAYER_TENSORS:],
+        "priors": [1.0] * k,
+        "seed": 0,
+    }
     options = {key: v for key, v in defaults.items() if key in accepted} | options
     args = (list(shared_params), k) if name in weighting.GRADIENT_BASED else (k,)
     return cls(*args, **options)
@@ -146,8 +150,9 @@ def flatten_step(name: str, method, params, columns: int | None):
             return matrix
         if average["matrix"] is None:
             average["matrix"] = torch.zeros_like(matrix)
-        matrix.lerp_(average["matrix"], method.beta / float(average["steps"] + 1)
-                     ** method.beta_sigma)
+        matrix.lerp_(
+            average["matrix"], method.beta / float(average["steps"] + 1) ** method.beta_sigma
+        )
         average["matrix"], average["steps"] = matrix, average["steps"] + 1
         return matrix
 

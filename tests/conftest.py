@@ -18,28 +18,33 @@ if not torch.cuda.is_available():
 import random
 from dataclasses import dataclass
 
-import fusedmtl
-import fusedmtl._C
 import numpy as np
 import pytest
+
+import fusedmtl
+import fusedmtl._C
 from fusedmtl.losses import REGRESSION_KINDS
 from fusedmtl.losses.kinds import RegressionKind, regression_kind
 
-BACKENDS = ("native", "reference") + (
-    ("triton",) if fusedmtl.backend.triton_runs_on("cpu") else ()
-)
+BACKENDS = ("native", "reference") + (("triton",) if fusedmtl.backend.triton_runs_on("cpu") else ())
 # Devices every device-parametric test runs on: the CPU, and CUDA where there is one (one pytest
 # run on a GPU machine exercises every CUDA and Triton kernel with the same oracles).
 # FUSEDMTL_TEST_DEVICES=cpu,cuda generates the CUDA cases without a GPU too (they skip), so CI
 # proves that the GPU part of the suite collects (`make gpu-check` runs it with `-m cuda`).
 DEVICES = tuple(
-    os.environ.get("FUSEDMTL_TEST_DEVICES", "cpu,cuda" if torch.cuda.is_available() else "cpu")
-    .split(",")
+    os.environ.get(
+        "FUSEDMTL_TEST_DEVICES", "cpu,cuda" if torch.cuda.is_available() else "cpu"
+    ).split(",")
 )
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+DTYPE_IDS = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
 # Relative resolution of the low-precision dtypes for reduced losses (brief: rtol 2**-10 / 2**-7).
 LOW_PRECISION_RTOL = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -101,7 +106,9 @@ class LossCase:
         return fn(input, target, reduction=reduction, **self.kwargs(), **kwargs)
 
     def torch(self, input, target, reduction="mean", **kwargs):
-        return self.row.torch_function(input, target, reduction=reduction, **self.kwargs(), **kwargs)
+        return self.row.torch_function(
+            input, target, reduction=reduction, **self.kwargs(), **kwargs
+        )
 
 
 # Every kind of the table with each value of its parameter under test: 0 (smooth-L1 routes it to
@@ -221,7 +228,8 @@ def ref_grad64(kind: str, param, input, target, grad_output, reduction: str):
     elif kind == "mse":
         local = 2 * d
     elif kind in ("smooth_l1", "huber"):
-        # linear branch at |d| >= param (so at |d| == param too); NaN propagates through the inner one
+        # linear branch at |d| >= param (so at |d| == param too); NaN propagates through the inner
+        # one
         inner = d / param if kind == "smooth_l1" else d
         outer = torch.ones_like(d) if kind == "smooth_l1" else torch.full_like(d, param)
         local = torch.where(d <= -param, -outer, torch.where(d >= param, outer, inner))
@@ -285,7 +293,8 @@ def _describe_worst(actual, expected, dist) -> str:
     count = int((flat > 0).sum())
     return (
         f"max ulp distance {int(flat[worst])} at flat index {worst}: "
-        f"actual {actual.reshape(-1)[worst].item()!r}, expected {expected.reshape(-1)[worst].item()!r}; "
+        f"actual {actual.reshape(-1)[worst].item()!r}, expected "
+        f"{expected.reshape(-1)[worst].item()!r}; "
         f"{count} of {flat.numel()} elements differ"
     )
 
@@ -312,7 +321,12 @@ def assert_close_to_ref(actual, ref64, rtol, atol=0.0, what=""):
     __tracebackhide__ = True  # keeps pytest from printing the tensors of this frame
     assert actual.shape == ref64.shape, f"{what}: shape {actual.shape} != {ref64.shape}"
     torch.testing.assert_close(
-        actual.double(), ref64.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
+        actual.double(),
+        ref64.double(),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
     )
 
 

@@ -17,8 +17,17 @@ from fusedmtl import backend
 
 CAPABILITIES = ("default", "avx2", "avx512")
 INFO_KEYS = {
-    "torch", "torch_cuda", "cuda_device_available", "extension", "extension_error",
-    "extension_cuda", "cpu_capability", "triton", "forced", "selected", "threads",
+    "torch",
+    "torch_cuda",
+    "cuda_device_available",
+    "extension",
+    "extension_error",
+    "extension_cuda",
+    "cpu_capability",
+    "triton",
+    "forced",
+    "selected",
+    "threads",
 }
 
 
@@ -217,11 +226,18 @@ ENV_CASES = {
 @pytest.fixture(scope="module")
 def env_runs():
     """Starts one interpreter per case concurrently; returns {case: CompletedProcess-like}."""
-    base = {k: v for k, v in os.environ.items() if k not in ("FUSEDMTL_BACKEND", "FUSEDMTL_CPU_CAPABILITY")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FUSEDMTL_BACKEND", "FUSEDMTL_CPU_CAPABILITY")
+    }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-c", _PROBE], env={**base, **extra}, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-c", _PROBE],
+            env={**base, **extra},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for name, extra in ENV_CASES.items()
     }
@@ -238,12 +254,15 @@ def _probe_result(env_runs, name):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name, current, cpu", [
-    ("backend-auto", "auto", "native"),
-    ("backend-empty", "auto", "native"),
-    ("backend-native", "native", "native"),
-    ("backend-reference", "reference", "reference"),
-])
+@pytest.mark.parametrize(
+    "name, current, cpu",
+    [
+        ("backend-auto", "auto", "native"),
+        ("backend-empty", "auto", "native"),
+        ("backend-native", "native", "native"),
+        ("backend-reference", "reference", "reference"),
+    ],
+)
 def test_env_backend(env_runs, name, current, cpu):
     result = _probe_result(env_runs, name)
     assert result["current"] == current
@@ -260,8 +279,9 @@ def test_env_backend_invalid(env_runs):
     assert "FUSEDMTL_BACKEND" in stderr and "fastest" in stderr
 
 
-@pytest.mark.parametrize("name, requested", [("capability-default", "default"),
-                                             ("capability-avx2", "avx2")])
+@pytest.mark.parametrize(
+    "name, requested", [("capability-default", "default"), ("capability-avx2", "avx2")]
+)
 def test_env_cpu_capability(env_runs, name, requested, restore_cpu_capability):
     supported = fusedmtl._C.set_cpu_capability("avx512")  # the best this CPU has
     expected = CAPABILITIES[min(CAPABILITIES.index(requested), CAPABILITIES.index(supported))]
@@ -289,8 +309,10 @@ def test_set_cpu_capability_default_always_available(restore_cpu_capability):
     assert fusedmtl._C.set_cpu_capability("default") == "default"
     x, y = torch.randn(1000), torch.randn(1000)
     with backend.use("native"):
-        assert torch.equal(fusedmtl.mse_loss(x, y, reduction="none"),
-                           torch.nn.functional.mse_loss(x, y, reduction="none"))
+        assert torch.equal(
+            fusedmtl.mse_loss(x, y, reduction="none"),
+            torch.nn.functional.mse_loss(x, y, reduction="none"),
+        )
 
 
 @pytest.mark.parametrize("name", ["sse", "AVX2", "", "avx512 "])

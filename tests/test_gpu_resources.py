@@ -62,17 +62,26 @@ def _triton_target_compiles() -> bool:
 
 # Minutes of compilation on a 2-core machine: run once per CI, in `make cuda-check` (which sets
 # FUSEDMTL_EXPECT_CUDA=1), and by `make gpu-check`; FUSEDMTL_GPU_RESOURCES=1 runs it anywhere.
-_RESOURCE_RUN = bool(os.environ.get("FUSEDMTL_EXPECT_CUDA") or os.environ.get("FUSEDMTL_GPU_RESOURCES"))
+_RESOURCE_RUN = bool(
+    os.environ.get("FUSEDMTL_EXPECT_CUDA") or os.environ.get("FUSEDMTL_GPU_RESOURCES")
+)
 
 
 @pytest.mark.skipif(not _triton_target_compiles(), reason="Triton is not installed")
-@pytest.mark.skipif(not _RESOURCE_RUN, reason="FUSEDMTL_EXPECT_CUDA or FUSEDMTL_GPU_RESOURCES unset")
+@pytest.mark.skipif(
+    not _RESOURCE_RUN, reason="FUSEDMTL_EXPECT_CUDA or FUSEDMTL_GPU_RESOURCES unset"
+)
 @pytest.mark.parametrize("cc", sorted(SHARED_LIMIT), ids=lambda cc: f"sm_{cc}")
 def test_triton_kernels_fit_the_gpu_shared_memory(cc):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    run = subprocess.run([sys.executable, "-c", _COMPILER, str(cc), *MODULES], env=env,
-                         capture_output=True, text=True, timeout=1800)
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILER, str(cc), *MODULES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     kernels = {case["kernel"] for case in cases}
@@ -86,8 +95,10 @@ def test_triton_kernels_fit_the_gpu_shared_memory(cc):
 # ptxas report of the CUDA build.
 
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+)'")
-_FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
-                    r"(?P<loads>\d+) bytes spill loads")
+_FRAME = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads"
+)
 
 
 def parse_ptxas_report(text: str) -> list[dict]:
@@ -124,12 +135,16 @@ ptxas info    : Function properties for _ZN8fusedmtl14combine_kernelIfLi8EE
 """
     kernels = parse_ptxas_report(report)
     assert [(k["arch"], k["stack"], k["stores"]) for k in kernels] == [
-        ("sm_80", 24000, 28256), ("sm_90", 0, 0)]
+        ("sm_80", 24000, 28256),
+        ("sm_90", 0, 0),
+    ]
     assert [k["name"] for k in ptxas_violations(kernels)] == [kernels[0]["name"]]
 
 
-@pytest.mark.skipif(not os.environ.get("FUSEDMTL_PTXAS_LOG"),
-                    reason="no ptxas report (FUSEDMTL_PTXAS_LOG names the CUDA build's log)")
+@pytest.mark.skipif(
+    not os.environ.get("FUSEDMTL_PTXAS_LOG"),
+    reason="no ptxas report (FUSEDMTL_PTXAS_LOG names the CUDA build's log)",
+)
 def test_cuda_kernels_have_no_spills_and_small_stack_frames():
     text = Path(os.environ["FUSEDMTL_PTXAS_LOG"]).read_text(errors="replace")
     kernels = [k for k in parse_ptxas_report(text) if "fusedmtl" in k["name"]]
@@ -138,4 +153,5 @@ def test_cuda_kernels_have_no_spills_and_small_stack_frames():
     bad = ptxas_violations(kernels)
     assert not bad, "\n".join(
         f"{k['arch']} {k['name']}: {k['stack']} B stack, {k['stores']}/{k['loads']} B spilled"
-        for k in bad)
+        for k in bad
+    )

@@ -33,8 +33,9 @@ def _has(op: str, key: str) -> bool:
 
 def _impl_blocks(source: str) -> dict[str, set[str]]:
     blocks = {}
-    for key, body in re.findall(r"TORCH_LIBRARY_IMPL\(fusedmtl,\s*(\w+),\s*m\)\s*\{(.*?)\n\}",
-                                source, re.S):
+    for key, body in re.findall(
+        r"TORCH_LIBRARY_IMPL\(fusedmtl,\s*(\w+),\s*m\)\s*\{(.*?)\n\}", source, re.S
+    ):
         blocks[key] = set(re.findall(r'm\.impl\("(\w+)"', body))
     return blocks
 

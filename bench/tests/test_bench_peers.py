@@ -34,8 +34,9 @@ def test_training_step_adapter_matches_fusedmtl(name):
         assert all(p.grad is not None for p in model.parameters()), contender
         grads[contender] = all_grads(model)
     assert torch.isfinite(grads["torchjd"]).all()
-    cosine = torch.nn.functional.cosine_similarity(grads["torchjd"].double(),
-                                                   grads["fused"].double(), dim=0)
+    cosine = torch.nn.functional.cosine_similarity(
+        grads["torchjd"].double(), grads["fused"].double(), dim=0
+    )
     # random weights (RLW) or random projection orders (PCGrad) differ between the two
     assert cosine > (0.5 if name in peers.RANDOM else 0.9999), float(cosine)
 
@@ -48,8 +49,7 @@ def test_weighting_step_adapter_matches_fusedmtl(name):
     # a conflict (not a degenerate one): the methods differ from the mean
     task_grads[1] = [g1 - 0.8 * g0 for g0, g1 in zip(task_grads[0], task_grads[1])]
     zero_grads(params)
-    build(name, 3, params).step([[g.clone() for g in row] for row in task_grads],
-                                loss_values(3))
+    build(name, 3, params).step([[g.clone() for g in row] for row in task_grads], loss_values(3))
     fused = torch.cat([p.grad.flatten() for p in params])
     zero_grads(params)
     peers.weighting_step(name, params, task_grads)()

@@ -21,6 +21,8 @@ from bench.tables import WIDTH
 from bench.workload import loss_functions
 
 SWEEPS = ("losses", "multi_tensor", "weighting_step", "training_step")
+
+
 def importable(name: str) -> bool:
     try:
         importlib.import_module(name)
@@ -32,10 +34,33 @@ def importable(name: str) -> bool:
 HAS_MATPLOTLIB, HAS_TORCHJD = importable("matplotlib"), importable("torchjd")
 REPOSITORY = Path(__file__).resolve().parents[2]
 TINY = [
-    "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-progress",
-    "--sizes", "4K", "--losses", "mse_loss,smooth_l1_loss", "--dtypes", "float32",
-    "--reductions", "mean,none", "--variants", "plain,weighted", "--contenders", "fused,eager",
-    "--shape-divisor", "64", "--tasks", "3", "--batch-size", "4", "--width", "32",
+    "--repeats",
+    "2",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--sizes",
+    "4K",
+    "--losses",
+    "mse_loss,smooth_l1_loss",
+    "--dtypes",
+    "float32",
+    "--reductions",
+    "mean,none",
+    "--variants",
+    "plain,weighted",
+    "--contenders",
+    "fused,eager",
+    "--shape-divisor",
+    "64",
+    "--tasks",
+    "3",
+    "--batch-size",
+    "4",
+    "--width",
+    "32",
 ]
 
 
@@ -80,8 +105,11 @@ def test_records_have_sane_times_and_ratios(run):
 def test_losses_rows(run):
     rows = records(run[0], "losses")
     assert {(r["loss"], r["reduction"], r["variant"]) for r in rows} == {
-        (loss, red, var) for loss in ("mse_loss", "smooth_l1_loss") for red in ("mean", "none")
-        for var in ("plain", "weighted")}
+        (loss, red, var)
+        for loss in ("mse_loss", "smooth_l1_loss")
+        for red in ("mean", "none")
+        for var in ("plain", "weighted")
+    }
     # 'none' also writes the loss and reads grad_output: 5N elements instead of 3N
     assert {r["bytes"] for r in rows if r["reduction"] == "none"} == {5 * 4096 * 4}
     assert {r["bytes"] for r in rows if r["reduction"] == "mean"} == {3 * 4096 * 4}
@@ -132,18 +160,29 @@ def test_training_step_covers_every_method(run):
         if HAS_TORCHJD and peers.has(name):
             assert "torchjd" in mine, name
     skipped = {r["method"] for r in run[0]["records"] if r.get("skipped")}
-    assert skipped == {m for m in {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
-                       if not (HAS_TORCHJD and peers.has(m))}
+    assert skipped == {
+        m
+        for m in {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
+        if not (HAS_TORCHJD and peers.has(m))
+    }
 
 
 def test_tables_fit_120_columns_uncut(run):
     printed = run[2]
-    for title in ("Losses, forward+backward", "Multi-tensor ops", "Weighting step",
-                  "Training step"):
+    for title in (
+        "Losses, forward+backward",
+        "Multi-tensor ops",
+        "Weighting step",
+        "Training step",
+    ):
         assert title in printed
     assert "…" not in printed  # rich cuts a cell that does not fit
-    table_lines = [line for line in printed.splitlines() if "targets" not in line
-                   and not line.startswith(("torch.compile", "torchjd has no", "not run"))]
+    table_lines = [
+        line
+        for line in printed.splitlines()
+        if "targets" not in line
+        and not line.startswith(("torch.compile", "torchjd has no", "not run"))
+    ]
     assert max(len(line) for line in table_lines) <= WIDTH
     assert not re.search(r"\d\.\dK\b", printed)  # bytes carry B/KiB/MiB, never '0.1K'
     assert re.search(r"\d+ B\b", printed)  # fused's few bytes, in bytes
@@ -163,8 +202,13 @@ def test_plots_are_png_files(run):
 
 
 def test_module_entry_point_runs_from_the_checkout():
-    result = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=REPOSITORY)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPOSITORY,
+    )
     assert result.returncode == 0, result.stderr
     assert "--sweeps" in result.stdout and "--quick" in result.stdout
 

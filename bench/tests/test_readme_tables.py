@@ -19,14 +19,23 @@ def test_tables_hold_the_recorded_numbers():
     demo = json.loads((DATA / "demo_tiny.json").read_text())
     text = readme_tables.generate(document, demo)
     assert [line for line in text.splitlines() if line.startswith("#### ")] == [
-        "#### losses", "#### multi_tensor", "#### weighting_step", "#### training_step",
-        "#### demo (20 steps)"]
+        "#### losses",
+        "#### multi_tensor",
+        "#### weighting_step",
+        "#### training_step",
+        "#### demo (20 steps)",
+    ]
     tables = [block for block in text.split("\n\n") if block.startswith("|")]
     for table in tables:  # well-formed markdown: one cell count per table
         assert len({line.count("|") for line in table.splitlines()}) == 1
-    fused = [r for r in document["records"] if r.get("contender") == "fused"
-             and r.get("threads") == 1 and r.get("variant", "plain") == "plain"
-             and r.get("reduction", "mean") == "mean"]
+    fused = [
+        r
+        for r in document["records"]
+        if r.get("contender") == "fused"
+        and r.get("threads") == 1
+        and r.get("variant", "plain") == "plain"
+        and r.get("reduction", "mean") == "mean"
+    ]
     for record in fused:  # every fused median of the run is in a table, formatted as the bench
         assert f"| {readme_tables.fmt_ms(record['median_ms'])} |" in text, record["row_id"]
     for method, run in demo["methods"].items():
@@ -39,9 +48,21 @@ def test_tables_hold_the_recorded_numbers():
 def test_command_line_writes_the_file(tmp_path):
     out = tmp_path / "tables.md"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.readme_tables", str(DATA / "bench_tiny.json"), "--demo",
-         str(DATA / "demo_tiny.json"), "--out", str(out)],
-        capture_output=True, text=True, cwd=REPOSITORY, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "bench.readme_tables",
+            str(DATA / "bench_tiny.json"),
+            "--demo",
+            str(DATA / "demo_tiny.json"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPOSITORY,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_text().count("#### ") == 5
 

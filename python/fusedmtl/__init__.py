@@ -21,8 +21,18 @@ __version__ = "0.1.0"
 # `import fusedmtl` stays fast.
 LAZY_SUBMODULES = ("demo", "multi_tensor", "weighting")
 __all__ = [
-    "backend", "demo", "empty_cache", "heteroscedastic_loss", "huber_loss", "l1_loss", "losses",
-    "mse_loss", "multi_tensor", "nn", "smooth_l1_loss", "weighting",
+    "backend",
+    "demo",
+    "empty_cache",
+    "heteroscedastic_loss",
+    "huber_loss",
+    "l1_loss",
+    "losses",
+    "mse_loss",
+    "multi_tensor",
+    "nn",
+    "smooth_l1_loss",
+    "weighting",
 ]
 
 

@@ -2,8 +2,8 @@
 
 - ``'native'``: the compiled kernels of ``fusedmtl._C`` (CPU; CUDA when built with CUDA).
 - ``'triton'``: Triton kernels, for CUDA tensors when the extension was built without CUDA.
-- ``'reference'``: plain PyTorch (``fusedmtl.losses.reference``); runs on any device, and is what runs when
-  the extension is missing (with one warning).
+- ``'reference'``: plain PyTorch (``fusedmtl.losses.reference``); runs on any device, and is what
+  runs when the extension is missing (with one warning).
 
 ``'auto'`` (the default) picks per device: native where the extension supports the device, then
 triton on CUDA, then reference. Force a choice for the whole process with the environment variable
@@ -56,7 +56,7 @@ def native_available(device_type: str = "cpu") -> bool:
 
 
 def triton_available() -> bool:
-    """True if Triton can be imported (its kernels still need a CUDA device or TRITON_INTERPRET=1)."""
+    """True if Triton can be imported (its kernels still need CUDA or TRITON_INTERPRET=1)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -64,7 +64,9 @@ def triton_runs_on(device_type: str) -> bool:
     """True if the Triton kernels can run on this device type (CPU only under the interpreter)."""
     if not triton_available():
         return False
-    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device_type == "cuda" or (
+        device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 def current() -> str:
@@ -90,7 +92,8 @@ def select(device: torch.device | str) -> str:
     if _forced == "triton":
         if not triton_runs_on(device_type):
             raise RuntimeError(
-                f"fusedmtl: the triton backend was forced but cannot run on {device_type!r} tensors: "
+                f"fusedmtl: the triton backend was forced but cannot run on {device_type!r} "
+                "tensors: "
                 "it needs triton and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
             )
         return "triton"
@@ -149,7 +152,10 @@ def _safe_select(device_type: str) -> str:
 
 def _native_unavailable_message(device_type: str) -> str:
     if _C is None:
-        return f"fusedmtl: the native backend was forced but the extension failed to load: {_C_IMPORT_ERROR}"
+        return (
+            "fusedmtl: the native backend was forced but the extension failed to load: "
+            f"{_C_IMPORT_ERROR}"
+        )
     return (
         f"fusedmtl: the native backend has no kernels for {device_type!r} tensors"
         " (was the extension built with CUDA? see fusedmtl.backend.info())"

@@ -48,8 +48,9 @@ def launch_losses(device: str, n: int) -> int:
             for reduction in (0, 1, 2):
                 ops.heteroscedastic_loss(x, t, s, kind, beta, reduction)
                 grad_out = torch.ones((n,) if reduction == 0 else (), device=device, dtype=dtype)
-                ops.heteroscedastic_loss_backward(grad_out, x, t, s, kind, beta, reduction, True,
-                                                  True)
+                ops.heteroscedastic_loss_backward(
+                    grad_out, x, t, s, kind, beta, reduction, True, True
+                )
                 launches += 2
                 if reduction:
                     ops.heteroscedastic_loss_with_grad(x, t, s, kind, beta, reduction, True, True)
@@ -103,8 +104,12 @@ def launch_triton(device: str, n: int) -> int:
             x = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
             t = torch.randn(n, device=device, dtype=dtype)
             s = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-            for loss in (fusedmtl.l1_loss, fusedmtl.mse_loss, fusedmtl.smooth_l1_loss,
-                         fusedmtl.huber_loss):
+            for loss in (
+                fusedmtl.l1_loss,
+                fusedmtl.mse_loss,
+                fusedmtl.smooth_l1_loss,
+                fusedmtl.huber_loss,
+            ):
                 loss(x, t).backward()
                 launches += 2
             fusedmtl.heteroscedastic_loss(x, t, s).backward()
@@ -122,8 +127,12 @@ def launch_triton(device: str, n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--elements", type=int, default=4099,
-                        help="elements per loss tensor (odd: exercises the vector tails)")
+    parser.add_argument(
+        "--elements",
+        type=int,
+        default=4099,
+        help="elements per loss tensor (odd: exercises the vector tails)",
+    )
     parser.add_argument("--skip-triton", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cpu":

@@ -31,9 +31,22 @@ def test_gpu_check_script_parses():
 def test_cuda_part_of_the_suite_collects_from_every_layer():
     env = {**os.environ, "FUSEDMTL_TEST_DEVICES": "cpu,cuda"}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
-         "no:cacheprovider", str(ROOT / "tests")],
-        capture_output=True, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     collected = [line for line in run.stdout.splitlines() if "::" in line]

@@ -69,7 +69,6 @@ def leaves(*tensors):
     return [t.detach().requires_grad_() for t in tensors]
 
 
-
 # --------------------------------------------------------------------------------------------
 # The contract, as reusable checks
 
@@ -79,8 +78,8 @@ def loose_rtol(dtype):
 
 
 def loose_atol(dtype, ref):
-    """torch rounds intermediate results (its norm = 1/N too) to the dtype: a few ulps of the largest
-    value, and a few ulps of the smallest subnormal for gradients that are subnormal."""
+    """torch rounds intermediate results (its norm = 1/N too) to the dtype: a few ulps of the
+    largest value, and a few ulps of the smallest subnormal for gradients that are subnormal."""
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     return loose_rtol(dtype) * scale + 4 * smallest_subnormal(dtype)
 
@@ -98,8 +97,13 @@ def check_loss(case: LossCase, reduction, x, y, got, expected_torch):
             assert_bitwise(got, expected_torch, "loss vs torch")
         else:
             assert_ulp(got, ref.to(dtype), 1, "loss vs float64 rounded to the dtype")
-            assert_close_to_ref(got, expected_torch, rtol=loose_rtol(dtype),
-                                atol=loose_atol(dtype, ref), what="loss vs torch (loose)")
+            assert_close_to_ref(
+                got,
+                expected_torch,
+                rtol=loose_rtol(dtype),
+                atol=loose_atol(dtype, ref),
+                what="loss vs torch (loose)",
+            )
         return
     if dtype == torch.float64:
         assert_close_to_ref(got, ref, rtol=1e-12, what="reduced loss vs float64 formula")
@@ -111,10 +115,14 @@ def check_loss(case: LossCase, reduction, x, y, got, expected_torch):
     else:
         rtol = LOW_PRECISION_RTOL[dtype]
         assert_close_to_ref(got, ref.to(dtype), rtol=rtol, what="reduced loss vs float64 rounded")
-        assert_close_to_ref(got, expected_torch, rtol=loose_rtol(dtype), what="reduced loss vs torch")
+        assert_close_to_ref(
+            got, expected_torch, rtol=loose_rtol(dtype), what="reduced loss vs torch"
+        )
 
 
-def check_grad(case, reduction, x, y, g, got, expected_torch, bitwise: bool, what: str, ulps: int = 1):
+def check_grad(
+    case, reduction, x, y, g, got, expected_torch, bitwise: bool, what: str, ulps: int = 1
+):
     """Checks fusedmtl's d loss / d input (times g) against torch's and the float64 formula.
     x, y have the same shape (no broadcasting)."""
     __tracebackhide__ = True
@@ -131,7 +139,10 @@ def check_grad(case, reduction, x, y, g, got, expected_torch, bitwise: bool, wha
         return
     ref = ref_grad64(case.kind, case.param, x, y, g, reduction)
     assert_ulp(got, ref.to(dtype), 1, f"{what} vs float64 rounded to the dtype")
-    assert_close_to_ref(got, expected_torch, rtol=loose_rtol(dtype), atol=loose_atol(dtype, ref),
-                        what=f"{what} vs torch (loose)")
-
-
+    assert_close_to_ref(
+        got,
+        expected_torch,
+        rtol=loose_rtol(dtype),
+        atol=loose_atol(dtype, ref),
+        what=f"{what} vs torch (loose)",
+    )

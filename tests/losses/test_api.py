@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,9 @@ from loss_helpers import (
     leaves,
     make_layout,
 )
+
+import fusedmtl
+import fusedmtl.nn
 
 # --------------------------------------------------------------------------------------------
 # torch.nn modules
@@ -93,7 +94,8 @@ def _raises_like_torch(fused_call, torch_call, match=None):
     with pytest.raises(type(torch_error.value)) as fused_error:
         fused_call()
     assert type(fused_error.value) is type(torch_error.value), (
-        f"fusedmtl raised {type(fused_error.value).__name__}, torch {type(torch_error.value).__name__}"
+        f"fusedmtl raised {type(fused_error.value).__name__}, torch "
+        f"{type(torch_error.value).__name__}"
     )
     if match is not None:
         assert match in str(fused_error.value), str(fused_error.value)
@@ -143,7 +145,9 @@ def test_integer_inputs(backend, case, int_dtype, reduction):
         assert not got.dtype.is_floating_point
         assert torch.equal(got, expected)
         return
-    error = _raises_like_torch(lambda: case.fused(x, y, reduction), lambda: case.torch(x, y, reduction))
+    error = _raises_like_torch(
+        lambda: case.fused(x, y, reduction), lambda: case.torch(x, y, reduction)
+    )
     if case.op == "l1":  # mean of integers
         assert isinstance(error, RuntimeError) and "mean" in str(error)
     else:
@@ -208,8 +212,12 @@ LEGACY = [
 
 
 @pytest.mark.parametrize("size_average, reduce", LEGACY, ids=[f"sa{a}-r{b}" for a, b in LEGACY])
-@pytest.mark.parametrize("case", case_params([LossCase("smooth_l1", 1.0), LossCase("smooth_l1", 0.5),
-                                              LossCase("l1"), LossCase("mse")]))
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [LossCase("smooth_l1", 1.0), LossCase("smooth_l1", 0.5), LossCase("l1"), LossCase("mse")]
+    ),
+)
 def test_legacy_size_average_reduce(backend, case, size_average, reduce):
     x, y = make_layout("n1023", torch.float32)
     # reduction='sum' passed too: the legacy arguments take precedence, as in torch
@@ -230,8 +238,10 @@ def test_legacy_size_average_reduce(backend, case, size_average, reduce):
 
 @pytest.mark.parametrize("dtype", dtype_params(EXACT))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", case_params([LossCase("huber", 1.0), LossCase("huber", 0.5),
-                                              LossCase("l1"), LossCase("mse")]))
+@pytest.mark.parametrize(
+    "case",
+    case_params([LossCase("huber", 1.0), LossCase("huber", 0.5), LossCase("l1"), LossCase("mse")]),
+)
 def test_weight(backend, case, reduction, dtype):
     x, y = make_layout("n1023", dtype)
     w = torch.rand(x.shape, dtype=dtype) * 2
@@ -253,11 +263,15 @@ def test_weight(backend, case, reduction, dtype):
 
 
 @pytest.mark.parametrize("weight_shape", [(1022,), (1, 1023), (1,)], ids=str)
-@pytest.mark.parametrize("case", case_params([LossCase("huber", 1.0), LossCase("l1"), LossCase("mse")]))
+@pytest.mark.parametrize(
+    "case", case_params([LossCase("huber", 1.0), LossCase("l1"), LossCase("mse")])
+)
 def test_weight_of_wrong_size(backend, case, weight_shape):
     x, y = make_layout("n1023", torch.float32)
     w = torch.ones(weight_shape)
-    error = _raises_like_torch(lambda: case.fused(x, y, weight=w), lambda: case.torch(x, y, weight=w))
+    error = _raises_like_torch(
+        lambda: case.fused(x, y, weight=w), lambda: case.torch(x, y, weight=w)
+    )
     assert isinstance(error, ValueError) and "same size" in str(error)
 
 
@@ -295,5 +309,3 @@ def test_dtype_rules(backend, case, reduction, in_dtype, in_shape, tg_dtype, tg_
     assert got.shape == expected.shape
     rtol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(expected.dtype, 4 * 2.0**-7)
     assert_close_to_ref(got, expected, rtol=rtol, atol=rtol, what="value")
-
-

@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import math
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 from conftest import (
@@ -31,6 +29,9 @@ from loss_helpers import (
     grad_output_for,
     leaves,
 )
+
+import fusedmtl
+import fusedmtl.nn
 
 # --------------------------------------------------------------------------------------------
 # Determinism across thread counts (native kernels: fixed blocks summed in order)
@@ -59,8 +60,9 @@ def test_thread_count_determinism(case, reduction, restore_num_threads):
         one = _loss_and_grads(case, reduction, x, y)
         torch.set_num_threads(2)
         two = _loss_and_grads(case, reduction, x, y)
-    for a, b, name in zip(one, two, ("loss", "fast grad input", "fast grad target", "grad input",
-                                     "grad target")):
+    for a, b, name in zip(
+        one, two, ("loss", "fast grad input", "fast grad target", "grad input", "grad target")
+    ):
         assert_bitwise(b, a, f"{name}: 2 threads vs 1")
     check_loss(case, reduction, x, y, one[0], case.torch(x, y, reduction))
 
@@ -98,8 +100,14 @@ def test_cpu_capability_parity(capability, case, reduction, dtype, n, restore_cp
         assert _CAPABILITY_ORDER[actual] <= _CAPABILITY_ORDER[capability]
         assert fusedmtl._C.cpu_capability() == actual
         g, results = _run_all(case, reduction, x, y)
-    names = ("loss", "loss without grad", "fast grad input", "fast grad target", "grad input",
-             "grad target")
+    names = (
+        "loss",
+        "loss without grad",
+        "fast grad input",
+        "fast grad target",
+        "grad input",
+        "grad target",
+    )
     if dtype in EXACT:
         for a, b, name in zip(results, baseline, names):
             assert_bitwise(a, b, f"{name}: {actual} vs default")
@@ -107,10 +115,21 @@ def test_cpu_capability_parity(capability, case, reduction, dtype, n, restore_cp
     expected = case.torch(xt, yt, reduction)
     check_loss(case, reduction, x, y, results[0], expected.detach())
     check_loss(case, reduction, x, y, results[1], expected.detach())
-    expected_fast = torch.autograd.grad(expected, (xt, yt), torch.ones_like(expected), retain_graph=True)
+    expected_fast = torch.autograd.grad(
+        expected, (xt, yt), torch.ones_like(expected), retain_graph=True
+    )
     expected_again = torch.autograd.grad(expected, (xt, yt), g)
-    check_grad(case, reduction, x, y, torch.ones_like(g), results[2], expected_fast[0],
-               case.is_default, "fast grad input")
+    check_grad(
+        case,
+        reduction,
+        x,
+        y,
+        torch.ones_like(g),
+        results[2],
+        expected_fast[0],
+        case.is_default,
+        "fast grad input",
+    )
     check_grad(case, reduction, x, y, g, results[4], expected_again[0], False, "grad input")
     assert_bitwise(results[3], -results[2], "fast grad target")
     assert_bitwise(results[5], -results[4], "grad target")
@@ -124,7 +143,9 @@ def _elements(dtype):
     width = 32 if dtype == torch.float32 else 64
     return st.one_of(
         st.floats(-8, 8, width=width),
-        st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -2.5, math.inf, -math.inf, math.nan]),
+        st.sampled_from(
+            [0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -2.5, math.inf, -math.inf, math.nan]
+        ),
     )
 
 
@@ -148,8 +169,13 @@ def _loss_problems(draw):
     return LossCase(op, param), reduction, backend, x, y
 
 
-@settings(max_examples=50, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_loss_problems())
 def test_property_matches_torch(problem):
     case, reduction, backend, x, y = problem

@@ -62,12 +62,17 @@ def test_hessian_vector_product(backend, case, reduction):
     results = []
     for fn, a, b in ((case.fused, xf, yf), (case.torch, xt, yt)):
         grads = torch.autograd.grad(fn(a, b, reduction), (a, b), g, create_graph=True)
-        hvp = torch.autograd.grad((grads[0] * v).sum() + (grads[1] * v * 0.5).sum(), (a, b),
-                                  allow_unused=True, materialize_grads=True)
+        hvp = torch.autograd.grad(
+            (grads[0] * v).sum() + (grads[1] * v * 0.5).sum(),
+            (a, b),
+            allow_unused=True,
+            materialize_grads=True,
+        )
         results.append((grads, hvp))
     (grads_f, hvp_f), (grads_t, hvp_t) = results
-    for got, exp, name in zip(grads_f + hvp_f, grads_t + hvp_t,
-                              ("grad input", "grad target", "hvp input", "hvp target")):
+    for got, exp, name in zip(
+        grads_f + hvp_f, grads_t + hvp_t, ("grad input", "grad target", "hvp input", "hvp target")
+    ):
         # differentiable formulas round in another order than torch's double-backward kernels
         atol = 1e-12 * float(exp.abs().max())
         assert_close_to_ref(got.detach(), exp.detach(), rtol=1e-12, atol=atol, what=name)
@@ -82,7 +87,9 @@ def test_second_derivative_at_zero_difference(backend, case, reduction):
     y = x.detach().clone()
     (grad,) = torch.autograd.grad(case.fused(x, y, reduction).sum(), x, create_graph=True)
     (hessian_diagonal,) = torch.autograd.grad(grad.sum(), x)
-    curvature = {"l1": 0.0, "mse": 2.0, "smooth_l1": 1.0 / (case.param or 1.0), "huber": 1.0}[case.kind]
+    curvature = {"l1": 0.0, "mse": 2.0, "smooth_l1": 1.0 / (case.param or 1.0), "huber": 1.0}[
+        case.kind
+    ]
     expected = torch.full_like(x, curvature / (3 if reduction == "mean" else 1))
     xt = x.detach().clone().requires_grad_()
     (grad_t,) = torch.autograd.grad(case.torch(xt, y, reduction).sum(), xt, create_graph=True)
@@ -96,11 +103,16 @@ def test_second_derivative_at_zero_difference(backend, case, reduction):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("case", case_params([LossCase("smooth_l1", 0.5), LossCase("huber", 2.5),
-                                              LossCase("l1"), LossCase("mse")]))
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [LossCase("smooth_l1", 0.5), LossCase("huber", 2.5), LossCase("l1"), LossCase("mse")]
+    ),
+)
 def test_torch_compile(case):
     torch._dynamo.reset()
     try:
+
         def fn(a, b):
             return case.fused(a * 1.5, b, "mean")
 
@@ -130,5 +142,3 @@ def test_torch_func_grad(backend, case):
     expected = torch.func.grad(lambda a, b: case.torch(a, b, "mean"), argnums=(0, 1))(x, y)
     assert_ulp(got[0], expected[0], 1, "func.grad input")
     assert_ulp(got[1], expected[1], 1, "func.grad target")
-
-

@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 import math
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,11 +27,20 @@ from conftest import (
     make_pair,
 )
 
+import fusedmtl
+import fusedmtl.nn
+
 EXACT = (torch.float32, torch.float64)
 
 # (kind, beta): the default beta, a power of two, one the kernels divide by, and beta == 0 (l1)
-CASES = [("l2", 1.0), ("l1", 1.0), ("smooth_l1", 1.0), ("smooth_l1", 0.5), ("smooth_l1", 2.5),
-         ("smooth_l1", 0.0)]
+CASES = [
+    ("l2", 1.0),
+    ("l1", 1.0),
+    ("smooth_l1", 1.0),
+    ("smooth_l1", 0.5),
+    ("smooth_l1", 2.5),
+    ("smooth_l1", 0.0),
+]
 CASE_IDS = [f"{kind}-beta{beta:g}" for kind, beta in CASES]
 
 
@@ -84,8 +91,9 @@ def assert_close(got, ref64, dtype, what):
     if finite.any():
         rtol = rtol_of(dtype)
         atol = rtol * float(ref64[finite].abs().max()) + torch.finfo(dtype).tiny
-        torch.testing.assert_close(got[finite].double(), ref64[finite], rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            got[finite].double(), ref64[finite], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+        )
 
 
 def leaves(*tensors):
@@ -156,8 +164,10 @@ def test_some_arguments_need_grad(backend, reduction, which):
     (the fast path negates its input gradient in place when only target needs one)."""
     x, y, s = make_problem((1023,), torch.float64)
     wanted = which.split("+")
-    operands = [t.detach().requires_grad_(name in wanted)
-                for t, name in zip((x, y, s), ("input", "target", "log_var"))]
+    operands = [
+        t.detach().requires_grad_(name in wanted)
+        for t, name in zip((x, y, s), ("input", "target", "log_var"))
+    ]
     loss = fused(*operands, "l1", 1.0, reduction)
     loss.backward(torch.ones_like(loss))
     _, ref_grads = oracle(x, y, s, "l1", 1.0, reduction)
@@ -280,7 +290,9 @@ def test_errors(backend):
         fused(x, y, s.to("meta"), "l2", 1.0, "mean")
     with pytest.raises(RuntimeError, match="size"):
         fused(x, y, torch.zeros(3), "l2", 1.0, "mean")
-    ints = [torch.tensor([1, 2, 3], dtype=dtype) for dtype in (torch.int64, torch.int32, torch.int16)]
+    ints = [
+        torch.tensor([1, 2, 3], dtype=dtype) for dtype in (torch.int64, torch.int32, torch.int16)
+    ]
     with pytest.raises(NotImplementedError, match="not implemented for 'torch.int64'"):
         fused(*ints, "l1", 1.0, "sum")
     # an integer operand next to a floating one promotes, as torch's binary ops do
@@ -309,16 +321,19 @@ def test_op_errors():
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_l2_is_gaussian_nll(backend, reduction):
-    """'l2' == torch.nn.GaussianNLLLoss(full=False) with var = exp(log_var) (eps below every var)."""
+    """'l2' == torch.nn.GaussianNLLLoss(full=False) with var = exp(log_var) (eps below any var)."""
     x, y, s = make_problem((64, 3), torch.float64)
     xf, yf, sf = leaves(x, y, s)
     xt, yt, st = leaves(x, y, s)
     loss = fused(xf, yf, sf, "l2", 1.0, reduction)
-    expected = torch.nn.GaussianNLLLoss(full=False, eps=1e-300, reduction=reduction)(xt, yt, st.exp())
+    expected = torch.nn.GaussianNLLLoss(full=False, eps=1e-300, reduction=reduction)(
+        xt, yt, st.exp()
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     g = make_g(loss)
-    for got, exp in zip(torch.autograd.grad(loss, (xf, yf, sf), g),
-                        torch.autograd.grad(expected, (xt, yt, st), g)):
+    for got, exp in zip(
+        torch.autograd.grad(loss, (xf, yf, sf), g), torch.autograd.grad(expected, (xt, yt, st), g)
+    ):
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
@@ -350,7 +365,9 @@ def test_gradcheck(backend, kind, beta, reduction):
     operands = leaves(*away_from_kinks((2, 3), beta))
     fn = functools.partial(fused, kind=kind, beta=beta, reduction=reduction)
     assert torch.autograd.gradcheck(fn, operands)
-    if backend != "triton":  # its double backward is the reference formula too; the interpreter is slow
+    if (
+        backend != "triton"
+    ):  # its double backward is the reference formula too; the interpreter is slow
         assert torch.autograd.gradgradcheck(fn, operands)
 
 
@@ -370,18 +387,30 @@ def _op_inputs(dtype=torch.float32):
 @pytest.mark.parametrize("kind, beta", OP_CASES)
 def test_ops_agree(kind, beta, reduction, dtype):
     """with_grad's loss and gradients == the forward op's loss and the backward op's gradients at
-    grad_output 1; the reduced loss == the reduction of the element-wise one, in the compute type."""
+    grad_output 1; the reduced loss == the reduction of the element-wise one, in the compute
+    type."""
     x, y, s = _op_inputs(dtype)
     ops = torch.ops.fusedmtl
     loss = ops.heteroscedastic_loss(x, y, s, kind, beta, reduction)
     loss2, gx, gs = ops.heteroscedastic_loss_with_grad(x, y, s, kind, beta, reduction, True, True)
-    bx, bs = ops.heteroscedastic_loss_backward(torch.ones(()), x, y, s, kind, beta, reduction, True, True)
+    bx, bs = ops.heteroscedastic_loss_backward(
+        torch.ones(()), x, y, s, kind, beta, reduction, True, True
+    )
     assert_bitwise(loss2, loss, "with_grad loss")
     assert_bitwise(bx, gx, "backward vs with_grad: input")
     assert_bitwise(bs, gs, "backward vs with_grad: log_var")
     per_element = ops.heteroscedastic_loss(x, y, s, kind, beta, 0)
-    _, gs_none = ops.heteroscedastic_loss_backward(torch.ones_like(per_element) / (x.numel() if reduction == 1 else 1),
-                                                   x, y, s, kind, beta, 0, False, True)
+    _, gs_none = ops.heteroscedastic_loss_backward(
+        torch.ones_like(per_element) / (x.numel() if reduction == 1 else 1),
+        x,
+        y,
+        s,
+        kind,
+        beta,
+        0,
+        False,
+        True,
+    )
     assert_close(gs, gs_none.double(), dtype, "reduced vs element-wise grad_output")
 
 
@@ -391,6 +420,7 @@ def test_ops_agree(kind, beta, reduction, dtype):
 def test_torch_compile(kind, beta, backend_name):
     torch._dynamo.reset()
     try:
+
         def fn(a, b, c):
             return fusedmtl.heteroscedastic_loss(a * 1.5, b, c, kind=kind, beta=beta)
 
@@ -438,8 +468,9 @@ def test_thread_count_determinism(kind, beta, reduction, restore_num_threads):
         one = _loss_and_grads(kind, beta, reduction, x, y, s)
         torch.set_num_threads(2)
         two = _loss_and_grads(kind, beta, reduction, x, y, s)
-    for a, b, name in zip(one, two, ("loss", "fast grad input", "fast grad log_var", "grad input",
-                                     "grad log_var")):
+    for a, b, name in zip(
+        one, two, ("loss", "fast grad input", "fast grad log_var", "grad input", "grad log_var")
+    ):
         assert_bitwise(b, a, f"{name}: 2 threads vs 1")
 
 
@@ -457,5 +488,7 @@ def test_cpu_capability_parity(capability, kind, beta, dtype, restore_cpu_capabi
         fusedmtl._C.set_cpu_capability(capability)
         results = [_loss_and_grads(kind, beta, r, x, y, s) for r in REDUCTIONS[1:]]
         results.append(fused(x, y, s, kind, beta, "none"))
-    for a, b in zip(torch.utils._pytree.tree_leaves(results), torch.utils._pytree.tree_leaves(baseline)):
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(results), torch.utils._pytree.tree_leaves(baseline)
+    ):
         assert_bitwise(a, b, f"{fusedmtl._C.cpu_capability()} vs default")

@@ -8,11 +8,12 @@ import inspect
 import pathlib
 import re
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 from conftest import ALL_CASES, BACKENDS, CORE_CASES, DEFAULT_CASES
+
+import fusedmtl
+import fusedmtl.nn
 from fusedmtl.losses import HETEROSCEDASTIC_KINDS, REGRESSION_KINDS, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def test_python_lists_are_the_table():
 
 @pytest.mark.parametrize("kind", REGRESSION_KINDS, ids=NAMES)
 def test_public_api_of_each_kind(kind):
-    """fusedmtl.<function> and fusedmtl.nn.<module> exist, replace torch's, and take its defaults."""
+    """fusedmtl.<function> and fusedmtl.nn.<module> exist, replace torch's, take its defaults."""
     ours, theirs = getattr(fusedmtl, kind.function), kind.torch_function
     assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters)
     if kind.param_name is not None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-import fusedmtl
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fusedmtl
 from fusedmtl.losses import REGRESSION_KINDS
 
 pytestmark = [
@@ -121,7 +122,8 @@ def test_compile_fullgraph(gpu_backend):
 
 
 @pytest.mark.skipif(
-    os.environ.get("FUSEDMTL_LARGE_TESTS") != "1", reason="needs ~13 GB of GPU memory; FUSEDMTL_LARGE_TESTS=1"
+    os.environ.get("FUSEDMTL_LARGE_TESTS") != "1",
+    reason="needs ~13 GB of GPU memory; FUSEDMTL_LARGE_TESTS=1",
 )
 def test_more_than_2_31_elements(gpu_backend):
     n = 2**31 + 17

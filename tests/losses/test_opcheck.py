@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fusedmtl
 import pytest
 import torch
 from conftest import BACKENDS, REDUCTIONS, LossCase, assert_bitwise, make_pair
+
+import fusedmtl
 
 if "triton" in BACKENDS:
     from fusedmtl.losses import triton as _triton  # noqa: F401  (registers the triton ops)

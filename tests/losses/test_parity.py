@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +47,9 @@ from loss_helpers import (
     make_layout,
 )
 
+import fusedmtl
+import fusedmtl.nn
+
 
 @pytest.mark.parametrize("dtype", dtype_params())
 def test_ulp_diff_helper(dtype):
@@ -58,16 +59,23 @@ def test_ulp_diff_helper(dtype):
     up = torch.nextafter(one, torch.tensor([2.0], dtype=dtype))
     tiny = torch.tensor([smallest_subnormal(dtype)], dtype=dtype)
     cases = [
-        (one, one, 0), (one, up, 1), (up, one, 1), (-one, -up, 1),
+        (one, one, 0),
+        (one, up, 1),
+        (up, one, 1),
+        (-one, -up, 1),
         (torch.tensor([0.0], dtype=dtype), torch.tensor([-0.0], dtype=dtype), 0),
-        (tiny, -tiny, 2), (tiny, torch.tensor([0.0], dtype=dtype), 1),
+        (tiny, -tiny, 2),
+        (tiny, torch.tensor([0.0], dtype=dtype), 1),
         (torch.tensor([info.max], dtype=dtype), torch.tensor([math.inf], dtype=dtype), 1),
         (torch.tensor([math.nan], dtype=dtype), torch.tensor([-math.nan], dtype=dtype), 0),
     ]
     for a, b, expected in cases:
         assert int(ulp_diff(a, b)) == expected, (a, b)
     assert int(ulp_diff(torch.tensor([math.nan], dtype=dtype), one)) > 2**60
-    assert int(ulp_diff(torch.tensor([-math.inf], dtype=dtype), torch.tensor([math.inf], dtype=dtype))) > 1000
+    assert (
+        int(ulp_diff(torch.tensor([-math.inf], dtype=dtype), torch.tensor([math.inf], dtype=dtype)))
+        > 1000
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +185,12 @@ def test_second_backward_retain_graph(backend, case, reduction, dtype, grad_kind
 def test_gradient_of_one_argument(backend, case, reduction, dtype, which):
     """Only one of input and target requires grad."""
     x, y = make_layout("n1023", dtype)
-    xf, yf = (x.detach().requires_grad_(), y) if which == "input" else (x, y.detach().requires_grad_())
-    xt, yt = (x.detach().requires_grad_(), y) if which == "input" else (x, y.detach().requires_grad_())
+    xf, yf = (
+        (x.detach().requires_grad_(), y) if which == "input" else (x, y.detach().requires_grad_())
+    )
+    xt, yt = (
+        (x.detach().requires_grad_(), y) if which == "input" else (x, y.detach().requires_grad_())
+    )
     loss = case.fused(xf, yf, reduction)
     expected = case.torch(xt, yt, reduction)
     g = grad_output_for(expected, "random")
@@ -230,11 +242,26 @@ def special_values(param: float, dtype: torch.dtype) -> torch.Tensor:
     p = torch.tensor(param, dtype=dtype)
     values = [
         torch.tensor(v, dtype=dtype)
-        for v in (0.0, -0.0, param, -param, 0.5 * param, -0.5 * param, 2 * param, 1.0, -3.0, 1e-30,
-                  math.inf, -math.inf, math.nan)
+        for v in (
+            0.0,
+            -0.0,
+            param,
+            -param,
+            0.5 * param,
+            -0.5 * param,
+            2 * param,
+            1.0,
+            -3.0,
+            1e-30,
+            math.inf,
+            -math.inf,
+            math.nan,
+        )
     ]
-    values += [torch.nextafter(p, torch.tensor(0.0, dtype=dtype)),
-               torch.nextafter(p, torch.tensor(math.inf, dtype=dtype))]
+    values += [
+        torch.nextafter(p, torch.tensor(0.0, dtype=dtype)),
+        torch.nextafter(p, torch.tensor(math.inf, dtype=dtype)),
+    ]
     return torch.stack(values)
 
 
@@ -269,7 +296,9 @@ def test_special_values(backend, case, reduction, dtype, grad_kind):
         assert torch.equal(loss.isnan(), expected.isnan()), "NaN positions"
         assert torch.equal(loss.isinf(), expected.isinf()), "inf positions"
         if reduction == "none":
-            assert_ulp(loss, ref_loss64(case.kind, case.param, x, y).to(dtype), 1, "loss vs float64")
+            assert_ulp(
+                loss, ref_loss64(case.kind, case.param, x, y).to(dtype), 1, "loss vs float64"
+            )
 
     g = grad_output_for(expected, grad_kind)
     gxf, gyf = torch.autograd.grad(loss, (xf, yf), g)
@@ -291,11 +320,14 @@ def test_l1_of_negative_zero_difference(backend, dtype, reduction):
     """d = -0.0 - 0.0 = -0.0: torch's abs gives +0.0, so the loss (and e.g. 1 / loss) is +0."""
     x = torch.tensor([-0.0, 0.0, -0.0] * 11, dtype=dtype)
     y = torch.tensor([0.0, -0.0, -0.0] * 11, dtype=dtype)
-    for loss in (fusedmtl.l1_loss(x, y, reduction=reduction),
-                 fusedmtl.smooth_l1_loss(x, y, reduction=reduction, beta=0.0)):
+    for loss in (
+        fusedmtl.l1_loss(x, y, reduction=reduction),
+        fusedmtl.smooth_l1_loss(x, y, reduction=reduction, beta=0.0),
+    ):
         expected = F.l1_loss(x, y, reduction=reduction)
         assert torch.equal(loss.signbit(), expected.signbit()), (
-            f"signbit of the loss {loss.signbit().int().tolist()}, torch {expected.signbit().int().tolist()}"
+            f"signbit of the loss {loss.signbit().int().tolist()}, torch "
+            f"{expected.signbit().int().tolist()}"
         )
 
 
@@ -322,7 +354,9 @@ def test_boundary_points_exact(backend, case, dtype):
         "smooth_l1": sign,
         "huber": [p * s for s in sign],
     }[case.kind]
-    assert_bitwise(loss.detach(), torch.tensor(expected_loss, dtype=dtype), "loss at the boundaries")
+    assert_bitwise(
+        loss.detach(), torch.tensor(expected_loss, dtype=dtype), "loss at the boundaries"
+    )
     assert_bitwise(grad, torch.tensor(expected_grad, dtype=dtype), "grad at the boundaries")
 
 
@@ -361,7 +395,9 @@ def test_broadcast(backend, case, reduction, dtype, shapes):
     loss.backward(g)
     expected.backward(g)
     assert xf.grad.shape == x.shape and yf.grad.shape == y.shape
-    rtol = {torch.float64: 1e-12, torch.float32: 1e-6}[dtype] if dtype in EXACT else loose_rtol(dtype)
+    rtol = (
+        {torch.float64: 1e-12, torch.float32: 1e-6}[dtype] if dtype in EXACT else loose_rtol(dtype)
+    )
     for got, exp, name in ((xf.grad, xt.grad, "input"), (yf.grad, yt.grad, "target")):
         atol = rtol * float(exp.abs().max())
         assert_close_to_ref(got, exp, rtol=rtol, atol=atol, what=f"grad {name} vs torch")
@@ -410,5 +446,3 @@ def test_empty(backend, case, dtype, shape):
         gx, gy = torch.autograd.grad(loss, (x, y), torch.ones_like(loss))
         assert gx.shape == shape and gy.shape == shape
         assert gx.dtype == dtype and gy.dtype == dtype
-
-

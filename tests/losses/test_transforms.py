@@ -10,12 +10,13 @@ differences from torch.nn.functional that issue 19 found (its reproductions, as 
 
 from __future__ import annotations
 
-import fusedmtl
-import fusedmtl.nn
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEFAULT_CASES, REDUCTIONS, assert_ulp, case_params
+
+import fusedmtl
+import fusedmtl.nn
 
 HETEROSCEDASTIC = ("l2", "l1", "smooth_l1")
 

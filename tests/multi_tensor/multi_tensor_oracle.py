@@ -26,14 +26,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-
-import fusedmtl._C
 from conftest import assert_bitwise, smallest_subnormal
 
 PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Magnitudes of the tasks (task i is scaled by SCALES[i % 8]): the norms differ by orders of magnitude.
+# Magnitudes of the tasks (task i is scaled by SCALES[i % 8]): the norms differ by orders of
+# magnitude.
 SCALES = (1.0, 0.01, 30.0, 1e-3, 3.0, 0.2, 7.0, 0.05)
 CAPABILITIES = ("default", "avx2", "avx512")
 _CAPABILITY_ORDER = {name: i for i, name in enumerate(CAPABILITIES)}
@@ -44,7 +42,7 @@ def result_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff of the accumulation: float32 for float32/float16/bfloat16, float64 for float64."""
+    """Unit roundoff of the accumulation: float32's for float32/16-bit dtypes, else float64's."""
     return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
 
@@ -74,9 +72,16 @@ class Problem:
         self.reached = [any(row[p] is not None for row in self.grads) for p in range(self.P)]
 
     def __repr__(self):
-        rows = [" ".join("None" if t is None else
-                         f"{tuple(t.shape)}{'' if t.is_contiguous() else 'nc'}{'0' if not t.any() else ''}"
-                         for t in row) for row in self.grads]
+        rows = [
+            " ".join(
+                "None"
+                if t is None
+                else f"{tuple(t.shape)}{'' if t.is_contiguous() else 'nc'}"
+                f"{'0' if not t.any() else ''}"
+                for t in row
+            )
+            for row in self.grads
+        ]
         return f"Problem({self.dtype}, K={self.K}, P={self.P}, shapes={self.shapes}, tasks={rows})"
 
     def lists(self, kind=list):
@@ -114,13 +119,15 @@ class Problem:
         return prod.sum(dim=0), prod.abs().sum(dim=0)
 
     def piece(self, flat: torch.Tensor, p: int) -> torch.Tensor:
-        return flat[self.offsets[p]:self.offsets[p + 1]]
+        return flat[self.offsets[p] : self.offsets[p + 1]]
 
 
 def _values(shape, dtype, gen, scale, zero_fraction=0.0):
     v = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
     if zero_fraction:
-        v = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < zero_fraction, 0.0, v)
+        v = torch.where(
+            torch.rand(shape, generator=gen, dtype=torch.float64) < zero_fraction, 0.0, v
+        )
     return v.to(dtype)
 
 
@@ -146,8 +153,9 @@ def build_problem(shapes, K, dtype, seed=0, present=None, zero_tasks=(), views=N
     if views is None:
         final_shapes = shapes
     else:
-        final_shapes = [tuple(views[p](torch.empty(s)).shape) if views[p] else s
-                        for p, s in enumerate(shapes)]
+        final_shapes = [
+            tuple(views[p](torch.empty(s)).shape) if views[p] else s for p, s in enumerate(shapes)
+        ]
     return Problem(final_shapes, grads, dtype)
 
 
@@ -167,12 +175,12 @@ _NONE_PATTERN = (
 )
 
 _NONCONTIG_VIEWS = (
-    ((37, 45), lambda t: t.t()),                 # transposed
-    ((3 * 1001,), lambda t: t[::3]),             # 1-D step
-    ((24, 66), lambda t: t[:, 1::2]),            # 2-D column step, storage offset
-    ((1, 5), lambda t: t.expand(4, 5)),          # stride 0
-    ((6, 5, 4), lambda t: t.permute(2, 0, 1)),   # permuted 3-D
-    ((10,), None),                               # contiguous
+    ((37, 45), lambda t: t.t()),  # transposed
+    ((3 * 1001,), lambda t: t[::3]),  # 1-D step
+    ((24, 66), lambda t: t[:, 1::2]),  # 2-D column step, storage offset
+    ((1, 5), lambda t: t.expand(4, 5)),  # stride 0
+    ((6, 5, 4), lambda t: t.permute(2, 0, 1)),  # permuted 3-D
+    ((10,), None),  # contiguous
 )
 
 LAYOUTS = ("tiny", "odd", "big", "edge", "none", "noncontig", "zero_task")
@@ -189,7 +197,9 @@ def problem_for(layout: str, dtype: torch.dtype, backend: str | None = None) -> 
 @functools.lru_cache(maxsize=None)
 def layout_problem(layout: str, dtype: torch.dtype, interpreted: bool = False) -> Problem:
     if layout == "tiny":  # many tiny tensors (1..7 elements)
-        return build_problem(_tiny_shapes(TINY_P_TRITON if interpreted else TINY_P), 3, dtype, seed=1)
+        return build_problem(
+            _tiny_shapes(TINY_P_TRITON if interpreted else TINY_P), 3, dtype, seed=1
+        )
     if layout == "odd":
         return build_problem([(1,), (3,), (1023,), (100_003,)], 4, dtype, seed=2)
     if layout == "big":  # a 2**20 + 3 tensor among tiny ones
@@ -197,8 +207,13 @@ def layout_problem(layout: str, dtype: torch.dtype, interpreted: bool = False) -
     if layout == "edge":  # empty tensors and a 0-dim one
         return build_problem([(0,), (4,), (), (3, 0), (17,), (0, 5), (1,)], 3, dtype, seed=4)
     if layout == "none":
-        return build_problem([(5,), (31,), (2, 3), (1023,), (7,), (1,)], 4, dtype, seed=5,
-                             present=lambda i, p: bool(_NONE_PATTERN[i][p]))
+        return build_problem(
+            [(5,), (31,), (2, 3), (1023,), (7,), (1,)],
+            4,
+            dtype,
+            seed=5,
+            present=lambda i, p: bool(_NONE_PATTERN[i][p]),
+        )
     if layout == "noncontig":
         shapes = [s for s, _ in _NONCONTIG_VIEWS]
         views = [v for _, v in _NONCONTIG_VIEWS]
@@ -265,10 +280,13 @@ def assert_rel(got, ref64, scale64, rtol, what):
     bound = rtol * scale64
     bad = ~(err <= bound)
     if bool(bad.any()):
-        i = int(torch.where(bad, (err - bound).nan_to_num(math.inf), -math.inf).reshape(-1).argmax())
+        i = int(
+            torch.where(bad, (err - bound).nan_to_num(math.inf), -math.inf).reshape(-1).argmax()
+        )
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {err.numel()} entries off; worst at flat index {i}: "
-            f"got {got.detach().reshape(-1)[i].item()!r}, expected {ref64.reshape(-1)[i].item()!r}, "
+            f"got {got.detach().reshape(-1)[i].item()!r}, expected "
+            f"{ref64.reshape(-1)[i].item()!r}, "
             f"allowed error {bound.reshape(-1)[i].item():.3e}\ngot\n{got}\nexpected\n{ref64}"
         )
 
@@ -320,7 +338,9 @@ def check_outputs(prob: Problem, outs, ref64, slack64, max_ulp, what, base=None,
         if base is not None and accumulate:
             old = base[p].double().reshape(-1)
             # the sum may be rounded to the dtype once before it is added: one more ulp of it
-            slack_p = slack_p + unit_roundoff(prob.dtype) * old.abs() * 2 + ulp_in(prob.dtype, ref_p)
+            slack_p = (
+                slack_p + unit_roundoff(prob.dtype) * old.abs() * 2 + ulp_in(prob.dtype, ref_p)
+            )
             ref_p = ref_p + old
         assert_near(o, ref_p, slack_p, max_ulp, f"{what}: parameter {p}")
 
@@ -336,8 +356,9 @@ def combine_ulps(dtype):
 def check_combine(prob, coeffs64, outs, what="combine", base=None, accumulate=False):
     __tracebackhide__ = True
     ref, abs_ = prob.combine64(coeffs64)
-    check_outputs(prob, outs, ref, combine_slack(prob, abs_), combine_ulps(prob.dtype), what,
-                  base, accumulate)
+    check_outputs(
+        prob, outs, ref, combine_slack(prob, abs_), combine_ulps(prob.dtype), what, base, accumulate
+    )
 
 
 def check_normalized_sum(prob, result, eps, what="normalized_sum", base=None, accumulate=False):
@@ -349,13 +370,35 @@ def check_normalized_sum(prob, result, eps, what="normalized_sum", base=None, ac
     c64 = 1.0 / (prob.norms64 + eps)
     ref, abs_ = prob.combine64(c64)
     slack = reduce_rtol(prob.dtype) * abs_ + combine_slack(prob, abs_)
-    check_outputs(prob, outs, ref, slack, combine_ulps(prob.dtype), f"{what} vs float64", base,
-                  accumulate)
+    check_outputs(
+        prob, outs, ref, slack, combine_ulps(prob.dtype), f"{what} vs float64", base, accumulate
+    )
     # and exactly combine with c = 1 / (norms + eps) of the norms it returns (up to roundings)
     c_got = 1.0 / (norms.double() + eps)
     assert bool(torch.isfinite(c_got).all())
     ref, abs_ = prob.combine64(c_got)
-    check_outputs(prob, outs, ref, combine_slack(prob, abs_, extra_roundings=4),
-                  combine_ulps(prob.dtype), f"{what} vs combine(1 / (norms + eps))", base, accumulate)
+    check_outputs(
+        prob,
+        outs,
+        ref,
+        combine_slack(prob, abs_, extra_roundings=4),
+        combine_ulps(prob.dtype),
+        f"{what} vs combine(1 / (norms + eps))",
+        base,
+        accumulate,
+    )
 
 
+PENALTY_SHAPES = [(0,), (1,), (7,), (1023,), (3, 5), (10_007,), ()]
+
+
+def penalty_params(dtype, grads: str, seed=50, shapes=PENALTY_SHAPES):
+    """Parameters (20% exact zeros) whose .grad exists ('all'), is None ('none') or alternates."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for k, shape in enumerate(shapes):
+        w = torch.nn.Parameter(_values(shape, dtype, gen, 1.5, zero_fraction=0.2))
+        if grads == "all" or (grads == "mixed" and k % 2 == 0):
+            w.grad = _values(shape, dtype, gen, 0.5)
+        params.append(w)
+    return params

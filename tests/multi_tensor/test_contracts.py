@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
+from conftest import BACKENDS
 
 import fusedmtl
 import fusedmtl.multi_tensor as mt
-from conftest import BACKENDS
 
 TRITON = "triton" in BACKENDS
 
@@ -23,6 +23,7 @@ def _grads(device, dtype=torch.float32, k=2, shape=(2, 3)):
 
 
 # -- issue 19 point 7: right element count, wrong shape ---------------------------------------
+
 
 def test_combine_into_grad_rejects_a_wrong_shape_with_the_right_numel(backend, device):
     p = torch.zeros(2, 3, device=device, requires_grad=True)
@@ -41,6 +42,7 @@ def test_combine_into_grad_rejects_a_transposed_gradient(backend, device):
 
 # -- issue 19 point 8: a tensor given twice ---------------------------------------------------
 
+
 def test_combine_into_grad_rejects_a_duplicate_parameter(backend, device):
     q = torch.zeros(3, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="share memory"):
@@ -55,8 +57,11 @@ def test_combine_into_grad_rejects_a_duplicate_parameter(backend, device):
 def test_one_out_tensor_for_two_parameters_is_rejected(backend, device, fn):
     out = torch.zeros(4, device=device)
     grads = [[torch.ones(4, device=device), torch.ones(4, device=device)]]
-    call = (lambda: mt.combine(grads, [1.0], out=[out, out], accumulate=True)) if fn == "combine" \
+    call = (
+        (lambda: mt.combine(grads, [1.0], out=[out, out], accumulate=True))
+        if fn == "combine"
         else (lambda: mt.normalized_sum(grads, out=[out, out], accumulate=True))
+    )
     with pytest.raises(ValueError, match="share memory"):
         call()
     assert torch.equal(out, torch.zeros(4, device=device))
@@ -72,6 +77,7 @@ def test_overlapping_views_as_outputs_are_rejected_and_disjoint_ones_accepted(ba
 
 
 # -- issue 19 point 10: bad outputs, coefficients that require grad ---------------------------
+
 
 def test_combine_with_a_none_output_is_a_clear_error(backend, device):
     with pytest.raises(ValueError, match="output 0 is NoneType"):
@@ -103,6 +109,7 @@ def test_coefficients_that_require_grad_raise(backend, device, fn):
 
 # -- issue 12 defect 7: Triton combine with CPU coefficients ----------------------------------
 
+
 @pytest.mark.parametrize("coeff_dtype", [torch.float32, torch.float64])
 def test_combine_takes_cpu_coefficients_of_any_float_dtype(backend, device, coeff_dtype):
     grads = _grads(device, torch.float32, k=3)
@@ -123,12 +130,15 @@ def test_triton_combine_rejects_outputs_of_another_dtype_than_the_gradients():
 
 # -- issue 12 defect 1: the penalty on every backend ------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("fresh", [True, False])
 def test_l1_l2_penalty_every_backend(backend, device, dtype, fresh):
     g = torch.Generator().manual_seed(1)
-    params = [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in
-              [(70000,), (3, 5), (1,)]]
+    params = [
+        torch.randn(s, generator=g).to(device, dtype).requires_grad_()
+        for s in [(70000,), (3, 5), (1,)]
+    ]
     params[1].data[0, 0] = 0.0  # sign(0) = 0
     before = [torch.randn(p.shape, generator=g).to(device, dtype) for p in params]
     if not fresh:
@@ -142,37 +152,63 @@ def test_l1_l2_penalty_every_backend(backend, device, dtype, fresh):
     torch.testing.assert_close(total.double(), want, rtol=tol, atol=tol)
     for p, x, b in zip(params, w, before):
         update = l1 * torch.sign(x) + 2 * l2 * x + (0 if fresh else b.double())
-        torch.testing.assert_close(p.grad.double(), update, rtol=2**-7 if dtype == torch.bfloat16
-                                   else 1e-6, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+        torch.testing.assert_close(
+            p.grad.double(),
+            update,
+            rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
+            atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+        )
 
 
 # -- issue 18 section 3: opcheck on every schema of every backend -----------------------------
+
 
 def _op_cases():
     g = torch.Generator().manual_seed(2)
 
     def grads():
-        return [torch.randn(5, 3, generator=g), None, torch.randn(7, generator=g),
-                torch.randn(5, 3, generator=g), torch.randn(4, generator=g), None]
+        return [
+            torch.randn(5, 3, generator=g),
+            None,
+            torch.randn(7, generator=g),
+            torch.randn(5, 3, generator=g),
+            torch.randn(4, generator=g),
+            None,
+        ]
 
     return {
         "multi_tensor_gramian": lambda: (grads(), 2, False),
-        "multi_tensor_combine": lambda: (grads(), 2, torch.tensor([0.5, 2.0]),
-                                         [torch.zeros(5, 3), torch.zeros(4), torch.zeros(7)], True),
-        "multi_tensor_normalized_sum": lambda: (grads(), 2, 1e-8,
-                                                [torch.zeros(5, 3), torch.zeros(4),
-                                                 torch.zeros(7)], False),
-        "multi_tensor_add_l1_l2_penalty": lambda: ([torch.randn(4, generator=g),
-                                                    torch.randn(2, 2, generator=g)],
-                                                   [torch.zeros(4), torch.zeros(2, 2)], False,
-                                                   0.1, 0.2),
+        "multi_tensor_combine": lambda: (
+            grads(),
+            2,
+            torch.tensor([0.5, 2.0]),
+            [torch.zeros(5, 3), torch.zeros(4), torch.zeros(7)],
+            True,
+        ),
+        "multi_tensor_normalized_sum": lambda: (
+            grads(),
+            2,
+            1e-8,
+            [torch.zeros(5, 3), torch.zeros(4), torch.zeros(7)],
+            False,
+        ),
+        "multi_tensor_add_l1_l2_penalty": lambda: (
+            [torch.randn(4, generator=g), torch.randn(2, 2, generator=g)],
+            [torch.zeros(4), torch.zeros(2, 2)],
+            False,
+            0.1,
+            0.2,
+        ),
     }
 
 
 _OPCHECK = [(f"fusedmtl::{name}", make) for name, make in _op_cases().items()]
 if TRITON:
-    _OPCHECK += [(f"fusedmtl::triton_{name}", make) for name, make in _op_cases().items()
-                 if name != "multi_tensor_normalized_sum"]
+    _OPCHECK += [
+        (f"fusedmtl::triton_{name}", make)
+        for name, make in _op_cases().items()
+        if name != "multi_tensor_normalized_sum"
+    ]
 
 
 @pytest.mark.parametrize("op, make", _OPCHECK, ids=[name for name, _ in _OPCHECK])
@@ -185,13 +221,17 @@ def test_opcheck(op, make):
 
 # -- normalized_sum's cooperative and fallback paths (CUDA only) ------------------------------
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and fusedmtl.backend.native_available("cuda")),
-                    reason="needs a GPU and the CUDA build")
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and fusedmtl.backend.native_available("cuda")),
+    reason="needs a GPU and the CUDA build",
+)
 @pytest.mark.parametrize("k", [2, 9, 40, 64])
 def test_normalized_sum_cooperative_and_fallback_agree_bitwise(k, monkeypatch):
     g = torch.Generator().manual_seed(k)
-    grads = [[torch.randn(s, generator=g).cuda() for s in [(300000,), (17,), (64, 64)]]
-             for _ in range(k)]
+    grads = [
+        [torch.randn(s, generator=g).cuda() for s in [(300000,), (17,), (64, 64)]] for _ in range(k)
+    ]
     with fusedmtl.backend.use("native"):
         fused, fused_norms = mt.normalized_sum(grads)
         monkeypatch.setenv("FUSEDMTL_NO_COOPERATIVE", "1")

@@ -1,4 +1,6 @@
-"""fusedmtl.multi_tensor: thread-count and CPU-capability determinism, torch.compile, properties (the oracle and the precision contract: multi_tensor_oracle.py)."""
+"""fusedmtl.multi_tensor: thread-count and CPU-capability determinism, torch.compile, properties.
+
+The oracle and the precision contract are in multi_tensor_oracle.py."""
 
 from __future__ import annotations
 
@@ -6,15 +8,26 @@ import functools
 
 import pytest
 import torch
+from conftest import BACKENDS, assert_bitwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multi_tensor_oracle import (
+    _CAPABILITY_ORDER,
+    CAPABILITIES,
+    Problem,
+    _values,
+    build_problem,
+    check_combine,
+    check_gramian,
+    check_norms,
+    layout_problem,
+    penalty_params,
+    random_coeffs,
+)
 
 import fusedmtl
 import fusedmtl._C
 import fusedmtl.multi_tensor as mt
-from conftest import BACKENDS, assert_bitwise
-from multi_tensor_oracle import *  # noqa: F403  (the shared oracle and problems)
-from multi_tensor_oracle import _CAPABILITY_ORDER, _values
 
 # Determinism: thread count and CPU capability (native backend)
 
@@ -36,14 +49,23 @@ def _run_everything(prob, params_fn):
 
 @functools.lru_cache(maxsize=None)
 def _problem_3m():
-    return build_problem([(3_000_017,), (1023,), (7,), (2, 3), (40_000,)], 3, torch.float32, seed=70)
+    return build_problem(
+        [(3_000_017,), (1023,), (7,), (2, 3), (40_000,)], 3, torch.float32, seed=70
+    )
 
 
 @pytest.mark.slow
 def test_thread_count_determinism(restore_num_threads):
     prob = _problem_3m()
-    params_fn = lambda: _penalty_params(torch.float32, "mixed", seed=71,  # noqa: E731
-                                        shapes=[(3_000_017,), (5,), (1023,)])
+
+    def params_fn():
+        return penalty_params(
+            torch.float32,
+            "mixed",
+            seed=71,  # noqa: E731
+            shapes=[(3_000_017,), (5,), (1023,)],
+        )
+
     with fusedmtl.backend.use("native"):
         torch.set_num_threads(1)
         one = _run_everything(prob, params_fn)
@@ -59,7 +81,7 @@ def test_thread_count_determinism(restore_num_threads):
 @pytest.mark.parametrize("capability", CAPABILITIES)
 def test_cpu_capability_parity(capability, layout, restore_cpu_capability):
     prob = layout_problem(layout, torch.float32)
-    params_fn = lambda: _penalty_params(torch.float32, "mixed", seed=72)  # noqa: E731
+    params_fn = lambda: penalty_params(torch.float32, "mixed", seed=72)  # noqa: E731
     with fusedmtl.backend.use("native"):
         assert fusedmtl._C.set_cpu_capability("default") == "default"
         baseline = _run_everything(prob, params_fn)
@@ -82,6 +104,7 @@ def test_torch_compile():
     """gramian and combine inside a fullgraph-compiled function (gradient normalisation)."""
     torch._dynamo.reset()
     try:
+
         def fn(a0, a1, b0, b1):
             task_grads = [[a0, a1], [b0, b1]]
             m = mt.gramian(task_grads)
@@ -114,8 +137,10 @@ def _gradient_problems(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
     shapes = [tuple(draw(st.lists(st.integers(0, 5), max_size=3))) for _ in range(P)]
     transposed = [len(s) >= 2 and draw(st.booleans()) for s in shapes]
-    kinds = [[draw(st.sampled_from(["normal", "normal", "normal", "zero", "none"])) for _ in range(P)]
-             for _ in range(K)]
+    kinds = [
+        [draw(st.sampled_from(["normal", "normal", "normal", "zero", "none"])) for _ in range(P)]
+        for _ in range(K)
+    ]
     seed = draw(st.integers(0, 2**31 - 1))
     backend = draw(st.sampled_from(BACKENDS))
     as_tuples = draw(st.booleans())
@@ -138,8 +163,13 @@ def _gradient_problems(draw):
     return Problem(shapes, grads, dtype), backend, as_tuples, coeffs
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_gradient_problems())
 def test_property_gramian(problem):
     prob, backend, as_tuples, coeffs = problem
@@ -155,4 +185,3 @@ def test_property_gramian(problem):
     trace = float(g64.diagonal().sum())
     eigenvalues = torch.linalg.eigvalsh(g64)
     assert float(eigenvalues.min()) >= -1e-5 * trace, (eigenvalues, trace)
-

@@ -1,4 +1,6 @@
-"""fusedmtl.multi_tensor norms, gramian, combine and normalized_sum against the float64 oracle (the oracle and the precision contract: multi_tensor_oracle.py)."""
+"""fusedmtl.multi_tensor norms, gramian, combine and normalized_sum against the float64 oracle.
+
+The oracle and the precision contract are in multi_tensor_oracle.py."""
 
 from __future__ import annotations
 
@@ -6,12 +8,26 @@ import math
 
 import pytest
 import torch
-
-import fusedmtl
-import fusedmtl._C
-import fusedmtl.multi_tensor as mt
 from conftest import assert_bitwise, dtype_params
-from multi_tensor_oracle import *  # noqa: F403  (the shared oracle and problems)
+from multi_tensor_oracle import (
+    LAYOUTS,
+    assert_near,
+    assert_rel,
+    build_problem,
+    check_combine,
+    check_gramian,
+    check_normalized_sum,
+    check_norms,
+    layout_problem,
+    problem_for,
+    random_coeffs,
+    reduce_rtol,
+    skip_slow_for_triton,
+    ulp_in,
+    unit_roundoff,
+)
+
+import fusedmtl.multi_tensor as mt
 
 # --------------------------------------------------------------------------------------------
 # The helpers themselves
@@ -88,8 +104,12 @@ def test_combine_coeff_types(backend, dtype, coeff_kind):
     """coeffs: a Tensor[K] of any float dtype, or a sequence of K floats."""
     prob = build_problem([(1,), (3,), (1023,), (2, 5)], 3, dtype, seed=21)
     c = random_coeffs(prob.K, seed=22)
-    tensor_dtypes = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32,
-                     "f64": torch.float64}
+    tensor_dtypes = {
+        "f16": torch.float16,
+        "bf16": torch.bfloat16,
+        "f32": torch.float32,
+        "f64": torch.float64,
+    }
     if coeff_kind in tensor_dtypes:
         coeffs = c.to(tensor_dtypes[coeff_kind])
         c = coeffs.double()
@@ -119,7 +139,9 @@ def test_combine_single_task_is_scaling(backend):
         outs = mt.combine(prob.lists(), [1.0])
         for p, o in enumerate(outs):
             assert_bitwise(o, prob.grads[0][p], f"{dtype}: parameter {p}")
-            assert o.data_ptr() != prob.grads[0][p].data_ptr() or o.numel() == 0, "aliases the input"
+            assert o.data_ptr() != prob.grads[0][p].data_ptr() or o.numel() == 0, (
+                "aliases the input"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +167,9 @@ def test_nothing_to_sum(backend, case, fn):
     else:
         result = getattr(mt, fn)(task_grads)
     if fn in ("norms", "gramian"):
-        assert result.is_floating_point() and tuple(result.shape) == ((K,) if fn == "norms" else (K, K))
+        assert result.is_floating_point() and tuple(result.shape) == (
+            (K,) if fn == "norms" else (K, K)
+        )
         assert bool((result == 0).all()), result
         if case != "all_none":
             assert result.dtype == torch.float32
@@ -195,5 +219,3 @@ def test_normalized_sum_all_zero(backend):
     assert norms.tolist() == [0.0, 0.0]
     for p, o in enumerate(outs):
         assert_bitwise(o, torch.zeros(prob.shapes[p]), f"parameter {p}")
-
-

@@ -1,18 +1,25 @@
-"""fusedmtl.multi_tensor with out=, accumulate, combine_into_grad_ and K from 1 to 64 (the oracle and the precision contract: multi_tensor_oracle.py)."""
+"""fusedmtl.multi_tensor with out=, accumulate, combine_into_grad_ and K from 1 to 64.
+
+The oracle and the precision contract are in multi_tensor_oracle.py."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from hypothesis import given
-
-import fusedmtl
-import fusedmtl._C
-import fusedmtl.multi_tensor as mt
 from conftest import dtype_params
-from multi_tensor_oracle import *  # noqa: F403  (the shared oracle and problems)
-from multi_tensor_oracle import _values
+from multi_tensor_oracle import (
+    Problem,
+    _values,
+    build_problem,
+    check_combine,
+    check_gramian,
+    check_normalized_sum,
+    check_norms,
+    problem_for,
+    random_coeffs,
+)
+
+import fusedmtl.multi_tensor as mt
 
 # --------------------------------------------------------------------------------------------
 # out= and accumulate=
@@ -58,8 +65,9 @@ def test_out(backend, layout, dtype, fn, accumulate):
     if fn == "combine":
         check_combine(prob, c, outs, "combine(out=)", base=base, accumulate=accumulate)
     else:
-        check_normalized_sum(prob, result, 1e-8, "normalized_sum(out=)", base=base,
-                             accumulate=accumulate)
+        check_normalized_sum(
+            prob, result, 1e-8, "normalized_sum(out=)", base=base, accumulate=accumulate
+        )
     # the inputs are not modified
     for i, row in enumerate(inputs_before):
         for p, t in enumerate(row):
@@ -92,11 +100,18 @@ def test_combine_into_grad_accumulates_like_autograd(backend, layout, dtype):
     c = random_coeffs(prob.K)
     before = [None if w.grad is None else w.grad.clone() for w in params]
     fresh = mt.combine(prob.lists(), c)
-    accumulated = mt.combine(prob.lists(), c, out=[b.clone() if b is not None else torch.zeros_like(w) for b, w in zip(before, params)], accumulate=True)
+    accumulated = mt.combine(
+        prob.lists(),
+        c,
+        out=[b.clone() if b is not None else torch.zeros_like(w) for b, w in zip(before, params)],
+        accumulate=True,
+    )
     mt.combine_into_grad_(params, prob.lists(), c)
     for p, w in enumerate(params):
         if fresh[p] is None:  # no task reaches p
-            assert (w.grad is None) if before[p] is None else torch.equal(w.grad, before[p]), f"parameter {p}"
+            assert (w.grad is None) if before[p] is None else torch.equal(w.grad, before[p]), (
+                f"parameter {p}"
+            )
         elif before[p] is None:
             assert torch.equal(w.grad, fresh[p]), f"parameter {p} (created)"
         else:
@@ -117,5 +132,3 @@ def test_task_counts(backend, K):
     c = random_coeffs(K, seed=K)
     check_combine(prob, c, mt.combine(task_grads, c))
     check_normalized_sum(prob, mt.normalized_sum(task_grads), 1e-8)
-
-

@@ -1,43 +1,40 @@
-"""fusedmtl.multi_tensor.l1_l2_penalty_ and the errors of every op (the oracle and the precision contract: multi_tensor_oracle.py)."""
+"""fusedmtl.multi_tensor.l1_l2_penalty_ and the errors of every op.
+
+The oracle and the precision contract are in multi_tensor_oracle.py."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-import fusedmtl
-import fusedmtl._C
-import fusedmtl.multi_tensor as mt
 from conftest import assert_bitwise, dtype_params
-from multi_tensor_oracle import *  # noqa: F403  (the shared oracle and problems)
-from multi_tensor_oracle import _values
+from multi_tensor_oracle import (
+    assert_near,
+    assert_rel,
+    build_problem,
+    check_combine,
+    check_normalized_sum,
+    penalty_params,
+    random_coeffs,
+    reduce_rtol,
+    result_dtype,
+    ulp_in,
+    unit_roundoff,
+)
+
+import fusedmtl.multi_tensor as mt
 
 # --------------------------------------------------------------------------------------------
 # l1_l2_penalty_
 
 
-PENALTY_SHAPES = [(0,), (1,), (7,), (1023,), (3, 5), (10_007,), ()]
 PENALTY_COEFFS = [(0.01, 0.0), (0.0, 0.003), (0.25, 1.5), (0.0, 0.0)]
-
-
-def _penalty_params(dtype, grads: str, seed=50, shapes=PENALTY_SHAPES):
-    """Parameters (20% exact zeros) whose .grad exists ('all'), is None ('none') or alternates."""
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for k, shape in enumerate(shapes):
-        w = torch.nn.Parameter(_values(shape, dtype, gen, 1.5, zero_fraction=0.2))
-        if grads == "all" or (grads == "mixed" and k % 2 == 0):
-            w.grad = _values(shape, dtype, gen, 0.5)
-        params.append(w)
-    return params
 
 
 @pytest.mark.parametrize("grads", ["all", "none", "mixed"])
 @pytest.mark.parametrize("l1, l2", PENALTY_COEFFS, ids=lambda v: f"{v:g}")
 @pytest.mark.parametrize("dtype", dtype_params())
 def test_l1_l2_penalty(backend, dtype, l1, l2, grads):
-    params = _penalty_params(dtype, grads)
+    params = penalty_params(dtype, grads)
     values = [w.detach().clone() for w in params]
     old = [None if w.grad is None else w.grad.clone() for w in params]
     old_objects = [w.grad for w in params]
@@ -72,13 +69,15 @@ def test_l1_l2_penalty(backend, dtype, l1, l2, grads):
         if g0 is not None:
             assert_bitwise(w.grad[zero], g0[zero], f"{what}: .grad where w == 0")
         else:
-            assert_bitwise(w.grad[zero], torch.zeros_like(w.grad[zero]), f"{what}: .grad where w == 0")
+            assert_bitwise(
+                w.grad[zero], torch.zeros_like(w.grad[zero]), f"{what}: .grad where w == 0"
+            )
     assert sum(int((v == 0).sum()) for v in values) > 100  # the w == 0 case occurs
 
 
 def test_l1_l2_penalty_l1_only_gradient_is_sign(backend):
     """float32, l1 only, .grad None: .grad is exactly l1 * sign(w)."""
-    params = _penalty_params(torch.float32, "none", seed=51)
+    params = penalty_params(torch.float32, "none", seed=51)
     mt.l1_l2_penalty_(params, l1=0.125)
     for w in params:
         assert_bitwise(w.grad, 0.125 * torch.sign(w.detach()), "l1 * sign(w)")
@@ -152,7 +151,9 @@ def test_errors_with_none_entries(backend):
     g[3][5] = torch.zeros(7)  # task 2 has (6,)
     with pytest.raises((ValueError, RuntimeError)) as excinfo:
         mt.gramian(g)
-    assert "task 3" in str(excinfo.value) and "parameter 5" in str(excinfo.value), str(excinfo.value)
+    assert "task 3" in str(excinfo.value) and "parameter 5" in str(excinfo.value), str(
+        excinfo.value
+    )
 
 
 @pytest.mark.parametrize("fn", ["combine", "normalized_sum"])
@@ -168,8 +169,9 @@ def test_valid_call_after_error(backend, fn):
         check_normalized_sum(prob, mt.normalized_sum(prob.lists()), 1e-8)
 
 
-@pytest.mark.parametrize("coeffs", ["short_list", "long_list", "short_tensor", "long_tensor",
-                                    "matrix"])
+@pytest.mark.parametrize(
+    "coeffs", ["short_list", "long_list", "short_tensor", "long_tensor", "matrix"]
+)
 def test_combine_coeffs_length_error(backend, coeffs):
     g = _error_problem().lists()  # K = 4
     bad = {

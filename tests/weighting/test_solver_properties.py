@@ -29,6 +29,7 @@ import math
 
 import pytest
 import torch
+
 from fusedmtl import multi_tensor, weighting
 from fusedmtl.weighting.solvers import gramian_resolution
 
@@ -82,7 +83,7 @@ def sample_jacobian(
         v[order[:split]] = torch.nn.functional.normalize(u[order[:split]], dim=0)
         v_prime[order[split:]] = torch.nn.functional.normalize(u[order[split:]], dim=0)
         pair = torch.stack([v, v_prime], 1)
-        left = torch.cat([pair, _orthonormal_complement(pair, generator)], 1)[:, 1: rank + 1]
+        left = torch.cat([pair, _orthonormal_complement(pair, generator)], 1)[:, 1 : rank + 1]
     else:
         raise ValueError(kind)
     return left @ torch.diag(singular) @ right
@@ -122,8 +123,10 @@ NON_STRONG = [name for name in MATRICES if name.startswith(("strictly_weak", "no
 # The matrices with some d such that J d > 0 (Gordan: not weakly stationary): non_weak by
 # construction (a positive left-singular vector), full row rank (d = J^+ 1), parallel gradients.
 ASCENT_EXISTS = [
-    name for name, J in MATRICES.items()
-    if name.startswith("non_weak") or name in ("identical-5", "parallel-20")
+    name
+    for name, J in MATRICES.items()
+    if name.startswith("non_weak")
+    or name in ("identical-5", "parallel-20")
     or (name.startswith(("normal", "K64")) and int(torch.linalg.matrix_rank(J)) == J.shape[0])
 ]
 SCALES = (1e-10, 1e10)
@@ -248,7 +251,9 @@ def difference_excess(method: str, a: torch.Tensor, b: torch.Tensor, J: torch.Te
 def _cases(methods, matrices=tuple(MATRICES), restrict=True):
     return [
         pytest.param(method, matrix, dtype, id=f"{method}-{matrix}-{str(dtype)[6:]}")
-        for method in methods for matrix in matrices for dtype in DTYPES
+        for method in methods
+        for matrix in matrices
+        for dtype in DTYPES
         if not restrict or matrix in PROPERTIES[method].get("only", MATRICES)
     ]
 
@@ -331,7 +336,10 @@ torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 # M^+ norm(g), fusedmtl C^+ 1 on the unit gradients, see IMTLG's docstring).
 PEERS = {
     "mgda_none": (
-        lambda: torchjd_aggregation.MGDA(epsilon=1e-12, max_iters=10000), 2e-2, 1e-6, None
+        lambda: torchjd_aggregation.MGDA(epsilon=1e-12, max_iters=10000),
+        2e-2,
+        1e-6,
+        None,
     ),
     "upgrad": (lambda: torchjd_aggregation.UPGrad(projector=_quadprog(1e-10)), 1e-6, 1e-6, None),
     "cagrad": (lambda: torchjd_aggregation.CAGrad(c=0.5, norm_eps=0.0), 1e-3, 1e-6, None),

@@ -24,7 +24,9 @@ AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
 
 def _model(device):
-    return SharedTrunkNet(seed=0, dtype=torch.float32, in_dim=8, hidden=32, feat=16, out_dims=(1, 3)).to(device)
+    return SharedTrunkNet(
+        seed=0, dtype=torch.float32, in_dim=8, hidden=32, feat=16, out_dims=(1, 3)
+    ).to(device)
 
 
 def _losses(model, device, features: bool = False):
@@ -78,7 +80,10 @@ def test_representation_mode_under_autocast_and_scaler(name, device):
     else:
         kwargs = {}
     plain_model, scaled_model = _model(device), _model(device)
-    plain, scaled = build(name, plain_model, TASKS, **kwargs), build(name, scaled_model, TASKS, **kwargs)
+    plain, scaled = (
+        build(name, plain_model, TASKS, **kwargs),
+        build(name, scaled_model, TASKS, **kwargs),
+    )
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     losses, z = _losses(plain_model, device, features=True)
     plain.backward(losses, features=z)
@@ -145,7 +150,9 @@ def test_db_mtl_recovers_after_one_overflow():
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     losses = lambda: [nn.functional.mse_loss(h(trunk(x)), y) for h in heads]  # noqa: E731
     method = W.DBMTL(trunk.parameters(), 2)
-    opt = torch.optim.SGD([*trunk.parameters(), *(p for h in heads for p in h.parameters())], lr=0.1)
+    opt = torch.optim.SGD(
+        [*trunk.parameters(), *(p for h in heads for p in h.parameters())], lr=0.1
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     hook = trunk.weight.register_hook(lambda g: g * float("inf"))
     method.backward(losses(), grad_scaler=scaler)

@@ -92,7 +92,9 @@ def test_heads_get_only_their_own_loss_gradient(name, model, batch):
     heads = head_grads64(model, losses)
     build(name, model).backward(losses)
     for i, head in enumerate(model.heads):
-        assert_close64(flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}")
+        assert_close64(
+            flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}"
+        )
 
 
 @pytest.mark.parametrize("name", GRADIENT_NAMES)
@@ -128,7 +130,9 @@ def test_dict_losses_in_any_order_equal_list_in_task_order(name, batch):
         assert_close64(a.grad, b.grad, rtol=1e-12, atol=1e-15)
     log = weighting.log()
     assert {f"weight/{n}" for n in names} <= set(log)
-    assert [log[f"weight/{n}"] for n in names] == pytest.approx(weighting.last_weights.tolist(), rel=1e-12)
+    assert [log[f"weight/{n}"] for n in names] == pytest.approx(
+        weighting.last_weights.tolist(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", GRADIENT_NAMES)
@@ -139,7 +143,9 @@ def test_log_names_norms_and_cosines_of_the_named_tasks(name, model, batch):
     log = weighting.log()
     pairs = {"cosine/reg,big", "cosine/reg,cls", "cosine/big,cls"}
     assert set(log) == {f"weight/{n}" for n in names} | {f"grad_norm/{n}" for n in names} | pairs
-    assert [log[f"grad_norm/{n}"] for n in names] == pytest.approx(weighting.last_grad_norms.tolist(), rel=1e-12)
+    assert [log[f"grad_norm/{n}"] for n in names] == pytest.approx(
+        weighting.last_grad_norms.tolist(), rel=1e-12
+    )
     assert log["cosine/reg,cls"] == pytest.approx(float(weighting.last_cosine[0, 2]), rel=1e-12)
     assert all(-1 - 1e-12 <= log[pair] <= 1 + 1e-12 for pair in pairs)
 
@@ -156,7 +162,11 @@ def test_last_cosine_matches_float64_oracle(track_conflict, model, batch):
     losses = model_losses(model, batch)
     G = task_grads64(losses, model.shared)
     weighting = W.GradNormalization(model.shared, K, track_conflict=track_conflict)
-    assert weighting.last_weights is None and weighting.last_grad_norms is None and weighting.last_cosine is None
+    assert (
+        weighting.last_weights is None
+        and weighting.last_grad_norms is None
+        and weighting.last_cosine is None
+    )
     weighting.backward(losses)
     if not track_conflict:
         assert weighting.last_cosine is None
@@ -164,7 +174,9 @@ def test_last_cosine_matches_float64_oracle(track_conflict, model, batch):
     norms = G.norm(dim=1)
     cosine = (G @ G.T) / (norms[:, None] * norms[None, :])
     assert_close64(weighting.last_cosine, cosine, rtol=1e-9, atol=1e-12)
-    assert bool((cosine - torch.eye(K, dtype=torch.float64)).abs().max() > 1e-3)  # not a trivial matrix
+    assert bool(
+        (cosine - torch.eye(K, dtype=torch.float64)).abs().max() > 1e-3
+    )  # not a trivial matrix
 
 
 # -- malformed input ----------------------------------------------------------------------------
@@ -174,7 +186,11 @@ BAD_INPUTS = {
     "too-many": lambda ls: ls + [ls[0] * 2],
     "non-scalar": lambda ls: [ls[0], ls[1], torch.stack([ls[2], ls[2]])],
     "integer": lambda ls: [ls[0], ls[1], torch.tensor(3)],
-    "other-device": lambda ls: [ls[0], ls[1], torch.tensor(1.0, dtype=torch.float64, device="meta")],
+    "other-device": lambda ls: [
+        ls[0],
+        ls[1],
+        torch.tensor(1.0, dtype=torch.float64, device="meta"),
+    ],
     "wrong-dict-keys": lambda ls: {"a": ls[0], "b": ls[1], "x": ls[2]},
     "missing-dict-key": lambda ls: {"a": ls[0], "b": ls[1]},
 }
@@ -255,7 +271,9 @@ def test_gradient_based_nonfinite_raise_skip_ignore(name, batch):
     assert snapshot(weighting) == state
     assert torch.equal(weighting.last_weights, coeffs)
     model.zero_grad(set_to_none=True)
-    build(name, model, on_nonfinite="ignore").backward(_bad_losses(model, batch))  # no check, no exception
+    build(name, model, on_nonfinite="ignore").backward(
+        _bad_losses(model, batch)
+    )  # no check, no exception
 
 
 # -- zero and unreachable task gradients --------------------------------------------------------
@@ -331,7 +349,9 @@ def _degenerate(kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", GRADIENT_NAMES)
-@pytest.mark.parametrize("kind", ["identical", "opposite", "parallel", "zero_gradient", "all_zero", "single_task"])
+@pytest.mark.parametrize(
+    "kind", ["identical", "opposite", "parallel", "zero_gradient", "all_zero", "single_task"]
+)
 def test_degenerate_gradients_give_a_finite_update(name, kind):
     jacobian = _degenerate(kind)
     method = W.GRADIENT_BASED[name].example(jacobian.shape[0], jacobian_params())
@@ -344,7 +364,9 @@ def test_degenerate_gradients_give_a_finite_update(name, kind):
         torch.testing.assert_close(cosine, torch.tensor(1.0, dtype=cosine.dtype))
 
 
-@pytest.mark.parametrize("name", [n for n in GRADIENT_NAMES if n != "pcgrad"])  # PCGrad: random orders
+@pytest.mark.parametrize(
+    "name", [n for n in GRADIENT_NAMES if n != "pcgrad"]
+)  # PCGrad: random orders
 def test_permuting_the_tasks_permutes_the_coefficients(name):
     jacobian = make_jacobian(4, 3, conflicting=True)
     losses = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
@@ -436,7 +458,9 @@ def test_a_zero_gradient_task_taking_all_the_weight_is_warned_once(cls, model, b
 # -- coefficients(gramian) alone (issue 14) -----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in GRADIENT_NAMES if n != "gradnorm"])  # (its state is of W)
+@pytest.mark.parametrize(
+    "name", [n for n in GRADIENT_NAMES if n != "gradnorm"]
+)  # (its state is of W)
 def test_coefficients_alone_without_shared_params_or_tasks(name):
     """Built with no arguments, as torchjd's weightings are used: K comes from the Gramian, the
     coefficients are those of a fully built instance; stepping asks for what is missing."""
@@ -445,8 +469,12 @@ def test_coefficients_alone_without_shared_params_or_tasks(name):
     cls = W.GRADIENT_BASED[name]
     settings = {"seed": 0} if name == "pcgrad" else {}
     alone = cls(**settings)
-    torch.testing.assert_close(alone.coefficients(gramian, losses),
-                               cls.example(3, jacobian_params()).coefficients(gramian, losses), rtol=0, atol=0)
+    torch.testing.assert_close(
+        alone.coefficients(gramian, losses),
+        cls.example(3, jacobian_params()).coefficients(gramian, losses),
+        rtol=0,
+        atol=0,
+    )
     assert alone.num_tasks == 3
     with pytest.raises(ValueError, match="for 3 tasks"):
         alone.coefficients(torch.eye(2, dtype=torch.float64), losses[:2])

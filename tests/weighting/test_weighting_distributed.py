@@ -28,7 +28,11 @@ CASES = {
     "mgda_ddp": (lambda p: weighting.MGDA(p, 3), True, False),
     "mgda_ub_unwrapped": (lambda p: weighting.MGDA(p, 3), False, True),
     "mgda_ub_ddp": (lambda p: weighting.MGDA(p, 3), True, True),
-    "gradnorm_learned_ddp": (lambda p: weighting.GradNorm(p[:2], 3, last_shared_layer=p[:2][-1:]), True, False),
+    "gradnorm_learned_ddp": (
+        lambda p: weighting.GradNorm(p[:2], 3, last_shared_layer=p[:2][-1:]),
+        True,
+        False,
+    ),
     "realtime_ddp": (lambda p: weighting.RealTime(3), True, False),
     "rlw_ddp": (lambda p: weighting.RLW(3), True, False),
     "pcgrad_unwrapped": (lambda p: weighting.PCGrad(p, 3), False, False),
@@ -79,7 +83,9 @@ def _train(case: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, directory: str, case: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD
+    )
     try:
         result = _train(case, rank, WORLD)
         dist.barrier()  # no rank tears its connections down while another is in a collective
@@ -102,7 +108,9 @@ def test_two_ranks_with_half_batches_match_one_process(case, tmp_path):
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {name}")
+            torch.testing.assert_close(
+                got[name], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {name}"
+            )
 
 
 def test_ranks_end_bitwise_identical(tmp_path):

@@ -35,7 +35,9 @@ def make_problem(seed=0):
 
 
 def make_net():
-    return SharedTrunkNet(seed=0, dtype=torch.float32, in_dim=IN, hidden=HIDDEN, feat=FEAT, out_dims=(1, 1, CLASSES))
+    return SharedTrunkNet(
+        seed=0, dtype=torch.float32, in_dim=IN, hidden=HIDDEN, feat=FEAT, out_dims=(1, 1, CLASSES)
+    )
 
 
 def task_losses(outputs, targets):
@@ -56,7 +58,10 @@ VARIANTS = {
     "prior_loss-from-labels": ("prior_loss", {"priors": PRIORS}),
     "generalized_mean-0.5": ("generalized_mean", {"gamma": 0.5}),
     "uncertainty-kinds": ("uncertainty", {"kinds": ["regression", "regression", "classification"]}),
-    "grad_normalization-rescale-batched": ("grad_normalization", {"rescale": True, "grad_mode": "batched"}),
+    "grad_normalization-rescale-batched": (
+        "grad_normalization",
+        {"rescale": True, "grad_mode": "batched"},
+    ),
     "mgda-none": ("mgda", {"normalization": "none"}),
     "mgda-loss": ("mgda", {"normalization": "loss"}),
     "mgda-loss+": ("mgda", {"normalization": "loss+"}),
@@ -67,7 +72,9 @@ REPRESENTATION = {"mgda-ub-l2": "mgda", "grad_normalization-features": "grad_nor
 
 def build(method, net):
     name, settings = VARIANTS.get(method, (REPRESENTATION.get(method, method), {}))
-    return W.GRADIENT_BASED.get(name, W.LOSS_BASED.get(name)).example(NAMES, net.trunk.parameters(), **settings)
+    return W.GRADIENT_BASED.get(name, W.LOSS_BASED.get(name)).example(
+        NAMES, net.trunk.parameters(), **settings
+    )
 
 
 def train(method):

@@ -36,7 +36,9 @@ from fusedmtl import weighting
 from fusedmtl.weighting import MGDA, GradNorm, GradNormalization
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-JACOBIANS = [(k, seed, conflicting) for k in (2, 3, 5) for seed in (0, 1) for conflicting in (False, True)]
+JACOBIANS = [
+    (k, seed, conflicting) for k in (2, 3, 5) for seed in (0, 1) for conflicting in (False, True)
+]
 
 
 def _update(method_cls, jacobian, losses=None, **kwargs):
@@ -106,23 +108,38 @@ def test_grad_normalization_update_matches_float64_oracle(rescale, grad_mode, mo
     assert_close64(coeffs, coeffs64, rtol=1e-10, what="coefficients")
     assert_close64(weighting.last_weights, coeffs64, rtol=1e-10, what="last_weights")
     assert_close64(weighting.last_grad_norms, norms, rtol=1e-10, what="last_grad_norms")
-    assert_close64(flat_grad(model.shared), coeffs64 @ G, rtol=1e-10, atol=1e-13, what="shared .grad")
+    assert_close64(
+        flat_grad(model.shared), coeffs64 @ G, rtol=1e-10, atol=1e-13, what="shared .grad"
+    )
     for i, head in enumerate(model.heads):
-        assert_close64(flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i} .grad")
+        assert_close64(
+            flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i} .grad"
+        )
 
 
 def _transformed(losses, scales, shifts):
     return [a * loss + b for loss, a, b in zip(losses, scales, shifts)]
 
 
-@pytest.mark.parametrize("scales, shifts", [((7.0, 1.0, 0.01), (0.0, 0.0, 0.0)), ((1.0, 1.0, 1.0), (5.0, -3.0, 100.0)), ((0.2, 30.0, 1.0), (1.0, 2.0, -0.5))])
+@pytest.mark.parametrize(
+    "scales, shifts",
+    [
+        ((7.0, 1.0, 0.01), (0.0, 0.0, 0.0)),
+        ((1.0, 1.0, 1.0), (5.0, -3.0, 100.0)),
+        ((0.2, 30.0, 1.0), (1.0, 2.0, -0.5)),
+    ],
+)
 def test_grad_normalization_shared_update_invariant_to_loss_scale_and_shift(scales, shifts, batch):
     reference, transformed = SharedTrunkNet(seed=1), SharedTrunkNet(seed=1)
     # eps (1e-8 by default) is the only thing that breaks the invariance: make it negligible
     GradNormalization(reference.shared, K, eps=1e-30).backward(model_losses(reference, batch))
-    GradNormalization(transformed.shared, K, eps=1e-30).backward(_transformed(model_losses(transformed, batch), scales, shifts))
+    GradNormalization(transformed.shared, K, eps=1e-30).backward(
+        _transformed(model_losses(transformed, batch), scales, shifts)
+    )
     expected = flat_grad(reference.shared)
-    assert_close64(flat_grad(transformed.shared), expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+    assert_close64(
+        flat_grad(transformed.shared), expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max())
+    )
 
 
 def gradnorm_oracle_step(weights, initial, layer_norms, loss_values, alpha, lr, k):
@@ -146,8 +163,12 @@ def test_gradnorm_weights_and_update_match_float64_reimplementation(alpha, grad_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     layer = list(model.last_shared_layer.parameters())
     weighting = GradNorm(
-        model.shared, K, last_shared_layer=model.last_shared_layer, alpha=alpha,
-        weight_optimizer=lambda p: torch.optim.SGD(p, lr=lr), grad_mode=grad_mode,
+        model.shared,
+        K,
+        last_shared_layer=model.last_shared_layer,
+        alpha=alpha,
+        weight_optimizer=lambda p: torch.optim.SGD(p, lr=lr),
+        grad_mode=grad_mode,
     )
     weights64, initial64 = torch.ones(K, dtype=torch.float64), None
     changed = False
@@ -155,14 +176,24 @@ def test_gradnorm_weights_and_update_match_float64_reimplementation(alpha, grad_
         losses = model_losses(model, make_batch(t))
         G = task_grads64(losses, model.shared)
         layer_norms = task_grads64(losses, layer).norm(dim=1)
-        used, weights64, initial64 = gradnorm_oracle_step(weights64, initial64, layer_norms, values64(losses), alpha, lr, K)
+        used, weights64, initial64 = gradnorm_oracle_step(
+            weights64, initial64, layer_norms, values64(losses), alpha, lr, K
+        )
         coeffs = weighting.backward(losses)
         assert_close64(coeffs, used, rtol=1e-5, what=f"step {t}: coefficients")
-        assert_close64(flat_grad(model.shared), used @ G, rtol=1e-5, atol=1e-9, what=f"step {t}: shared .grad")
-        assert_close64(weighting.task_weights, weights64, rtol=1e-5, what=f"step {t}: weights after update")
+        assert_close64(
+            flat_grad(model.shared), used @ G, rtol=1e-5, atol=1e-9, what=f"step {t}: shared .grad"
+        )
+        assert_close64(
+            weighting.task_weights, weights64, rtol=1e-5, what=f"step {t}: weights after update"
+        )
         assert float(weighting.task_weights.double().sum()) == pytest.approx(K, rel=1e-6)
-        assert_close64(weighting.initial_losses, initial64, rtol=1e-6, what="initial losses (first step)")
-        assert_close64(weighting.last_grad_norms, layer_norms, rtol=1e-6, what="last_grad_norms (of W)")
+        assert_close64(
+            weighting.initial_losses, initial64, rtol=1e-6, what="initial losses (first step)"
+        )
+        assert_close64(
+            weighting.last_grad_norms, layer_norms, rtol=1e-6, what="last_grad_norms (of W)"
+        )
         changed |= not torch.allclose(weights64, torch.ones(K, dtype=torch.float64))
         optimizer.step()
         optimizer.zero_grad()
@@ -181,7 +212,12 @@ def test_gradnorm_closed_form_weight_gradient_equals_autograd_of_l_grad(model, b
     # first step: r = 1; target = mean G
     l_grad = (G - G.mean().detach()).abs().sum()
     (grad,) = torch.autograd.grad(l_grad, w)
-    weighting = GradNorm(model.shared, K, last_shared_layer=layer, weight_optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    weighting = GradNorm(
+        model.shared,
+        K,
+        last_shared_layer=layer,
+        weight_optimizer=lambda p: torch.optim.SGD(p, lr=lr),
+    )
     with torch.no_grad():
         weighting.task_weights.copy_(w.detach())
     weighting.backward(losses)
@@ -222,15 +258,26 @@ SPECIAL_GRADIENTS = {
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("case", ["random0", "random1", "random2", "scaled"] + list(SPECIAL_GRADIENTS))
+@pytest.mark.parametrize(
+    "case", ["random0", "random1", "random2", "scaled"] + list(SPECIAL_GRADIENTS)
+)
 def test_mgda_coefficients_are_the_min_norm_point(case, k):
     if case in SPECIAL_GRADIENTS:
         g = torch.tensor(SPECIAL_GRADIENTS[case], dtype=torch.float64)[:k]
         M = g @ g.T
     else:
-        M, g = _random_gramian(k, 5, seed=int(case[-1]) if case != "scaled" else 9, scales=(1.0, 1e-3, 30.0)[:k] if case == "scaled" else None)
+        M, g = _random_gramian(
+            k,
+            5,
+            seed=int(case[-1]) if case != "scaled" else 9,
+            scales=(1.0, 1e-3, 30.0)[:k] if case == "scaled" else None,
+        )
     dummy = torch.zeros(1, requires_grad=True)
-    a = MGDA([dummy], k, normalization="none").coefficients(M.clone(), torch.ones(k, dtype=torch.float64)).double()
+    a = (
+        MGDA([dummy], k, normalization="none")
+        .coefficients(M.clone(), torch.ones(k, dtype=torch.float64))
+        .double()
+    )
     assert float(a.sum()) == pytest.approx(1.0, abs=1e-9) and float(a.min()) >= -1e-12
     expected = min_norm_simplex64(M)
     value, best = float(a @ M @ a), float(expected @ M @ expected)
@@ -241,7 +288,10 @@ def test_mgda_coefficients_are_the_min_norm_point(case, k):
     else:
         # a brute-force grid over the simplex finds nothing smaller
         n = 150
-        grid = torch.tensor([(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)], dtype=torch.float64)
+        grid = torch.tensor(
+            [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)],
+            dtype=torch.float64,
+        )
         assert value <= float(((grid @ M) * grid).sum(1).min()) + 1e-12
         if torch.linalg.matrix_rank(M) == k:  # strictly convex: the minimiser is unique
             assert_close64(a, expected, rtol=0, atol=1e-7, what="minimiser")
@@ -259,12 +309,18 @@ def test_mgda_coefficients_and_update_match_float64_oracle(normalization, grad_m
     scale = float(coeffs64.abs().max())
     assert_close64(coeffs, coeffs64, rtol=1e-6, atol=1e-9 * scale, what="coefficients")
     d = coeffs64 @ G
-    assert_close64(flat_grad(model.shared), d, rtol=1e-6, atol=1e-9 * float(d.abs().max()), what="shared .grad")
+    assert_close64(
+        flat_grad(model.shared), d, rtol=1e-6, atol=1e-9 * float(d.abs().max()), what="shared .grad"
+    )
     for i, head in enumerate(model.heads):
-        assert_close64(flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}")
+        assert_close64(
+            flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}"
+        )
     norms = G.norm(dim=1)
     assert_close64(weighting.last_grad_norms, norms, rtol=1e-10)
-    assert_close64(weighting.last_cosine, (G @ G.T) / (norms[:, None] * norms[None, :]), rtol=1e-9, atol=1e-12)
+    assert_close64(
+        weighting.last_cosine, (G @ G.T) / (norms[:, None] * norms[None, :]), rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
@@ -284,25 +340,45 @@ def test_mgda_direction_decreases_no_task_loss(normalization, seed):
 
 def test_mgda_l2_update_invariant_to_loss_scale(batch):
     reference, scaled = SharedTrunkNet(seed=3), SharedTrunkNet(seed=3)
-    MGDA(reference.shared, K, normalization="l2", eps=1e-30).backward(model_losses(reference, batch))
-    MGDA(scaled.shared, K, normalization="l2", eps=1e-30).backward(_transformed(model_losses(scaled, batch), (100.0, 0.01, 3.0), (0.0, 0.0, 0.0)))
+    MGDA(reference.shared, K, normalization="l2", eps=1e-30).backward(
+        model_losses(reference, batch)
+    )
+    MGDA(scaled.shared, K, normalization="l2", eps=1e-30).backward(
+        _transformed(model_losses(scaled, batch), (100.0, 0.01, 3.0), (0.0, 0.0, 0.0))
+    )
     expected = flat_grad(reference.shared)
-    assert_close64(flat_grad(scaled.shared), expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
+    assert_close64(
+        flat_grad(scaled.shared), expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max())
+    )
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_mgda_representation_mode_equals_feature_gradients_and_one_trunk_backward(normalization, model, batch):
+def test_mgda_representation_mode_equals_feature_gradients_and_one_trunk_backward(
+    normalization, model, batch
+):
     losses, z = model_losses(model, batch, features=True)
     Z = task_grads64(losses, [z])
     heads = head_grads64(model, losses)
     coeffs64 = mgda_oracle(Z, values64(losses), normalization)
     dz = (coeffs64 @ Z).reshape(z.shape)
-    trunk64 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, model.shared, dz, retain_graph=True)])
+    trunk64 = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(z, model.shared, dz, retain_graph=True)]
+    )
     coeffs = MGDA(model.shared, K, normalization=normalization).backward(losses, features=z)
-    assert_close64(coeffs, coeffs64, rtol=1e-6, atol=1e-9 * float(coeffs64.abs().max()), what="coefficients")
-    assert_close64(flat_grad(model.shared), trunk64, rtol=1e-6, atol=1e-9 * float(trunk64.abs().max()), what="shared .grad")
+    assert_close64(
+        coeffs, coeffs64, rtol=1e-6, atol=1e-9 * float(coeffs64.abs().max()), what="coefficients"
+    )
+    assert_close64(
+        flat_grad(model.shared),
+        trunk64,
+        rtol=1e-6,
+        atol=1e-9 * float(trunk64.abs().max()),
+        what="shared .grad",
+    )
     for i, head in enumerate(model.heads):
-        assert_close64(flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}")
+        assert_close64(
+            flat_grad(head.parameters()), heads[i], rtol=1e-12, atol=1e-14, what=f"head {i}"
+        )
 
 
 def test_grad_normalization_representation_mode_matches_oracle(model, batch):
@@ -310,10 +386,11 @@ def test_grad_normalization_representation_mode_matches_oracle(model, batch):
     Z = task_grads64(losses, [z])
     coeffs64 = 1 / (Z.norm(dim=1) + EPS)
     dz = (coeffs64 @ Z).reshape(z.shape)
-    trunk64 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, model.shared, dz, retain_graph=True)])
+    trunk64 = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(z, model.shared, dz, retain_graph=True)]
+    )
     GradNormalization(model.shared, K).backward(losses, features=z)
     assert_close64(flat_grad(model.shared), trunk64, rtol=1e-9, atol=1e-13)
-
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
@@ -326,8 +403,6 @@ def test_mgda_zero_gradient_task_gives_finite_coefficients(normalization, model,
         assert bool(p.grad.isfinite().all())
     # the zero vector is in the hull: the min-norm update is zero (to rounding)
     assert float(flat_grad(model.shared).abs().max()) <= 1e-12
-
-
 
 
 # -- PCGrad ------------------------------------------------------------------------------------
@@ -411,7 +486,9 @@ def test_aligned_mtl_is_the_mean_of_the_aligned_gradients(k, seed, conflicting, 
     d, _, _ = _update(weighting.AlignedMTL, jacobian, scale_mode=scale_mode)
     u, s, vt = torch.linalg.svd(jacobian, full_matrices=False)
     eigenvalues = s.square()
-    sigma = {"min": eigenvalues.min(), "median": eigenvalues.median(), "rmse": eigenvalues.mean()}[scale_mode].sqrt()
+    sigma = {"min": eigenvalues.min(), "median": eigenvalues.median(), "rmse": eigenvalues.mean()}[
+        scale_mode
+    ].sqrt()
     aligned = sigma * u @ vt
     torch.testing.assert_close(d, aligned.mean(0), rtol=1e-9, atol=1e-12)
 
@@ -434,7 +511,9 @@ def test_nash_mtl_solves_the_bargaining_equation(k, seed, conflicting):
     ridged = gramian + 1e-8 * torch.diag(gramian.diagonal())  # the documented regularisation
     assert (coeffs > 0).all()
     torch.testing.assert_close(ridged @ coeffs.double(), 1.0 / coeffs.double(), rtol=1e-10, atol=0)
-    torch.testing.assert_close(d.norm(), torch.tensor(math.sqrt(k), dtype=d.dtype), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        d.norm(), torch.tensor(math.sqrt(k), dtype=d.dtype), rtol=1e-6, atol=0
+    )
 
 
 def test_nash_mtl_clips_to_max_norm_and_is_invariant_to_loss_scale():
@@ -442,7 +521,10 @@ def test_nash_mtl_clips_to_max_norm_and_is_invariant_to_loss_scale():
     d, _, _ = _update(weighting.NashMTL, jacobian, max_norm=0.5)
     torch.testing.assert_close(d.norm(), torch.tensor(0.5, dtype=d.dtype))
     scaled = jacobian * torch.tensor([[10.0], [1.0], [0.1]], dtype=torch.float64)
-    torch.testing.assert_close(_update(weighting.NashMTL, scaled, max_norm=None)[0], _update(weighting.NashMTL, jacobian, max_norm=None)[0])
+    torch.testing.assert_close(
+        _update(weighting.NashMTL, scaled, max_norm=None)[0],
+        _update(weighting.NashMTL, jacobian, max_norm=None)[0],
+    )
 
 
 def test_nash_mtl_update_every_reuses_the_solution():
@@ -490,7 +572,9 @@ def test_upgrad_projections_satisfy_the_projection_optimality_conditions(k, seed
         slack = jacobian @ projection
         assert (multipliers >= -1e-12).all()
         assert (slack >= -1e-9 * scale).all()
-        assert (multipliers * slack).abs().max() <= 1e-9 * scale * multipliers.abs().max().clamp_min(1)
+        assert (
+            multipliers * slack
+        ).abs().max() <= 1e-9 * scale * multipliers.abs().max().clamp_min(1)
 
 
 # -- DB-MTL ------------------------------------------------------------------------------------
@@ -503,7 +587,9 @@ def test_db_mtl_without_average_balances_log_gradients_to_the_largest(k, seed, c
     d, _, _ = _update(weighting.DBMTL, jacobian, losses, beta=0.0)
     log_grads = jacobian / losses[:, None]
     norms = log_grads.norm(dim=1)
-    torch.testing.assert_close(d, norms.max() * (log_grads / norms[:, None]).sum(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        d, norms.max() * (log_grads / norms[:, None]).sum(0), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_db_mtl_running_average_and_checkpoint():
@@ -521,13 +607,17 @@ def test_db_mtl_running_average_and_checkpoint():
         average = log_grads + 0.9 / t**0.5 * (average - log_grads)
         norms = average.norm(dim=1)
         expected = norms.max() * (average / norms[:, None]).sum(0)
-        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=1e-10, atol=1e-12
+        )
     reloaded = weighting.DBMTL(jacobian_params(), 2, beta=0.9, beta_sigma=0.5)
     reloaded.load_state_dict(method.state_dict())
     step_input = (make_jacobian(2, 9), torch.tensor([2.0, 3.0], dtype=torch.float64))
     torch.testing.assert_close(
-        reloaded.step(split_rows(step_input[0]), step_input[1]), method.step(split_rows(step_input[0]), step_input[1]),
-        rtol=0, atol=0,
+        reloaded.step(split_rows(step_input[0]), step_input[1]),
+        method.step(split_rows(step_input[0]), step_input[1]),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -548,6 +638,6 @@ def test_db_mtl_skipped_step_keeps_the_running_averages():
     fresh = weighting.DBMTL(jacobian_params(), 2, beta=0.9)
     fresh.load_state_dict(method.state_dict())
     step_input = split_rows(make_jacobian(2, 3))
-    torch.testing.assert_close(method.step(step_input, losses), fresh.step(step_input, losses), rtol=0, atol=0)
-
-
+    torch.testing.assert_close(
+        method.step(step_input, losses), fresh.step(step_input, losses), rtol=0, atol=0
+    )

@@ -76,14 +76,19 @@ def generalized_mean_weights64(values, gamma):
 
 def _weighted(weights):
     """oracle(values) for total = sum w_i L_i with fixed-from-values weights."""
+
     def oracle(v):
         w = weights(v)
         return float((w * v).sum()), w
+
     return oracle
 
 
 def _gm_oracle(gamma):
-    return lambda v: (generalized_mean64(v.tolist(), gamma), generalized_mean_weights64(v.tolist(), gamma))
+    return lambda v: (
+        generalized_mean64(v.tolist(), gamma),
+        generalized_mean_weights64(v.tolist(), gamma),
+    )
 
 
 GAMMAS = (-math.inf, -2.0, 0.0, 0.5, 1.0, 3.0, math.inf)
@@ -91,23 +96,52 @@ INITIAL = (2.0, 900.0, 1.1)
 PRIORS = (0.7, 2500.0, 1.05)
 
 LOSS_CASES = [
-    pytest.param(lambda: Fixed(K), _weighted(lambda v: torch.full((K,), 1 / K, dtype=torch.float64)), id="fixed-default"),
-    pytest.param(lambda: Fixed(K, weights=[0.2, 0.5, 0.3]), _weighted(lambda v: torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)), id="fixed-given"),
-    pytest.param(lambda: InitialLoss(K, initial=INITIAL), _weighted(lambda v: 1 / torch.tensor(INITIAL, dtype=torch.float64)), id="initial-given"),
+    pytest.param(
+        lambda: Fixed(K),
+        _weighted(lambda v: torch.full((K,), 1 / K, dtype=torch.float64)),
+        id="fixed-default",
+    ),
+    pytest.param(
+        lambda: Fixed(K, weights=[0.2, 0.5, 0.3]),
+        _weighted(lambda v: torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)),
+        id="fixed-given",
+    ),
+    pytest.param(
+        lambda: InitialLoss(K, initial=INITIAL),
+        _weighted(lambda v: 1 / torch.tensor(INITIAL, dtype=torch.float64)),
+        id="initial-given",
+    ),
     pytest.param(lambda: InitialLoss(K), _weighted(lambda v: 1 / v), id="initial-first-step"),
-    pytest.param(lambda: PriorLoss(K, priors=PRIORS), _weighted(lambda v: 1 / torch.tensor(PRIORS, dtype=torch.float64)), id="prior"),
+    pytest.param(
+        lambda: PriorLoss(K, priors=PRIORS),
+        _weighted(lambda v: 1 / torch.tensor(PRIORS, dtype=torch.float64)),
+        id="prior",
+    ),
     pytest.param(lambda: RealTime(K), _weighted(lambda v: 1 / v), id="real-time"),
     pytest.param(lambda: AnchorToMain(K), _weighted(lambda v: v[0] / v), id="anchor-main0"),
     pytest.param(lambda: AnchorToMain(K, main=2), _weighted(lambda v: v[2] / v), id="anchor-main2"),
-    pytest.param(lambda: AnchorToMain(["a", "b", "c"], main="b"), _weighted(lambda v: v[1] / v), id="anchor-main-by-name"),
-    pytest.param(lambda: DWA(K), _weighted(lambda v: torch.ones(K, dtype=torch.float64)), id="dwa-first-period"),
+    pytest.param(
+        lambda: AnchorToMain(["a", "b", "c"], main="b"),
+        _weighted(lambda v: v[1] / v),
+        id="anchor-main-by-name",
+    ),
+    pytest.param(
+        lambda: DWA(K),
+        _weighted(lambda v: torch.ones(K, dtype=torch.float64)),
+        id="dwa-first-period",
+    ),
 ] + [
-    pytest.param((lambda g: lambda: GeneralizedMean(K, gamma=g))(g), _gm_oracle(g), id=f"gmean-{g:g}") for g in GAMMAS
+    pytest.param(
+        (lambda g: lambda: GeneralizedMean(K, gamma=g))(g), _gm_oracle(g), id=f"gmean-{g:g}"
+    )
+    for g in GAMMAS
 ]
 
 
 @pytest.mark.parametrize("make, oracle", LOSS_CASES)
-def test_loss_based_total_weights_and_parameter_grads_match_float64_formula(make, oracle, model, batch):
+def test_loss_based_total_weights_and_parameter_grads_match_float64_formula(
+    make, oracle, model, batch
+):
     losses = model_losses(model, batch)
     params = list(model.parameters())
     per_task = task_grads64(losses, params)
@@ -119,7 +153,13 @@ def test_loss_based_total_weights_and_parameter_grads_match_float64_formula(make
     assert_close64(weighting.last_weights, weights64, rtol=1e-7, what="last_weights")
     total.backward()
     scale = float((weights64.abs() @ per_task.abs()).max())
-    assert_close64(flat_grad(params), weights64 @ per_task, rtol=1e-7, atol=1e-7 * scale, what="parameter grads")
+    assert_close64(
+        flat_grad(params),
+        weights64 @ per_task,
+        rtol=1e-7,
+        atol=1e-7 * scale,
+        what="parameter grads",
+    )
 
 
 @pytest.mark.parametrize("make, oracle", LOSS_CASES)
@@ -128,7 +168,9 @@ def test_loss_based_last_weights_equal_autograd_dtotal_dloss(make, oracle):
     weighting = make()
     total = weighting(losses)
     autograd_weights = torch.stack(torch.autograd.grad(total, losses))
-    assert_close64(weighting.last_weights, autograd_weights, rtol=1e-12, what="last_weights vs dtotal/dL")
+    assert_close64(
+        weighting.last_weights, autograd_weights, rtol=1e-12, what="last_weights vs dtotal/dL"
+    )
 
 
 @pytest.mark.parametrize("a", [0.0, 0.3, 0.75])
@@ -148,7 +190,13 @@ def test_fixed_single_weight_needs_two_tasks():
 
 def test_initial_loss_uses_running_mean_of_first_n_steps_then_freezes():
     n = 3
-    sequence = [[2.0, 40.0, 1.0], [1.0, 20.0, 3.0], [3.0, 30.0, 2.0], [0.5, 5.0, 0.7], [0.1, 1.0, 0.2]]
+    sequence = [
+        [2.0, 40.0, 1.0],
+        [1.0, 20.0, 3.0],
+        [3.0, 30.0, 2.0],
+        [0.5, 5.0, 0.7],
+        [0.1, 1.0, 0.2],
+    ]
     weighting = InitialLoss(K, steps=n)
     for t, values in enumerate(sequence):
         losses = leaf_losses(values)
@@ -156,14 +204,18 @@ def test_initial_loss_uses_running_mean_of_first_n_steps_then_freezes():
         seen = torch.tensor(sequence[: min(t + 1, n)], dtype=torch.float64)
         expected = 1 / seen.mean(0)
         assert_close64(weighting.last_weights, expected, rtol=1e-7, what=f"step {t}")
-        assert_close64(total, (expected * torch.tensor(values, dtype=torch.float64)).sum(), rtol=1e-7)
+        assert_close64(
+            total, (expected * torch.tensor(values, dtype=torch.float64)).sum(), rtol=1e-7
+        )
 
 
 def test_initial_loss_given_values_never_change():
     weighting = InitialLoss(K, initial=INITIAL, steps=2)
     for values in ([3.0, 4.0, 5.0], [0.1, 0.2, 0.3], [9.0, 9.0, 9.0]):
         weighting(leaf_losses(values))
-        assert_close64(weighting.last_weights, 1 / torch.tensor(INITIAL, dtype=torch.float64), rtol=1e-7)
+        assert_close64(
+            weighting.last_weights, 1 / torch.tensor(INITIAL, dtype=torch.float64), rtol=1e-7
+        )
 
 
 def test_initial_loss_is_scale_invariant():
@@ -186,7 +238,9 @@ def _entropy_of_frequencies(labels):
 
 def test_prior_loss_classification_is_label_entropy_and_prior_cross_entropy():
     gen = torch.Generator().manual_seed(3)
-    labels = torch.multinomial(torch.tensor([0.6, 0.25, 0.1, 0.05, 0.0]), 400, replacement=True, generator=gen)
+    labels = torch.multinomial(
+        torch.tensor([0.6, 0.25, 0.1, 0.05, 0.0]), 400, replacement=True, generator=gen
+    )
     value = prior_loss_classification(labels, num_classes=5)
     assert value == pytest.approx(_entropy_of_frequencies(labels), rel=1e-12)
     # the cross-entropy of predicting the label frequencies, measured by F.cross_entropy
@@ -216,7 +270,9 @@ def test_prior_loss_l1_is_mean_abs_deviation_from_median_and_minimal(n):
     expected = 0.0
     for column in y.T.tolist():
         s = sorted(column)
-        median = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])  # any point in between is optimal
+        median = (
+            s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        )  # any point in between is optimal
         expected += sum(abs(v - median) for v in column) / n / 3
     assert value == pytest.approx(expected, rel=1e-12)
     # no constant prediction has a smaller mean absolute error
@@ -228,7 +284,9 @@ def test_prior_loss_l1_is_mean_abs_deviation_from_median_and_minimal(n):
 def test_initial_loss_helpers_are_losses_of_the_initial_predictors():
     gen = torch.Generator().manual_seed(6)
     labels = torch.randint(0, 7, (50,), generator=gen)
-    assert initial_loss_cross_entropy(7) == pytest.approx(float(F.cross_entropy(torch.zeros(50, 7), labels)), rel=1e-6)
+    assert initial_loss_cross_entropy(7) == pytest.approx(
+        float(F.cross_entropy(torch.zeros(50, 7), labels)), rel=1e-6
+    )
     assert initial_loss_cross_entropy(7) == pytest.approx(math.log(7), rel=1e-15)
     y = 2.0 + torch.randn(40, 3, generator=gen, dtype=torch.float64)
     assert initial_loss_l2(y) == pytest.approx(float(F.mse_loss(torch.zeros_like(y), y)), rel=1e-12)
@@ -248,7 +306,9 @@ def test_generalized_mean_near_zero_gamma_approaches_geometric_mean():
     values = [0.3, 2.0, 7.5]
     geometric = float(GeneralizedMean(K, gamma=0.0)(leaf_losses(values)).detach())
     for g in (1e-4, -1e-4):
-        assert float(GeneralizedMean(K, gamma=g)(leaf_losses(values)).detach()) == pytest.approx(geometric, rel=1e-3)
+        assert float(GeneralizedMean(K, gamma=g)(leaf_losses(values)).detach()) == pytest.approx(
+            geometric, rel=1e-3
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -266,12 +326,17 @@ def test_generalized_mean_large_gamma_does_not_overflow(dtype):
     assert_close64(weighting.last_weights, grads, rtol=rtol, atol=1e-30)
 
 
-@pytest.mark.parametrize("kinds", ["regression", "classification", ["regression", "classification", "regression"]])
+@pytest.mark.parametrize(
+    "kinds", ["regression", "classification", ["regression", "classification", "regression"]]
+)
 def test_uncertainty_total_and_log_var_gradient_match_float64_formula(kinds, model, batch):
     losses = model_losses(model, batch)
     v = values64(losses)
     per_kind = {"regression": 0.5, "classification": 1.0}
-    factors = torch.tensor([per_kind[k] for k in ([kinds] * K if isinstance(kinds, str) else kinds)], dtype=torch.float64)
+    factors = torch.tensor(
+        [per_kind[k] for k in ([kinds] * K if isinstance(kinds, str) else kinds)],
+        dtype=torch.float64,
+    )
     weighting = Uncertainty(K, kinds=kinds, init=0.0)
     with torch.no_grad():
         weighting.log_vars.copy_(torch.tensor([0.3, -1.2, 0.8]))
@@ -281,8 +346,19 @@ def test_uncertainty_total_and_log_var_gradient_match_float64_formula(kinds, mod
     total = weighting(losses)
     assert_close64(total, (factors * torch.exp(-s) * v + 0.5 * s).sum(), rtol=1e-6)
     weighting.backward(losses)
-    assert_close64(weighting.log_vars.grad, -factors * torch.exp(-s) * v + 0.5, rtol=1e-6, what="d total / d log_vars")
-    assert_close64(flat_grad(params), (factors * torch.exp(-s)) @ per_task, rtol=1e-6, atol=1e-12, what="model grads")
+    assert_close64(
+        weighting.log_vars.grad,
+        -factors * torch.exp(-s) * v + 0.5,
+        rtol=1e-6,
+        what="d total / d log_vars",
+    )
+    assert_close64(
+        flat_grad(params),
+        (factors * torch.exp(-s)) @ per_task,
+        rtol=1e-6,
+        atol=1e-12,
+        what="model grads",
+    )
     assert_close64(weighting.last_weights, factors * torch.exp(-s), rtol=1e-6)
 
 
@@ -299,7 +375,9 @@ def dwa_oracle(period_means, k, temperature):
         if p < 2:
             out.append(torch.ones(k, dtype=torch.float64))
         else:
-            rates = torch.tensor(period_means[p - 1], dtype=torch.float64) / torch.tensor(period_means[p - 2], dtype=torch.float64)
+            rates = torch.tensor(period_means[p - 1], dtype=torch.float64) / torch.tensor(
+                period_means[p - 2], dtype=torch.float64
+            )
             out.append(k * torch.softmax(rates / temperature, 0))
     return out
 
@@ -309,7 +387,10 @@ def dwa_oracle(period_means, k, temperature):
 def test_dwa_period_steps_weights_match_float64_formula(temperature, dtype):
     period, steps = 3, 15
     sequence = loss_sequence(steps)
-    means = [torch.tensor(sequence[i : i + period], dtype=torch.float64).mean(0).tolist() for i in range(0, steps, period)]
+    means = [
+        torch.tensor(sequence[i : i + period], dtype=torch.float64).mean(0).tolist()
+        for i in range(0, steps, period)
+    ]
     expected = dwa_oracle(means, K, temperature)
     weighting = DWA(K, temperature=temperature, period_steps=period)
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
@@ -317,8 +398,18 @@ def test_dwa_period_steps_weights_match_float64_formula(temperature, dtype):
         losses = leaf_losses(values, dtype)
         total = weighting(losses)
         w = expected[t // period]
-        assert_close64(total, (w * torch.tensor(values, dtype=torch.float64)).sum(), rtol=rtol, what=f"step {t}: total")
-        assert_close64(torch.stack(torch.autograd.grad(total, losses)), w, rtol=rtol, what=f"step {t}: dtotal/dL")
+        assert_close64(
+            total,
+            (w * torch.tensor(values, dtype=torch.float64)).sum(),
+            rtol=rtol,
+            what=f"step {t}: total",
+        )
+        assert_close64(
+            torch.stack(torch.autograd.grad(total, losses)),
+            w,
+            rtol=rtol,
+            what=f"step {t}: dtotal/dL",
+        )
         assert_close64(weighting.last_weights, w, rtol=rtol, what=f"step {t}: last_weights")
     assert not torch.allclose(expected[-1], torch.ones(K, dtype=torch.float64))
     assert float(expected[-1].sum()) == pytest.approx(K)
@@ -350,11 +441,15 @@ def test_rlw_weights_are_a_softmax_of_standard_normal_draws():
         w = weighting.last_weights.double()
         assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
         assert bool((w > 0).all())
-        assert_close64(total, (w * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum(), rtol=1e-12)
+        assert_close64(
+            total, (w * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum(), rtol=1e-12
+        )
         draws.append(w.log())
     logits = torch.stack(draws)
     # softmax determines z up to a shift: the pairwise differences z_i - z_j are N(0, 2)
-    diffs = torch.stack([logits[:, 0] - logits[:, 1], logits[:, 1] - logits[:, 2], logits[:, 0] - logits[:, 2]])
+    diffs = torch.stack(
+        [logits[:, 0] - logits[:, 1], logits[:, 1] - logits[:, 2], logits[:, 0] - logits[:, 2]]
+    )
     assert diffs.mean(1).abs().max() < 0.1
     assert (diffs.var(1) - 2.0).abs().max() < 0.2
     assert len({tuple(d.tolist()) for d in draws[:100]}) == 100  # drawn afresh each step
@@ -376,7 +471,14 @@ def test_rlw_same_seed_same_weights_other_seed_other_weights():
 def test_real_time_gradient_is_gradient_of_sum_log_losses(model, batch):
     losses = model_losses(model, batch)
     params = list(model.parameters())
-    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(sum(torch.log(l) for l in losses), params, retain_graph=True)])
+    expected = torch.cat(
+        [
+            g.reshape(-1)
+            for g in torch.autograd.grad(
+                sum(torch.log(loss) for loss in losses), params, retain_graph=True
+            )
+        ]
+    )
     RealTime(K).backward(losses)
     assert_close64(flat_grad(params), expected, rtol=1e-7, atol=1e-12)
 
@@ -388,14 +490,12 @@ def test_anchor_to_main_every_term_has_the_main_loss_magnitude():
     assert_close64(total, 3 * 0.4, rtol=1e-7)
 
 
-
 def test_loss_based_dict_losses_and_log_keys():
     weighting = Fixed(["a", "b", "c"], weights=[0.1, 0.2, 0.7])
     assert weighting.log() == {}
     total = weighting({"c": torch.tensor(1.0), "a": torch.tensor(10.0), "b": torch.tensor(100.0)})
     assert float(total) == pytest.approx(0.1 * 10 + 0.2 * 100 + 0.7 * 1, rel=1e-6)
     assert weighting.log() == pytest.approx({"weight/a": 0.1, "weight/b": 0.2, "weight/c": 0.7})
-
 
 
 # -- FAMO --------------------------------------------------------------------------------------
@@ -409,7 +509,9 @@ def test_famo_against_its_update_rule():
     g = torch.Generator().manual_seed(0)
     logits, previous = torch.zeros(3, dtype=torch.float64), None
     for _ in range(5):
-        values = torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)
+        values = torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor(
+            [1.0, 10.0, 0.1], dtype=torch.float64
+        )
         losses = values.clone().requires_grad_()
         total = method(list(losses))
         if previous is not None:
@@ -420,8 +522,11 @@ def test_famo_against_its_update_rule():
         previous = values
         z = torch.softmax(logits, 0)
         c = (z / (values + eps)).sum()
-        torch.testing.assert_close(method.last_weights.double(), z / (c * (values + eps)), rtol=1e-6, atol=0)
-        torch.testing.assert_close(total.double(), ((z * (values + eps).log()).sum() / c).double(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            method.last_weights.double(), z / (c * (values + eps)), rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            total.double(), ((z * (values + eps).log()).sum() / c).double(), rtol=1e-6, atol=0
+        )
         (grad_losses,) = torch.autograd.grad(total, losses)
         torch.testing.assert_close(grad_losses, method.last_weights.to(grad_losses))
-

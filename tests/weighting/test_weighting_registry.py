@@ -24,7 +24,9 @@ EXCLUDED = {
 
 
 def test_every_public_method_is_registered_once_in_its_family():
-    classes = {obj for obj in vars(W).values() if inspect.isclass(obj) and issubclass(obj, W.Weighting)}
+    classes = {
+        obj for obj in vars(W).values() if inspect.isclass(obj) and issubclass(obj, W.Weighting)
+    }
     methods = {c for c in classes if c not in (W.Weighting, W.LossWeighting, W.GradientWeighting)}
     assert methods == set(W.LOSS_BASED.values()) | set(W.GRADIENT_BASED.values())
     assert all(issubclass(c, W.LossWeighting) for c in W.LOSS_BASED.values())
@@ -36,7 +38,9 @@ def test_every_public_method_is_registered_once_in_its_family():
 
 def _family(names) -> str | None:
     names = set(names)
-    if names >= set(W.GRADIENT_BASED) - set().union(*EXCLUDED.values()) and not names & set(W.LOSS_BASED):
+    if names >= set(W.GRADIENT_BASED) - set().union(*EXCLUDED.values()) and not names & set(
+        W.LOSS_BASED
+    ):
         return "gradient"
     if names >= set(W.LOSS_BASED) and not names & set(W.GRADIENT_BASED):
         return "loss"
@@ -57,8 +61,11 @@ def _method_parametrizations(module):
                 yield test_name, [v for v in values if v in METHOD_NAMES]
 
 
-@pytest.mark.parametrize("module", [test_weighting_contracts, test_weighting_state, test_weighting_amp, test_weighting_e2e],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [test_weighting_contracts, test_weighting_state, test_weighting_amp, test_weighting_e2e],
+    ids=lambda m: m.__name__,
+)
 def test_shared_tests_run_every_registered_method(module):
     """Every test parametrized over methods runs a whole family (all loss-based, all
     gradient-based, or all), less the exclusions above: no hand-kept list of a few methods."""
@@ -78,9 +85,13 @@ def test_example_builds_a_method_ready_to_step(name, batch):
     assert weighting.task_names == ["a", "b", "c"]
     weights = weighting.backward(model_losses(model, batch))
     assert weights.shape == (K,) and bool(weights.isfinite().all())
-    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.trunk.parameters())
+    assert all(
+        p.grad is not None and bool(p.grad.isfinite().all()) for p in model.trunk.parameters()
+    )
     assert build(name, model, 2).num_tasks == 2
-    assert build(name, model, on_nonfinite="skip").on_nonfinite == "skip"  # overrides reach the constructor
+    assert (
+        build(name, model, on_nonfinite="skip").on_nonfinite == "skip"
+    )  # overrides reach the constructor
 
 
 @pytest.mark.parametrize("name", [n for n in METHOD_NAMES if is_gradient_based(n)])

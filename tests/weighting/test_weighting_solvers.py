@@ -1,4 +1,4 @@
-"""Tests of fusedmtl.weighting.solvers (../shared/METHODS.md, section 4).
+"""Tests of fusedmtl.weighting.solvers (docs/METHODS.md, section 4).
 
 The oracles never call the solvers under test: KKT conditions evaluated in float64 numpy,
 brute force over the simplex (a dense grid for K = 2, 3; every face for the exact problems),
@@ -13,11 +13,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fusedmtl.weighting import solvers
 from fusedmtl.weighting.methods.cagrad import cagrad_coefficients, cagrad_weights
 from fusedmtl.weighting.methods.nash_mtl import nash_bargaining
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 KINDS = (
     "random",
@@ -395,7 +396,9 @@ def test_nash_bargaining_closed_forms():
     np.testing.assert_allclose(nash(J, ridge=0.0), [2.0, 0.5, 1 / 7], rtol=1e-14)
     # identical: a_i = 1 / sqrt(K ||g||^2 + ridge ||g||^2) (M_r = ||g||^2 (1 1^T + ridge I))
     for K in (2, 5):
-        np.testing.assert_allclose(nash(np.repeat(g, K, 0)), np.full(K, 1 / np.sqrt((K + 1e-8) * gg)), rtol=1e-13)
+        np.testing.assert_allclose(
+            nash(np.repeat(g, K, 0)), np.full(K, 1 / np.sqrt((K + 1e-8) * gg)), rtol=1e-13
+        )
     # g, -g: M_r (1, 1) = ridge ||g||^2 (1, 1), a = (1, 1) / sqrt(ridge ||g||^2), d = 0
     a = nash(np.concatenate([g, -g]))
     # (rtol: M_r = M + 1e-8 ||g||^2 I rounds ||g||^2 + 1e-8 ||g||^2 to eps ||g||^2, 1e-8 of the
@@ -542,7 +545,9 @@ def nash_rtol(M: torch.Tensor) -> float:
     return 1e-9 if bool(torch.linalg.eigvalsh(M)[0] > 1e-3 * M.trace()) else 1e-6
 
 
-@pytest.mark.parametrize("kind,K,n", cases(kinds=KINDS[:-2] + ("duplicated", "spread_norms"), ks=(2, 3, 5, 10)))
+@pytest.mark.parametrize(
+    "kind,K,n", cases(kinds=KINDS[:-2] + ("duplicated", "spread_norms"), ks=(2, 3, 5, 10))
+)
 def test_permutation_equivariance(kind, K, n):
     """The solutions are permutation equivariant where they are unique (and for ties the
     least-norm rule resolves, such as identical gradients); the directions d always are."""
@@ -551,7 +556,10 @@ def test_permutation_equivariance(kind, K, n):
     M, M_permuted = gramian(J), gramian(J[permutation])
     index = torch.from_numpy(permutation)
     Jt = torch.from_numpy(J)
-    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10 * (1 + y.abs().max()))  # noqa: E731
+
+    def close(x, y):
+        return torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10 * (1 + y.abs().max()))  # noqa: E731
+
     unique = kind in GENERIC_KINDS and K <= n or kind == "identical"
 
     c, c_permuted = solvers.min_norm_simplex(M), solvers.min_norm_simplex(M_permuted)

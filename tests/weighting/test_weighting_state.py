@@ -59,7 +59,10 @@ class GradientRun:
 
     def build(self, seed=12):
         model = SharedTrunkNet(seed=seed)
-        return build(self.name, model, **self.settings), {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.02)}
+        return build(self.name, model, **self.settings), {
+            "model": model,
+            "opt": torch.optim.SGD(model.parameters(), lr=0.02),
+        }
 
     def step(self, weighting, ctx, t):
         coeffs = weighting.backward(model_losses(ctx["model"], make_batch(t)))
@@ -98,7 +101,9 @@ def _check_round_trip(run, stateful: bool) -> None:
     # that have state; the others are shown stateless
     fresh, fresh_ctx = run.build()
     if isinstance(run, GradientRun):
-        fresh_ctx["model"].load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["model"])
+        fresh_ctx["model"].load_state_dict(
+            torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["model"]
+        )
     unrestored = [run.step(fresh, fresh_ctx, t) for t in range(before, before + after)]
     assert any(not torch.equal(a, b) for a, b in zip(continued, unrestored)) == stateful
 
@@ -108,8 +113,11 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name):
     _check_round_trip(_run(name), stateful=name in STATEFUL)
 
 
-@pytest.mark.parametrize("name, settings", [("initial_loss", {"steps": 5}), ("nash_mtl", {"update_every": 4})],
-                         ids=["initial_loss-mid-warmup", "nash_mtl-reused-solution"])
+@pytest.mark.parametrize(
+    "name, settings",
+    [("initial_loss", {"steps": 5}), ("nash_mtl", {"update_every": 4})],
+    ids=["initial_loss-mid-warmup", "nash_mtl-reused-solution"],
+)
 def test_state_dict_round_trip_with_state_of_other_settings(name, settings):
     _check_round_trip(_run(name, **settings), stateful=True)
 

@@ -30,12 +30,21 @@ class SharedTrunkNet(nn.Module):
     """A shared trunk (Linear, Tanh, Linear, Tanh) and one linear head per task; built from
     ``seed`` without disturbing the global random state."""
 
-    def __init__(self, seed: int = 0, dtype=torch.float64, in_dim: int = 4, hidden: int = 8, feat: int = 6,
-                 out_dims=(1, 1, 3)) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        dtype=torch.float64,
+        in_dim: int = 4,
+        hidden: int = 8,
+        feat: int = 6,
+        out_dims=(1, 1, 3),
+    ) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, feat), nn.Tanh())
+            self.trunk = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, feat), nn.Tanh()
+            )
             self.heads = nn.ModuleList(nn.Linear(feat, d) for d in out_dims)
         self.to(dtype)
 
@@ -98,13 +107,22 @@ def task_grads64(losses, params) -> torch.Tensor:
     rows = []
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double() for p, g in zip(params, grads)]))
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1).double()
+                    for p, g in zip(params, grads)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
 def head_grads64(model, losses) -> list[torch.Tensor]:
     """Head i's gradient (flattened, float64) of its own loss only."""
-    return [task_grads64([loss], list(head.parameters()))[0] for loss, head in zip(losses, model.heads)]
+    return [
+        task_grads64([loss], list(head.parameters()))[0] for loss, head in zip(losses, model.heads)
+    ]
 
 
 def flat_grad(params) -> torch.Tensor:
@@ -112,12 +130,18 @@ def flat_grad(params) -> torch.Tensor:
 
 
 def _as64(x):
-    return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+    return (
+        x.detach().double().cpu()
+        if isinstance(x, torch.Tensor)
+        else torch.tensor(x, dtype=torch.float64)
+    )
 
 
 def assert_close64(actual, expected, rtol=1e-10, atol=1e-12, what=""):
     __tracebackhide__ = True
-    torch.testing.assert_close(_as64(actual), _as64(expected), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        _as64(actual), _as64(expected), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def leaf_losses(values, dtype=torch.float64):
@@ -140,7 +164,10 @@ def loss_sequence(steps: int, seed: int = 0) -> list[list[float]]:
     gen = torch.Generator().manual_seed(seed)
     base = torch.tensor([1.0, 30.0, 2.0], dtype=torch.float64)
     decay = torch.tensor([0.9, 0.6, 0.97], dtype=torch.float64)
-    return [(base * decay**t * (1 + 0.1 * torch.rand(K, generator=gen, dtype=torch.float64))).tolist() for t in range(steps)]
+    return [
+        (base * decay**t * (1 + 0.1 * torch.rand(K, generator=gen, dtype=torch.float64))).tolist()
+        for t in range(steps)
+    ]
 
 
 # -- explicit Jacobians, for step(task_grads, losses) ------------------------------------------
@@ -160,7 +187,7 @@ def split_rows(jacobian: torch.Tensor) -> list[list[torch.Tensor]]:
     for row in jacobian:
         pieces, offset = [], 0
         for s in SHAPES:
-            pieces.append(row[offset: offset + math.prod(s)].reshape(s).clone())
+            pieces.append(row[offset : offset + math.prod(s)].reshape(s).clone())
             offset += math.prod(s)
         rows.append(pieces)
     return rows
@@ -170,9 +197,14 @@ def make_jacobian(k: int, seed: int, conflicting: bool = False) -> torch.Tensor:
     """K x N task gradients with norms spread over two decades; ``conflicting``: every later task
     pulls against the first."""
     g = torch.Generator().manual_seed(seed)
-    jacobian = torch.randn(k, N, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)[:, None]
+    jacobian = (
+        torch.randn(k, N, generator=g, dtype=torch.float64)
+        * torch.logspace(-1, 1, k, dtype=torch.float64)[:, None]
+    )
     if conflicting:
-        jacobian[1:] -= 1.5 * jacobian[:1] * jacobian[1:].norm(dim=1, keepdim=True) / jacobian[0].norm()
+        jacobian[1:] -= (
+            1.5 * jacobian[:1] * jacobian[1:].norm(dim=1, keepdim=True) / jacobian[0].norm()
+        )
     return jacobian
 
 

@@ -50,9 +50,16 @@ class MultiTaskNet(nn.Module):
 
     def __init__(self, in_dim: int, out_dims: dict[str, int], hidden: int = 64) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self.heads = nn.ModuleDict(
-            {name: nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, out)) for name, out in out_dims.items()}
+            {
+                name: nn.Sequential(
+                    nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, out)
+                )
+                for name, out in out_dims.items()
+            }
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -70,10 +77,14 @@ def loss_fn(kind: str, beta: float) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda pred, target: fusedmtl.smooth_l1_loss(pred, target, beta=beta)
     if kind == "cross_entropy":
         return F.cross_entropy
-    raise ValueError(f"unknown loss {kind!r}; expected one of {REGRESSION_LOSSES + ('cross_entropy',)}")
+    raise ValueError(
+        f"unknown loss {kind!r}; expected one of {REGRESSION_LOSSES + ('cross_entropy',)}"
+    )
 
 
-def make_weighting(name: str, model: MultiTaskNet, problem: Problem, losses: dict[str, str], config: Config) -> W.Weighting:
+def make_weighting(
+    name: str, model: MultiTaskNet, problem: Problem, losses: dict[str, str], config: Config
+) -> W.Weighting:
     """The weighting ``name`` (a registry key) from its ``example``, with the settings this
     problem supplies: priors and kinds from the labels, an epoch as DWA's period, the seed."""
     methods = all_methods()
@@ -81,8 +92,18 @@ def make_weighting(name: str, model: MultiTaskNet, problem: Problem, losses: dic
         raise ValueError(f"unknown weighting method {name!r}; choose from {sorted(methods)}")
     tasks = problem.task_names
     settings = {
-        "uncertainty": lambda: {"kinds": ["classification" if t.kind == "classification" else "regression" for t in problem.tasks]},
-        "prior_loss": lambda: {"priors": [_prior_loss(problem.y_train[t.name], losses[t.name], config.beta) for t in problem.tasks]},
+        "uncertainty": lambda: {
+            "kinds": [
+                "classification" if t.kind == "classification" else "regression"
+                for t in problem.tasks
+            ]
+        },
+        "prior_loss": lambda: {
+            "priors": [
+                _prior_loss(problem.y_train[t.name], losses[t.name], config.beta)
+                for t in problem.tasks
+            ]
+        },
         "initial_loss": lambda: {"steps": 10},  # the mean of the first 10 minibatch losses
         "dwa": lambda: {"period_steps": max(1, config.n_train // config.batch_size)},  # one epoch
         "rlw": lambda: {"seed": config.seed},
@@ -116,7 +137,10 @@ def evaluate(model: MultiTaskNet, problem: Problem) -> dict[str, dict[str, float
             metrics[task.name] = {"accuracy": float((pred.argmax(1) == y).double().mean())}
         else:
             err = (pred - y).double()
-            metrics[task.name] = {"rmse": float(err.square().mean().sqrt()), "mae": float(err.abs().mean())}
+            metrics[task.name] = {
+                "rmse": float(err.square().mean().sqrt()),
+                "mae": float(err.abs().mean()),
+            }
     return metrics
 
 
@@ -164,7 +188,9 @@ def train_method(
     if own:
         groups.append({"params": own, "lr": 10 * config.lr})
     optimizer = torch.optim.Adam(groups, lr=config.lr)
-    batches = _batches(problem.x_train.shape[0], config.batch_size, torch.Generator().manual_seed(config.seed + 1))
+    batches = _batches(
+        problem.x_train.shape[0], config.batch_size, torch.Generator().manual_seed(config.seed + 1)
+    )
 
     k = len(names)
     train_losses = torch.full((config.steps, k), math.nan, dtype=torch.float64)
@@ -197,7 +223,10 @@ def train_method(
 def deterministic(threads: int) -> Iterator[None]:
     """Fixed thread count and deterministic algorithms for the duration; restored afterwards."""
     old_threads = torch.get_num_threads()
-    old_det, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_det, old_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:

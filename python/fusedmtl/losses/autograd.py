@@ -151,7 +151,10 @@ def register_loss_op(forward_op: str, backward_op: str, with_grad_op: str | None
         if ctx.difference is not None and torch.is_grad_enabled():
             operands = unmodified(ctx.operands)
             grads = loss_backward(
-                backward_callable, grad_output, operands, *ctx.config,
+                backward_callable,
+                grad_output,
+                operands,
+                *ctx.config,
                 tuple(ctx.needs_input_grad[: len(operands)]),
             )
             return *grads, None, None, None

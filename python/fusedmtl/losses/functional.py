@@ -39,8 +39,14 @@ def smooth_l1_loss(
     """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(
-            smooth_l1_loss, (input, target), input, target,
-            size_average=size_average, reduce=reduce, reduction=reduction, beta=beta,
+            smooth_l1_loss,
+            (input, target),
+            input,
+            target,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            beta=beta,
         )
     if beta < 0:
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
@@ -63,8 +69,13 @@ def huber_loss(
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
-            huber_loss, (input, target, weight), input, target,
-            reduction=reduction, delta=delta, weight=weight,
+            huber_loss,
+            (input, target, weight),
+            input,
+            target,
+            reduction=reduction,
+            delta=delta,
+            weight=weight,
         )
     if delta <= 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
@@ -82,8 +93,14 @@ def l1_loss(
     """L1 loss |d|, d = input - target. Drop-in for :func:`torch.nn.functional.l1_loss`."""
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
-            l1_loss, (input, target, weight), input, target,
-            size_average=size_average, reduce=reduce, reduction=reduction, weight=weight,
+            l1_loss,
+            (input, target, weight),
+            input,
+            target,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            weight=weight,
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     return _regression_loss("l1", input, target, reduction, 0.0, weight)
@@ -100,8 +117,14 @@ def mse_loss(
     """Squared error d^2, d = input - target. Drop-in for :func:`torch.nn.functional.mse_loss`."""
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
-            mse_loss, (input, target, weight), input, target,
-            size_average=size_average, reduce=reduce, reduction=reduction, weight=weight,
+            mse_loss,
+            (input, target, weight),
+            input,
+            target,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            weight=weight,
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     return _regression_loss("mse", input, target, reduction, 0.0, weight)
@@ -123,7 +146,9 @@ def _regression_loss(
     # The common training case first, with as little Python as possible: at 1M elements every
     # interpreter step after the previous kernel runs on flushed caches and shows in the step time.
     if weight is None and reduction in _REDUCED and _eager_fast_path(input, target):
-        return torch.ops.fusedmtl.regression_loss_eager(input, target, kind, param, _REDUCED[reduction])
+        return torch.ops.fusedmtl.regression_loss_eager(
+            input, target, kind, param, _REDUCED[reduction]
+        )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
     if input.device != target.device:
         raise RuntimeError(
@@ -138,9 +163,13 @@ def _regression_loss(
             raise RuntimeError(
                 f"result type {target.dtype} can't be cast to the desired output type {dtype}"
             )
-        if kind != "l1":  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
-            raise NotImplementedError(f'"{kind}_loss" not implemented for \'{dtype}\'')
-        return reference.regression_loss(*torch.broadcast_tensors(input, target), kind, param, reduction)
+        if (
+            kind != "l1"
+        ):  # l1_loss of integers works in torch for 'none' and 'sum': the reference does that
+            raise NotImplementedError(f"\"{kind}_loss\" not implemented for '{dtype}'")
+        return reference.regression_loss(
+            *torch.broadcast_tensors(input, target), kind, param, reduction
+        )
     if kind == "huber" and target.dtype != dtype:
         # torch computes this in input's dtype but its backward rejects the mixed dtypes: its own
         # function behaves exactly like that (and such a loss is no training case to fuse)
@@ -164,7 +193,9 @@ def _regression_loss(
         chosen = "reference"
     if chosen == "native":
         if reduction_code != 0 and _eager_gradient_wanted(input, target):
-            return torch.ops.fusedmtl.regression_loss_eager(input, target, kind, param, reduction_code)
+            return torch.ops.fusedmtl.regression_loss_eager(
+                input, target, kind, param, reduction_code
+            )
         return torch.ops.fusedmtl.regression_loss(input, target, kind, param, reduction_code)
     if chosen == "triton":
         from fusedmtl.losses import triton  # noqa: F401  (registers the op on first use)

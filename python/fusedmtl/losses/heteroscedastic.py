@@ -61,8 +61,14 @@ def heteroscedastic_loss(
     """
     if has_torch_function_variadic(input, target, log_var):
         return handle_torch_function(
-            heteroscedastic_loss, (input, target, log_var), input, target, log_var,
-            kind=kind, beta=beta, reduction=reduction,
+            heteroscedastic_loss,
+            (input, target, log_var),
+            input,
+            target,
+            log_var,
+            kind=kind,
+            beta=beta,
+            reduction=reduction,
         )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
     heteroscedastic_kind(kind)  # ValueError for an unknown kind
@@ -83,7 +89,9 @@ def heteroscedastic_loss(
     if not (input.shape == target.shape == log_var.shape):
         # The kernels take one shape: expand (autograd sums the gradients of a broadcast
         # argument back to its shape, with sum_to_size) and copy into contiguous memory.
-        input, target, log_var = (t.contiguous() for t in torch.broadcast_tensors(input, target, log_var))
+        input, target, log_var = (
+            t.contiguous() for t in torch.broadcast_tensors(input, target, log_var)
+        )
 
     chosen = backend.select(input.device)
     if torch._C._are_functorch_transforms_active():
@@ -91,8 +99,12 @@ def heteroscedastic_loss(
         chosen = "reference"
     if chosen == "native":
         if reduction_code != 0 and _eager_gradient_wanted(input, target, log_var):
-            return FusedHeteroscedasticWithGrad.apply(input, target, log_var, kind, beta, reduction_code)
-        return torch.ops.fusedmtl.heteroscedastic_loss(input, target, log_var, kind, beta, reduction_code)
+            return FusedHeteroscedasticWithGrad.apply(
+                input, target, log_var, kind, beta, reduction_code
+            )
+        return torch.ops.fusedmtl.heteroscedastic_loss(
+            input, target, log_var, kind, beta, reduction_code
+        )
     if chosen == "triton":
         from fusedmtl.losses import triton  # noqa: F401  (registers the op on first use)
 

@@ -33,7 +33,8 @@ class RegressionKind:
     Attributes:
         name: the kind string of the ops (``torch.ops.fusedmtl.regression_loss(..., kind, ...)``).
         code: C++ ``LossKind`` value (csrc/losses/loss_kinds.h), also the Triton kernels' KIND.
-        function: the public function, ``fusedmtl.<function>`` and ``torch.nn.functional.<function>``.
+        function: the public function, ``fusedmtl.<function>`` and
+            ``torch.nn.functional.<function>``.
         module: the nn module, ``fusedmtl.nn.<module>`` subclassing ``torch.nn.<module>``.
         param_name: the keyword of its parameter ('beta', 'delta'), or None.
         default_param: that parameter's default (torch's), or None.

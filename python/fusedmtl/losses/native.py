@@ -41,11 +41,19 @@ class FusedHeteroscedasticWithGrad(torch.autograd.Function):
     backward recomputes the gradients with grad_output folded in, which rounds once."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float,
-                reduction: int):
+    def forward(
+        ctx, input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float, reduction: int
+    ):
         needs_input, needs_target, needs_log_var = ctx.needs_input_grad[:3]
         loss, grad_input, grad_log_var = torch.ops.fusedmtl.heteroscedastic_loss_with_grad(
-            input, target, log_var, kind, beta, reduction, needs_input or needs_target, needs_log_var
+            input,
+            target,
+            log_var,
+            kind,
+            beta,
+            reduction,
+            needs_input or needs_target,
+            needs_log_var,
         )
         ctx.save_for_backward(input, target, log_var)
         ctx.config = (kind, beta, reduction)
@@ -60,7 +68,10 @@ class FusedHeteroscedasticWithGrad(torch.autograd.Function):
             del precomputed  # back to the buffer cache before the recomputation allocates
             grads = loss_backward(
                 torch.ops.fusedmtl.heteroscedastic_loss_backward.default,
-                grad_output, ctx.saved_tensors, *ctx.config, (needs_input, needs_target, needs_log_var),
+                grad_output,
+                ctx.saved_tensors,
+                *ctx.config,
+                (needs_input, needs_target, needs_log_var),
             )
             return *grads, None, None, None
         grad_input, grad_log_var = precomputed

@@ -138,17 +138,26 @@ class _ReferenceLoss(torch.autograd.Function):
             grad = l1_grad(grad_output, ctx.difference, ctx.config[2], ctx.dtype)
         else:
             grad = regression_loss_grad(grad_output, *ctx.saved_tensors, *ctx.config)
-        return (grad if needs_input_grad else None), (-grad if needs_target_grad else None), None, None, None
+        return (
+            (grad if needs_input_grad else None),
+            (-grad if needs_target_grad else None),
+            None,
+            None,
+            None,
+        )
 
 
-def regression_loss(input: Tensor, target: Tensor, kind: str, param: float, reduction: str) -> Tensor:
+def regression_loss(
+    input: Tensor, target: Tensor, kind: str, param: float, reduction: str
+) -> Tensor:
     """The loss of ``input`` against ``target`` (same shape and dtype), differentiable.
 
     kind: 'l1' | 'mse' | 'smooth_l1' (param = beta > 0) | 'huber' (param = delta > 0);
     reduction: 'none' (shape of input) | 'mean' | 'sum' (0-dim).
     """
     if not (input.dtype.is_floating_point and target.dtype.is_floating_point):
-        # integer l1_loss: torch composes sub, abs and the reduction, and so errors or not as they do
+        # integer l1_loss: torch composes sub, abs and the reduction, and so errors or not as they
+        # do
         return _reduce((input - target).abs(), reduction)
     return _ReferenceLoss.apply(input, target, kind, param, reduction)
 
@@ -168,7 +177,9 @@ def _heteroscedastic_base(d: Tensor, kind: str, beta: float) -> tuple[Tensor, fl
     if kind == "smooth_l1":
         z = d.abs()
         return torch.where(z < beta, 0.5 * z * z / beta, z - 0.5 * beta), 1.0
-    raise ValueError(f"unknown heteroscedastic loss kind {kind!r}; expected one of {HETEROSCEDASTIC_KINDS}")
+    raise ValueError(
+        f"unknown heteroscedastic loss kind {kind!r}; expected one of {HETEROSCEDASTIC_KINDS}"
+    )
 
 
 def heteroscedastic_value(
@@ -239,7 +250,9 @@ class _ReferenceHeteroscedastic(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_input, grad_log_var = heteroscedastic_grad(grad_output, *ctx.saved_tensors, *ctx.config)
+        grad_input, grad_log_var = heteroscedastic_grad(
+            grad_output, *ctx.saved_tensors, *ctx.config
+        )
         needs_input, needs_target, needs_log_var = ctx.needs_input_grad[:3]
         return (
             grad_input if needs_input else None,

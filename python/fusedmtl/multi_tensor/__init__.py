@@ -1,4 +1,4 @@
-"""Multi-tensor kernels over per-task gradients (../shared/METHODS.md, sections 2 and 4).
+"""Multi-tensor kernels over per-task gradients (docs/METHODS.md, sections 2 and 4).
 
 Multi-task methods need, every step, quantities over the gradients of K tasks with respect to P
 shared parameter tensors. These functions read the gradients where they lie, in a few passes over
@@ -76,9 +76,13 @@ def normalized_sum(
     result, columns = _outputs(table, dtype, device, out)
     targets = [t for t in result if t is not None]
     if _backend(device, dtype) == "native" and targets:
-        task_norms = _into_contiguous(targets, accumulate, lambda direct: (
-            torch.ops.fusedmtl.multi_tensor_normalized_sum(_flat(columns), len(table), float(eps), direct, accumulate)
-        ))
+        task_norms = _into_contiguous(
+            targets,
+            accumulate,
+            lambda direct: torch.ops.fusedmtl.multi_tensor_normalized_sum(
+                _flat(columns), len(table), float(eps), direct, accumulate
+            ),
+        )
         return result, task_norms
     task_norms = _gramian(table, dtype, device, diagonal_only=True).sqrt()
     _combine_into(columns, 1.0 / (task_norms + eps), targets, accumulate)
@@ -102,14 +106,18 @@ def l1_l2_penalty_(params: Sequence[Tensor], l1: float = 0.0, l2: float = 0.0) -
     return total
 
 
-def combine_into_grad_(params: Sequence[Tensor], task_grads: TaskGrads, coeffs: Tensor | Sequence[float]) -> None:
+def combine_into_grad_(
+    params: Sequence[Tensor], task_grads: TaskGrads, coeffs: Tensor | Sequence[float]
+) -> None:
     """p.grad += sum_i coeffs[i] * task_grads[i][p] for every parameter p, creating .grad where it
     is None, the way autograd accumulates (a parameter no task reaches keeps its .grad).
     The update of a shared model from per-task gradients, in one pass over them."""
     params = list(params)
     table, dtype, device = _validated(task_grads)
     if len(table[0]) != len(params):
-        raise ValueError(f"combine_into_grad_: {len(params)} parameters but {len(table[0])} gradients per task")
+        raise ValueError(
+            f"combine_into_grad_: {len(params)} parameters but {len(table[0])} gradients per task"
+        )
     _check_distinct(params, "combine_into_grad_", "parameter")
     for p, param in enumerate(params):
         shape = _shape_of(table, p)
@@ -124,13 +132,17 @@ def combine_into_grad_(params: Sequence[Tensor], task_grads: TaskGrads, coeffs: 
     with torch.no_grad():
         for chosen, fresh in _by_grad_existence([params[p] for p in reached]):
             columns = [[grads[reached[p]] for p in chosen] for grads in table]
-            _combine_into(columns, coeffs, [params[reached[p]].grad for p in chosen], accumulate=not fresh)
+            _combine_into(
+                columns, coeffs, [params[reached[p]].grad for p in chosen], accumulate=not fresh
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _validated(task_grads: TaskGrads) -> tuple[list[list[Tensor | None]], torch.dtype, torch.device]:
+def _validated(
+    task_grads: TaskGrads,
+) -> tuple[list[list[Tensor | None]], torch.dtype, torch.device]:
     """The task gradients as lists, checked: equal lengths, one dtype and device, equal shapes per
     parameter. Errors name the task and the parameter."""
     table = [list(grads) for grads in task_grads]
@@ -149,7 +161,10 @@ def _validated(task_grads: TaskGrads) -> tuple[list[list[Tensor | None]], torch.
             if dtype is None:
                 dtype, device = g.dtype, g.device
                 if not dtype.is_floating_point:
-                    raise ValueError(f"multi_tensor: task {i} parameter {p}: gradients must be floating point, got {dtype}")
+                    raise ValueError(
+                        f"multi_tensor: task {i} parameter {p}: gradients must be floating point, "
+                        f"got {dtype}"
+                    )
             elif g.dtype != dtype or g.device != device:
                 raise ValueError(
                     f"multi_tensor: task {i} parameter {p} is {g.dtype} on {g.device} but the "
@@ -197,7 +212,8 @@ def _check_same(tensors: Sequence[Tensor], op: str, name) -> None:
     for p, t in enumerate(tensors):
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(
-                f"{op}: {name(p)} is {t.dtype} on {t.device} but {name(0)} is {first.dtype} on {first.device}"
+                f"{op}: {name(p)} is {t.dtype} on {t.device} but {name(0)} is {first.dtype} on "
+                f"{first.device}"
             )
 
 
@@ -234,14 +250,20 @@ def _outputs(table, dtype, device, out):
     num_params = len(table[0])
     shapes = [_shape_of(table, p) for p in range(num_params)]
     if out is None:
-        result = [torch.empty(s, dtype=dtype, device=device) if s is not None else None for s in shapes]
+        result = [
+            torch.empty(s, dtype=dtype, device=device) if s is not None else None for s in shapes
+        ]
     else:
         result = list(out)
         if len(result) != num_params:
-            raise ValueError(f"multi_tensor: {len(result)} output tensors for {num_params} parameters")
+            raise ValueError(
+                f"multi_tensor: {len(result)} output tensors for {num_params} parameters"
+            )
         for p, (target, shape) in enumerate(zip(result, shapes)):
             if not isinstance(target, Tensor):
-                raise ValueError(f"multi_tensor: output {p} is {type(target).__name__}, not a tensor")
+                raise ValueError(
+                    f"multi_tensor: output {p} is {type(target).__name__}, not a tensor"
+                )
             if target.dtype != dtype and shape is not None:
                 raise ValueError(
                     f"multi_tensor: output {p} is {target.dtype} but the gradients are {dtype} "
@@ -268,15 +290,20 @@ def _check_distinct(tensors: Sequence[Tensor], op: str, what: str) -> None:
         start, end = t.storage_offset(), t.storage_offset() + t.numel()
         for q, (other_start, other_end) in seen.get(key, []):
             if start < other_end and other_start < end:
-                raise ValueError(f"{op}: {what}s {q} and {p} share memory (the same tensor given "
-                                 "twice?); pass each once")
+                raise ValueError(
+                    f"{op}: {what}s {q} and {p} share memory (the same tensor given "
+                    "twice?); pass each once"
+                )
         seen.setdefault(key, []).append((p, (start, end)))
 
 
 def _into_contiguous(out: list[Tensor], accumulate: bool, kernel):
     """Runs kernel(outputs) on contiguous outputs: the kernels need them, and a non-contiguous
     one (rare for .grad) goes through a contiguous copy."""
-    direct = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in out]
+    direct = [
+        t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in out
+    ]
     for t, d in zip(out, direct):
         if d is not t and accumulate:
             d.copy_(t)
@@ -291,7 +318,11 @@ def _gramian(table, dtype, device, diagonal_only: bool) -> Tensor:
     chosen = _backend(device, dtype)
     if all(g is None for grads in table for g in grads):  # nothing to sum, and no device to run on
         k = len(table)
-        return torch.zeros((k,) if diagonal_only else (k, k), dtype=reference.accumulate_dtype(dtype), device=device)
+        return torch.zeros(
+            (k,) if diagonal_only else (k, k),
+            dtype=reference.accumulate_dtype(dtype),
+            device=device,
+        )
     if chosen == "native":
         return torch.ops.fusedmtl.multi_tensor_gramian(_flat(table), len(table), diagonal_only)
     if chosen == "triton":
@@ -306,13 +337,21 @@ def _combine_into(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) ->
         return
     chosen = _backend(out[0].device, out[0].dtype)
     if chosen == "native":
-        _into_contiguous(out, accumulate, lambda direct: torch.ops.fusedmtl.multi_tensor_combine(
-            _flat(table), len(table), coeffs, direct, accumulate
-        ))
+        _into_contiguous(
+            out,
+            accumulate,
+            lambda direct: torch.ops.fusedmtl.multi_tensor_combine(
+                _flat(table), len(table), coeffs, direct, accumulate
+            ),
+        )
     elif chosen == "triton":
         from fusedmtl.multi_tensor import triton as triton_kernels
 
-        _into_contiguous(out, accumulate, lambda direct: triton_kernels.combine(table, coeffs, direct, accumulate))
+        _into_contiguous(
+            out,
+            accumulate,
+            lambda direct: triton_kernels.combine(table, coeffs, direct, accumulate),
+        )
     else:
         reference.combine(table, coeffs, out, accumulate)
 
@@ -322,7 +361,9 @@ def _penalty(params: list[Tensor], overwrite: bool, l1: float, l2: float) -> Ten
     chosen = _backend(params[0].device, params[0].dtype)
     if chosen != "reference" and all(t.is_contiguous() for t in (*params, *grads)):
         if chosen == "native":
-            return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(params, grads, overwrite, l1, l2)
+            return torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty(
+                params, grads, overwrite, l1, l2
+            )
         from fusedmtl.multi_tensor import triton as triton_kernels
 
         return triton_kernels.l1_l2_penalty(params, grads, overwrite, l1, l2)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the multi-tensor ops (../shared/METHODS.md, sections 2 and 4).
+"""Pure-PyTorch reference of the multi-tensor ops (docs/METHODS.md, sections 2 and 4).
 
 A loop over parameters with torch operations; the 'reference' backend runs it, on any device.
 ``table`` is the validated task-gradient table of :mod:`fusedmtl.multi_tensor` (K lists of P
@@ -20,7 +20,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
+def gramian(
+    table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal_only: bool
+) -> Tensor:
     """K x K inner products (diagonal_only: the K squared norms), accumulated in float64."""
     k = len(table)
     acc = torch.float64
@@ -30,10 +32,14 @@ def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal
         if not present:
             continue
         n = present[0].numel()
-        stacked = torch.stack([
-            grads[p].reshape(-1).to(acc) if grads[p] is not None else torch.zeros(n, dtype=acc, device=device)
-            for grads in table
-        ])
+        stacked = torch.stack(
+            [
+                grads[p].reshape(-1).to(acc)
+                if grads[p] is not None
+                else torch.zeros(n, dtype=acc, device=device)
+                for grads in table
+            ]
+        )
         result += (stacked * stacked).sum(1).diag() if diagonal_only else stacked @ stacked.T
     # BLAS need not round <g_i, g_j> and <g_j, g_i> alike (it depends on alignment and the CPU):
     # mirror the upper triangle so that the result is exactly symmetric.
@@ -42,13 +48,15 @@ def gramian(table: TaskGrads, dtype: torch.dtype, device: torch.device, diagonal
     return result.diagonal().clone() if diagonal_only else result
 
 
-def combine(
-    table: TaskGrads, coeffs: Tensor, out: Sequence[Tensor], accumulate: bool
-) -> None:
+def combine(table: TaskGrads, coeffs: Tensor, out: Sequence[Tensor], accumulate: bool) -> None:
     """out[p] (+)= sum_i coeffs[i] * table[i][p], in the accumulation dtype, rounded once."""
     for p, target in enumerate(out):
         acc = accumulate_dtype(target.dtype)
-        total = target.to(acc) if accumulate else torch.zeros(target.shape, dtype=acc, device=target.device)
+        total = (
+            target.to(acc)
+            if accumulate
+            else torch.zeros(target.shape, dtype=acc, device=target.device)
+        )
         for i, grads in enumerate(table):
             if grads[p] is not None:
                 total = total + coeffs[i].to(acc) * grads[p].to(acc)

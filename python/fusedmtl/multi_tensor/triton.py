@@ -63,8 +63,17 @@ def gramian_block(kp2: int, acc: torch.dtype, diagonal_only: bool) -> int:
 
 
 @triton.jit
-def _load_tile(row, start, n, FIRST: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr,
-               DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _load_tile(
+    row,
+    start,
+    n,
+    FIRST: tl.constexpr,
+    K: tl.constexpr,
+    KP2: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Elements [start, start + BLOCK) of the item's K gradients as a KP2 x BLOCK tile (zeros past
     its length n and for absent tasks)."""
     tasks = tl.arange(0, KP2)
@@ -76,9 +85,17 @@ def _load_tile(row, start, n, FIRST: tl.constexpr, K: tl.constexpr, KP2: tl.cons
 
 
 @triton.jit
-def _gramian_kernel(table_ptr, partials_ptr, K: tl.constexpr, KP2: tl.constexpr,
-                    DIAGONAL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _gramian_kernel(
+    table_ptr,
+    partials_ptr,
+    K: tl.constexpr,
+    KP2: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     item = tl.program_id(0).to(tl.int64)
     row = table_ptr + item * (K + 1)
     n = tl.load(row)
@@ -98,9 +115,17 @@ def _gramian_kernel(table_ptr, partials_ptr, K: tl.constexpr, KP2: tl.constexpr,
 
 
 @triton.jit
-def _combine_kernel(table_ptr, coeffs_ptr, K: tl.constexpr, KP2: tl.constexpr,
-                    ACCUMULATE: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(
+    table_ptr,
+    coeffs_ptr,
+    K: tl.constexpr,
+    KP2: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     item = tl.program_id(0).to(tl.int64)
     row = table_ptr + item * (K + 2)
     out = tl.load(row).to(tl.pointer_type(DTYPE))
@@ -117,9 +142,16 @@ def _combine_kernel(table_ptr, coeffs_ptr, K: tl.constexpr, KP2: tl.constexpr,
 
 
 @triton.jit
-def _penalty_kernel(table_ptr, constants_ptr, partials_ptr, OVERWRITE: tl.constexpr,
-                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _penalty_kernel(
+    table_ptr,
+    constants_ptr,
+    partials_ptr,
+    OVERWRITE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Table rows [grad, w, length]; constants [l1, 2 * l2] in ACC (a float argument would be
     fp32); partials[item] = (sum |w|, sum w^2) over the item; grad (+)= l1 * sign(w) + 2 l2 * w
     (csrc/multi_tensor/multi_tensor_math.h)."""
@@ -181,8 +213,10 @@ def _task_table(grads: list[Optional[Tensor]], num_tasks: int):
             f"{MAX_TASKS} tasks, the same number of gradients each)"
         )
     p = len(grads) // num_tasks
-    return [[g.contiguous() if g is not None else None for g in grads[i * p:(i + 1) * p]]
-            for i in range(num_tasks)]
+    return [
+        [g.contiguous() if g is not None else None for g in grads[i * p : (i + 1) * p]]
+        for i in range(num_tasks)
+    ]
 
 
 def _first(grads):
@@ -202,11 +236,19 @@ def gramian_op(grads: list[Optional[Tensor]], num_tasks: int, diagonal_only: boo
     if items == 0:
         return torch.zeros((k,) if diagonal_only else (k, k), dtype=acc, device=device)
     kp2 = padded_tasks(k, diagonal_only)
-    partials = torch.empty((items, kp2) if diagonal_only else (items, kp2, kp2), dtype=acc,
-                           device=device)
+    partials = torch.empty(
+        (items, kp2) if diagonal_only else (items, kp2, kp2), dtype=acc, device=device
+    )
     _gramian_kernel[(items,)](
-        work, partials, K=k, KP2=kp2, DIAGONAL=diagonal_only, DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=gramian_block(kp2, acc, diagonal_only),
+        work,
+        partials,
+        K=k,
+        KP2=kp2,
+        DIAGONAL=diagonal_only,
+        DTYPE=_TL_DTYPES[dtype],
+        ACC=_TL_DTYPES[acc],
+        CHUNK=CHUNK,
+        BLOCK=gramian_block(kp2, acc, diagonal_only),
     )
     total = partials.sum(0, dtype=torch.float64).to(acc)
     if diagonal_only:
@@ -220,22 +262,30 @@ def _(grads, num_tasks, diagonal_only):
     first = _first(grads)
     dtype = accumulate_dtype(first.dtype) if first is not None else torch.float32
     device = first.device if first is not None else None
-    return torch.empty((num_tasks,) if diagonal_only else (num_tasks, num_tasks), dtype=dtype,
-                       device=device)
+    return torch.empty(
+        (num_tasks,) if diagonal_only else (num_tasks, num_tasks), dtype=dtype, device=device
+    )
 
 
 @torch.library.custom_op("fusedmtl::triton_multi_tensor_combine", mutates_args=("out",))
-def combine_op(grads: list[Optional[Tensor]], num_tasks: int, coeffs: Tensor, out: list[Tensor],
-               accumulate: bool) -> None:
+def combine_op(
+    grads: list[Optional[Tensor]],
+    num_tasks: int,
+    coeffs: Tensor,
+    out: list[Tensor],
+    accumulate: bool,
+) -> None:
     """Same contract as ``torch.ops.fusedmtl.multi_tensor_combine``, run by Triton: out[p] (+)=
     sum_i coeffs[i] * grads[i * P + p] for P contiguous outputs of the gradients' dtype."""
     table = _task_table(grads, num_tasks)
     if len(out) != len(table[0]):
-        raise ValueError(f"fusedmtl triton combine: {len(out)} outputs for {len(table[0])} "
-                         "parameters")
+        raise ValueError(
+            f"fusedmtl triton combine: {len(out)} outputs for {len(table[0])} parameters"
+        )
     if coeffs.numel() != num_tasks:
-        raise ValueError(f"fusedmtl triton combine: expected {num_tasks} coefficients, got "
-                         f"{coeffs.numel()}")
+        raise ValueError(
+            f"fusedmtl triton combine: expected {num_tasks} coefficients, got {coeffs.numel()}"
+        )
     first = _first(grads)
     for p, target in enumerate(out):
         if not target.is_contiguous():
@@ -257,8 +307,15 @@ def combine_op(grads: list[Optional[Tensor]], num_tasks: int, coeffs: Tensor, ou
     # A CPU or float64 coefficient tensor: rounded once to the accumulation dtype, on the device.
     c = coeffs.reshape(num_tasks).to(torch.float64).to(device=device, dtype=acc).contiguous()
     _combine_kernel[(items,)](
-        work, c, K=num_tasks, KP2=padded_tasks(num_tasks, True), ACCUMULATE=accumulate,
-        DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=BLOCK,
+        work,
+        c,
+        K=num_tasks,
+        KP2=padded_tasks(num_tasks, True),
+        ACCUMULATE=accumulate,
+        DTYPE=_TL_DTYPES[dtype],
+        ACC=_TL_DTYPES[acc],
+        CHUNK=CHUNK,
+        BLOCK=BLOCK,
     )
 
 
@@ -268,24 +325,33 @@ def _(grads, num_tasks, coeffs, out, accumulate):
 
 
 @torch.library.custom_op("fusedmtl::triton_multi_tensor_add_l1_l2_penalty", mutates_args=("grads",))
-def penalty_op(params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float,
-               l2: float) -> Tensor:
+def penalty_op(
+    params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float, l2: float
+) -> Tensor:
     """Same contract as ``torch.ops.fusedmtl.multi_tensor_add_l1_l2_penalty``, run by Triton."""
     if len(params) != len(grads) or not params:
-        raise ValueError(f"fusedmtl triton penalty: {len(params)} parameters and {len(grads)} "
-                         "gradients (at least one, as many of each)")
+        raise ValueError(
+            f"fusedmtl triton penalty: {len(params)} parameters and {len(grads)} "
+            "gradients (at least one, as many of each)"
+        )
     dtype, device = params[0].dtype, params[0].device
     rows = []
     for p, (w, g) in enumerate(zip(params, grads)):
         if w.dtype != dtype or g.dtype != dtype or w.device != device or g.device != device:
-            raise ValueError(f"fusedmtl triton penalty: parameter {p} and its gradient must be "
-                             f"{dtype} on {device}")
+            raise ValueError(
+                f"fusedmtl triton penalty: parameter {p} and its gradient must be "
+                f"{dtype} on {device}"
+            )
         if not (w.is_contiguous() and g.is_contiguous()) or w.shape != g.shape:
-            raise ValueError(f"fusedmtl triton penalty: parameter {p} and its gradient must be "
-                             "contiguous and of the same shape")
+            raise ValueError(
+                f"fusedmtl triton penalty: parameter {p} and its gradient must be "
+                "contiguous and of the same shape"
+            )
         size = w.element_size()
-        rows += [[g.data_ptr() + b * size, w.data_ptr() + b * size, min(CHUNK, w.numel() - b)]
-                 for b in range(0, w.numel(), CHUNK)]
+        rows += [
+            [g.data_ptr() + b * size, w.data_ptr() + b * size, min(CHUNK, w.numel() - b)]
+            for b in range(0, w.numel(), CHUNK)
+        ]
     acc = accumulate_dtype(dtype)
     if not rows:
         return torch.zeros((), dtype=acc, device=device)
@@ -294,8 +360,14 @@ def penalty_op(params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: f
         constants = constants.pin_memory().to(device, non_blocking=True)
     partials = torch.empty((len(rows), 2), dtype=torch.float64, device=device)
     _penalty_kernel[(len(rows),)](
-        _device_table(rows, device), constants, partials, OVERWRITE=overwrite,
-        DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc], CHUNK=CHUNK, BLOCK=BLOCK,
+        _device_table(rows, device),
+        constants,
+        partials,
+        OVERWRITE=overwrite,
+        DTYPE=_TL_DTYPES[dtype],
+        ACC=_TL_DTYPES[acc],
+        CHUNK=CHUNK,
+        BLOCK=BLOCK,
     )
     sums = partials.sum(0)
     return (float(l1) * sums[0] + float(l2) * sums[1]).to(acc)
@@ -317,8 +389,9 @@ def combine(table, coeffs: Tensor, out: list[Tensor], accumulate: bool) -> None:
     combine_op([g for grads in table for g in grads], len(table), coeffs, out, accumulate)
 
 
-def l1_l2_penalty(params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float,
-                  l2: float) -> Tensor:
+def l1_l2_penalty(
+    params: list[Tensor], grads: list[Tensor], overwrite: bool, l1: float, l2: float
+) -> Tensor:
     """l1 * sum |w| + l2 * sum w^2 over params; writes or adds its gradient into grads."""
     return penalty_op(params, grads, overwrite, l1, l2)
 
@@ -327,8 +400,12 @@ def _compile_cases():
     """(kernel, signature, constexprs) for every kernel as a GPU launch specialises it: each dtype,
     each padded task count K <= 64 gives (shared memory depends on the padded size, not on K), both
     Gramian flavours."""
-    names = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
-             torch.bfloat16: "bf16"}
+    names = {
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.float16: "fp16",
+        torch.bfloat16: "bf16",
+    }
     cases = []
     for dtype, tl_dtype in _TL_DTYPES.items():
         acc = accumulate_dtype(dtype)
@@ -336,16 +413,44 @@ def _compile_cases():
         for k in (2, 16, 32, MAX_TASKS):
             for diagonal in (True, False):
                 kp2 = padded_tasks(k, diagonal)
-                cases.append((_gramian_kernel, {"table_ptr": "*i64", "partials_ptr": f"*{names[acc]}"},
-                              {"K": k, "KP2": kp2, "DIAGONAL": diagonal, **common,
-                               "BLOCK": gramian_block(kp2, acc, diagonal)}))
-            cases.append((_combine_kernel, {"table_ptr": "*i64", "coeffs_ptr": f"*{names[acc]}"},
-                          {"K": k, "KP2": padded_tasks(k, True), "ACCUMULATE": True, **common,
-                           "BLOCK": BLOCK}))
+                cases.append(
+                    (
+                        _gramian_kernel,
+                        {"table_ptr": "*i64", "partials_ptr": f"*{names[acc]}"},
+                        {
+                            "K": k,
+                            "KP2": kp2,
+                            "DIAGONAL": diagonal,
+                            **common,
+                            "BLOCK": gramian_block(kp2, acc, diagonal),
+                        },
+                    )
+                )
+            cases.append(
+                (
+                    _combine_kernel,
+                    {"table_ptr": "*i64", "coeffs_ptr": f"*{names[acc]}"},
+                    {
+                        "K": k,
+                        "KP2": padded_tasks(k, True),
+                        "ACCUMULATE": True,
+                        **common,
+                        "BLOCK": BLOCK,
+                    },
+                )
+            )
         for overwrite in (False, True):
-            cases.append((_penalty_kernel, {"table_ptr": "*i64", "constants_ptr": f"*{names[acc]}",
-                                            "partials_ptr": "*fp64"},
-                          {"OVERWRITE": overwrite, **common, "BLOCK": BLOCK}))
+            cases.append(
+                (
+                    _penalty_kernel,
+                    {
+                        "table_ptr": "*i64",
+                        "constants_ptr": f"*{names[acc]}",
+                        "partials_ptr": "*fp64",
+                    },
+                    {"OVERWRITE": overwrite, **common, "BLOCK": BLOCK},
+                )
+            )
     return cases
 
 

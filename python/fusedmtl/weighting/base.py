@@ -60,7 +60,10 @@ class Weighting(nn.Module):
         if tasks is None and not self._tasks_optional:
             raise TypeError(f"{type(self).__name__}: tasks (a count or the task names) is required")
         if isinstance(tasks, str):
-            raise TypeError(f"{type(self).__name__}: tasks must be a count or a sequence of names, got the string {tasks!r} (for one task named so: [{tasks!r}])")
+            raise TypeError(
+                f"{type(self).__name__}: tasks must be a count or a sequence of names, got the "
+                f"string {tasks!r} (for one task named so: [{tasks!r}])"
+            )
         if tasks is None:
             self.task_names, self._named = None, False
         elif isinstance(tasks, int):
@@ -71,10 +74,16 @@ class Weighting(nn.Module):
         else:
             self.task_names = [str(name) for name in tasks]
             if not self.task_names or len(set(self.task_names)) != len(self.task_names):
-                raise ValueError(f"{type(self).__name__}: task names must be distinct and non-empty, got {tasks!r}")
+                raise ValueError(
+                    f"{type(self).__name__}: task names must be distinct and non-empty, got "
+                    f"{tasks!r}"
+                )
             self._named = True
         if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"{type(self).__name__}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+            raise ValueError(
+                f"{type(self).__name__}: on_nonfinite must be one of {NONFINITE_POLICIES}, got "
+                f"{on_nonfinite!r}"
+            )
         self.on_nonfinite = on_nonfinite
         self.register_load_state_dict_pre_hook(_check_tasks_on_load)
         self.last_weights: Tensor | None = None
@@ -133,7 +142,9 @@ class Weighting(nn.Module):
         if self.last_weights is not None:
             out.update({f"weight/{n}": float(w) for n, w in zip(names, self.last_weights.tolist())})
         if self.last_grad_norms is not None:
-            out.update({f"grad_norm/{n}": float(g) for n, g in zip(names, self.last_grad_norms.tolist())})
+            out.update(
+                {f"grad_norm/{n}": float(g) for n, g in zip(names, self.last_grad_norms.tolist())}
+            )
         if self.last_cosine is not None:
             cosine = self.last_cosine.tolist()
             for i in range(len(names)):
@@ -159,20 +170,29 @@ class Weighting(nn.Module):
         else:
             losses = list(losses)
         if len(losses) != self.num_tasks:
-            raise ValueError(f"{name}: expected {self.num_tasks} losses (one per task), got {len(losses)}")
+            raise ValueError(
+                f"{name}: expected {self.num_tasks} losses (one per task), got {len(losses)}"
+            )
         first = losses[0]
         for task, loss in zip(self.task_names, losses):
             if not isinstance(loss, Tensor):
-                raise TypeError(f"{name}: the loss of task {task!r} must be a tensor, got {type(loss).__name__}")
+                raise TypeError(
+                    f"{name}: the loss of task {task!r} must be a tensor, got {type(loss).__name__}"
+                )
             if loss.numel() != 1:
                 raise ValueError(
-                    f"{name}: the loss of task {task!r} has shape {tuple(loss.shape)}; expected a scalar "
+                    f"{name}: the loss of task {task!r} has shape {tuple(loss.shape)}; expected a "
+                    "scalar "
                     "(reduce it with .mean() or .sum() first)"
                 )
             if not loss.is_floating_point():
-                raise ValueError(f"{name}: the loss of task {task!r} must be floating point, got {loss.dtype}")
+                raise ValueError(
+                    f"{name}: the loss of task {task!r} must be floating point, got {loss.dtype}"
+                )
             if loss.device != first.device:
-                raise ValueError(f"{name}: losses are on different devices ({first.device}, {loss.device})")
+                raise ValueError(
+                    f"{name}: losses are on different devices ({first.device}, {loss.device})"
+                )
         return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
 
     def _loss_values(self, detached: Tensor) -> Tensor:

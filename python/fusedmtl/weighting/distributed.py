@@ -61,7 +61,9 @@ def shared_seed(seed: int | None, group=None) -> int:
     if world_size(group) > 1:
         backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         drawn = drawn.to(backend_device)
-        dist.broadcast(drawn, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        dist.broadcast(
+            drawn, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
+        )
     return int(drawn.item())
 
 
@@ -72,7 +74,11 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int):
     filled = 0
     for t in tensors:
         size = t.numel() * t.element_size()
-        if bucket and (filled + size > bucket_bytes or t.dtype != bucket[0].dtype or t.device != bucket[0].device):
+        if bucket and (
+            filled + size > bucket_bytes
+            or t.dtype != bucket[0].dtype
+            or t.device != bucket[0].device
+        ):
             yield bucket
             bucket, filled = [], 0
         bucket.append(t)

@@ -1,4 +1,4 @@
-"""The machinery of the gradient-based weightings (../shared/METHODS.md, section 4).
+"""The machinery of the gradient-based weightings (docs/METHODS.md, section 4).
 
 Every method there produces the shared update d = sum_i c_i g_i with coefficients c computed from
 the K x K Gramian M_ij = <g_i, g_j> of the task gradients (and, for some, the losses). So a step is
@@ -73,12 +73,19 @@ class GradientWeighting(Weighting):
     ) -> None:
         super().__init__(tasks, on_nonfinite)
         if self.num_tasks is not None and self.num_tasks > MAX_TASKS:
-            raise ValueError(f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' limit), got {self.num_tasks}")
+            raise ValueError(
+                f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' "
+                f"limit), got {self.num_tasks}"
+            )
         params = list(shared_params) if shared_params is not None else None
         if params is not None and not params:
             raise ValueError(f"{type(self).__name__}: no shared parameters given")
-        if params is not None and any(not isinstance(p, Tensor) or not p.requires_grad for p in params):
-            raise ValueError(f"{type(self).__name__}: shared parameters must be tensors that require grad")
+        if params is not None and any(
+            not isinstance(p, Tensor) or not p.requires_grad for p in params
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: shared parameters must be tensors that require grad"
+            )
         # Kept out of the module's parameters: they belong to the model, not the weighting.
         self._shared = params
         self.grad_mode = grad_mode
@@ -122,7 +129,9 @@ class GradientWeighting(Weighting):
         except SkipStep:
             return None
         if not any(loss.requires_grad for loss in losses):
-            raise RuntimeError(f"{type(self).__name__}.backward: no loss requires grad (all are detached)")
+            raise RuntimeError(
+                f"{type(self).__name__}.backward: no loss requires grad (all are detached)"
+            )
         scale = 1.0
         if grad_scaler is not None and grad_scaler.is_enabled():
             losses = [grad_scaler.scale(loss) for loss in losses]
@@ -130,7 +139,10 @@ class GradientWeighting(Weighting):
         if features is not None:
             features = [features] if isinstance(features, Tensor) else list(features)
             if not features:
-                raise ValueError(f"{type(self).__name__}.backward: features=[]: give the shared representation(s) or None")
+                raise ValueError(
+                    f"{type(self).__name__}.backward: features=[]: give the shared "
+                    "representation(s) or None"
+                )
         grads = task_gradients(
             losses,
             features if features is not None else self._shared,
@@ -144,9 +156,21 @@ class GradientWeighting(Weighting):
                 "shared representation the heads read"
             )
         if features is None:
-            distributed.mean_([g for row in grads.shared for g in row if g is not None] + [g for _, g in grads.specific])
+            distributed.mean_(
+                [g for row in grads.shared for g in row if g is not None]
+                + [g for _, g in grads.specific]
+            )
         specific = [g for _, g in grads.specific]
-        coeffs = self._weigh(grads.shared, values, scale, grad_scaler, features, retain_graph, owned=True, checked=specific)
+        coeffs = self._weigh(
+            grads.shared,
+            values,
+            scale,
+            grad_scaler,
+            features,
+            retain_graph,
+            owned=True,
+            checked=specific,
+        )
         if coeffs is None:
             return None
         if features is not None:  # (else averaged above)
@@ -154,7 +178,11 @@ class GradientWeighting(Weighting):
         _accumulate_grad(grads.specific)
         return coeffs
 
-    def step(self, task_grads: Sequence[Sequence[Tensor | None]], losses: Tensor | Sequence[float] | None = None) -> Tensor | None:
+    def step(
+        self,
+        task_grads: Sequence[Sequence[Tensor | None]],
+        losses: Tensor | Sequence[float] | None = None,
+    ) -> Tensor | None:
         """The weighting step alone, for per-task gradients obtained elsewhere: accumulates
         sum_i c_i task_grads[i][p] into the shared parameters' .grad and returns c.
 
@@ -166,18 +194,23 @@ class GradientWeighting(Weighting):
         table = [list(row) for row in task_grads]
         if len(table) != self.num_tasks or any(len(row) != len(self._shared) for row in table):
             raise ValueError(
-                f"{type(self).__name__}.step: expected {self.num_tasks} tasks x {len(self._shared)} shared "
+                f"{type(self).__name__}.step: expected {self.num_tasks} tasks x "
+                f"{len(self._shared)} shared "
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         if values is not None and values.numel() != self.num_tasks:
-            raise ValueError(f"{type(self).__name__}.step: expected {self.num_tasks} losses, got {values.numel()}")
+            raise ValueError(
+                f"{type(self).__name__}.step: expected {self.num_tasks} losses, got "
+                f"{values.numel()}"
+            )
         return self._weigh(table, values, 1.0, None, None, False, owned=False)
 
     def _require_bound(self, what: str) -> None:
         if self._shared is None or self.task_names is None:
             raise ValueError(
-                f"{type(self).__name__}.{what}: built without shared_params or tasks, this instance "
+                f"{type(self).__name__}.{what}: built without shared_params or tasks, this "
+                "instance "
                 "only computes coefficients(gramian); give both to the constructor to step"
             )
 
@@ -189,8 +222,17 @@ class GradientWeighting(Weighting):
     def _init_task_state(self) -> None:
         """Allocates the state whose size is the number of tasks (none by default)."""
 
-    def _weigh(self, table, values, scale: float, grad_scaler, features, retain_graph, owned: bool,
-               checked: Sequence[Tensor] = ()) -> Tensor | None:
+    def _weigh(
+        self,
+        table,
+        values,
+        scale: float,
+        grad_scaler,
+        features,
+        retain_graph,
+        owned: bool,
+        checked: Sequence[Tensor] = (),
+    ) -> Tensor | None:
         """Gramian, coefficients, update: everything after the per-task gradients (``owned``:
         the gradients are this step's temporaries, free to be modified; ``checked``: other
         gradients of this step whose finiteness decides, with the Gramian's, whether the step
@@ -243,19 +285,24 @@ class GradientWeighting(Weighting):
         """The task gradients the Gramian does not cover (their finiteness is checked apart)."""
         return []
 
-    def _coefficients_or_passthrough(self, gramian: Tensor, values: Tensor, grad_scaler,
-                                     checked: Sequence[Tensor] = ()) -> tuple[Tensor | None, bool]:
+    def _coefficients_or_passthrough(
+        self, gramian: Tensor, values: Tensor, grad_scaler, checked: Sequence[Tensor] = ()
+    ) -> tuple[Tensor | None, bool]:
         """(the method's coefficients, logged, True); with non-finite gradients (in the Gramian
         or ``checked``) either the policy (without a scaler) or ones (with a scaler, which then
         skips the step), and False: the method's state is not updated."""
         finite = gramian.isfinite().all()
         if checked:  # one host read either way
-            finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(finite.device)
+            finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(
+                finite.device
+            )
         if not bool(finite):
             if grad_scaler is None:
                 message = f"{type(self).__name__}: non-finite task gradients"
                 if self.on_nonfinite == "raise":
-                    raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
+                    raise ValueError(
+                        message + " (on_nonfinite='skip' skips such steps with a warning)"
+                    )
                 if self.on_nonfinite == "skip":
                     warnings.warn(message + "; skipping this step", stacklevel=3)
                     return None, False
@@ -272,11 +319,14 @@ class GradientWeighting(Weighting):
 
     def _warn_zero_gradients(self, gramian: Tensor) -> None:
         zero = (gramian.diagonal() == 0).cpu().tolist()
-        new = [task for task, z in zip(self.task_names, zero) if z and task not in self._warned_zero]
+        new = [
+            task for task, z in zip(self.task_names, zero) if z and task not in self._warned_zero
+        ]
         if new and not all(zero):
             self._warned_zero.update(new)
             warnings.warn(
-                f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the method then "
+                f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the method "
+                "then "
                 "puts all the weight on them and the shared update is zero (warned once per task)",
                 stacklevel=4,
             )
@@ -285,7 +335,11 @@ class GradientWeighting(Weighting):
         combined = multi_tensor.combine(feature_grads, coeffs)
         pairs = [(z, g) for z, g in zip(features, combined) if g is not None]
         trunk = torch.autograd.grad(
-            [z for z, _ in pairs], self._shared, [g for _, g in pairs], retain_graph=retain_graph, allow_unused=True
+            [z for z, _ in pairs],
+            self._shared,
+            [g for _, g in pairs],
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
         reached = [(p, g) for p, g in zip(self._shared, trunk) if g is not None]
         distributed.mean_([g for _, g in reached])
@@ -309,11 +363,17 @@ def _learning_k(coefficients):
     @functools.wraps(coefficients)
     def wrapped(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
-            raise ValueError(f"{type(self).__name__}.coefficients: expected a K x K Gramian, got shape {tuple(gramian.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}.coefficients: expected a K x K Gramian, got shape "
+                f"{tuple(gramian.shape)}"
+            )
         if self.task_names is None:
             self._bind_task_count(gramian.shape[0])
         elif gramian.shape[0] != self.num_tasks:
-            raise ValueError(f"{type(self).__name__}.coefficients: a {gramian.shape[0]} x {gramian.shape[0]} Gramian for {self.num_tasks} tasks")
+            raise ValueError(
+                f"{type(self).__name__}.coefficients: a {gramian.shape[0]} x {gramian.shape[0]} "
+                f"Gramian for {self.num_tasks} tasks"
+            )
         return coefficients(self, gramian, losses)
 
     return wrapped

@@ -34,12 +34,17 @@ class LossWeighting(Weighting):
     has_step_state = False
 
     def forward(self, losses: Losses) -> Tensor:
-        """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is skipped)."""
+        """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is
+        skipped)."""
         checked = self._checked_losses(losses)
         if torch.is_grad_enabled() and any(loss.requires_grad for loss in checked):
             for task, loss in zip(self.task_names, checked):
                 if not loss.requires_grad:
-                    warnings.warn(f"task {task!r}: its loss does not require grad; it contributes no gradient", stacklevel=3)
+                    warnings.warn(
+                        f"task {task!r}: its loss does not require grad; it contributes no "
+                        "gradient",
+                        stacklevel=3,
+                    )
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
         stacked = torch.stack([loss.to(dtype) for loss in checked])
         try:
@@ -51,7 +56,12 @@ class LossWeighting(Weighting):
         self.last_weights = weights
         return value.to(dtype) + (weights.to(dtype) * (stacked - values.to(dtype))).sum()
 
-    def backward(self, losses: Losses, grad_scaler: torch.amp.GradScaler | None = None, retain_graph: bool = False) -> Tensor | None:
+    def backward(
+        self,
+        losses: Losses,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        retain_graph: bool = False,
+    ) -> Tensor | None:
         """Backpropagates the total (scaled by ``grad_scaler`` if given); returns the weights
         (None if the step was skipped).
 
@@ -62,7 +72,9 @@ class LossWeighting(Weighting):
         saved = copy.deepcopy(self.state_dict()) if scaling and self.has_step_state else None
         total = self(losses)
         if not total.requires_grad:
-            raise RuntimeError(f"{type(self).__name__}.backward: no loss requires grad (all are detached)")
+            raise RuntimeError(
+                f"{type(self).__name__}.backward: no loss requires grad (all are detached)"
+            )
         if total.grad_fn is None:  # the step was skipped
             return None
         if scaling:

@@ -122,7 +122,7 @@ def _solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(system)
     if bool((info == 0).all()):
         solution = torch.cholesky_solve(rhs, factor)
-    else:  # numerically semi-definite block (nearly dependent columns): LU still gives a small residual
+    else:  # numerically semi-definite (nearly dependent columns): LU still gives a small residual
         solution = torch.linalg.solve(system, rhs)
     return solution.squeeze(-1).reshape(-1, K) * support
 
@@ -221,7 +221,9 @@ def _least_norm_minimiser(Q: Tensor, x: Tensor, tight: Tensor, support: Tensor) 
     kept = eigenvalues > _RTOL * eigenvalues[:, -1:].clamp_min(_TINY)
     rhs = torch.where(mask, x[redo] @ Q, torch.zeros((), dtype=_F64))
     spectral = (eigenvectors.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)
-    spectral = torch.where(kept, spectral / torch.where(kept, eigenvalues, 1.0), torch.zeros((), dtype=_F64))
+    spectral = torch.where(
+        kept, spectral / torch.where(kept, eigenvalues, 1.0), torch.zeros((), dtype=_F64)
+    )
     y = (eigenvectors @ spectral.unsqueeze(-1)).squeeze(-1) * mask
     nonnegative = (y >= -_RTOL * x[redo].abs().amax(-1, keepdim=True)).all(-1)
     out = x.clone()

@@ -21,7 +21,12 @@ class BufferOptimizer:
     buffer, which an optimizer built earlier would still hold), and rebuilt if that happens later.
     """
 
-    def __init__(self, module: nn.Module, buffer: str, factory: Callable[[list[Tensor]], torch.optim.Optimizer]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        buffer: str,
+        factory: Callable[[list[Tensor]], torch.optim.Optimizer],
+    ) -> None:
         self._module, self._buffer, self._factory = module, buffer, factory
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None

@@ -76,10 +76,14 @@ def _loop(losses, shared, specific, retain_graph) -> TaskGradients:
         else:
             last = i == len(losses) - 1
             grads = torch.autograd.grad(
-                loss, inputs, retain_graph=retain_graph or not last, allow_unused=True, materialize_grads=False
+                loss,
+                inputs,
+                retain_graph=retain_graph or not last,
+                allow_unused=True,
+                materialize_grads=False,
             )
         table.append(list(grads[: len(shared)]))
-        for leaf, g in zip(specific[i], grads[len(shared):]):
+        for leaf, g in zip(specific[i], grads[len(shared) :]):
             if g is not None:
                 own[id(leaf)] = (leaf, g if id(leaf) not in own else own[id(leaf)][1] + g)
     return TaskGradients(table, list(own.values()))
@@ -92,10 +96,17 @@ def _batched(losses, shared, specific, retain_graph) -> TaskGradients:
         return TaskGradients([[None] * len(shared) for _ in losses], [])
     seeds = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
     grads = torch.autograd.grad(
-        stacked, shared + leaves, seeds, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
+        stacked,
+        shared + leaves,
+        seeds,
+        retain_graph=retain_graph,
+        allow_unused=True,
+        is_grads_batched=True,
     )
-    table = [[g[i] if g is not None else None for g in grads[: len(shared)]] for i in range(len(losses))]
-    own = [(leaf, g.sum(0)) for leaf, g in zip(leaves, grads[len(shared):]) if g is not None]
+    table = [
+        [g[i] if g is not None else None for g in grads[: len(shared)]] for i in range(len(losses))
+    ]
+    own = [(leaf, g.sum(0)) for leaf, g in zip(leaves, grads[len(shared) :]) if g is not None]
     return TaskGradients(table, own)
 
 

@@ -19,18 +19,23 @@ class AlignedMTL(GradientWeighting):
     B = sigma V diag(lambda)^-1/2 V^T and c = B w with w = 1/K: the task gradients are replaced
     by orthogonal ones of equal norm sigma spanning the same space, condition number 1.
     Eigenvalues below lambda_max K eps (rank deficiency: identical, opposite or zero gradients)
-    are dropped, as in the paper's code, with eps that of the Gramian's dtype. sigma = sqrt of the smallest kept eigenvalue ('min', the
-    paper), of their median ('median') or of their mean ('rmse').
+    are dropped, as in the paper's code, with eps that of the Gramian's dtype. sigma = sqrt of
+    the smallest kept eigenvalue ('min', the paper), of their median ('median') or of their mean
+    ('rmse').
 
     Properties (tests/weighting/test_solver_properties.py): permutation invariant, d(s J) =
     s d(J) for s > 0; not non-conflicting (J d = sigma V diag(lambda)^1/2 V^T 1 / K can have
     negative entries), not linear under scaling.
     """
 
-    def __init__(self, shared_params=None, tasks=None, *, scale_mode: str = "min", **kwargs) -> None:
+    def __init__(
+        self, shared_params=None, tasks=None, *, scale_mode: str = "min", **kwargs
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if scale_mode not in SCALE_MODES:
-            raise ValueError(f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+            raise ValueError(
+                f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}"
+            )
         self.scale_mode = scale_mode
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -13,7 +13,9 @@ class AnchorToMain(LossWeighting):
         super().__init__(tasks, **kwargs)
         self.main = self.task_names.index(main) if isinstance(main, str) else int(main)
         if not 0 <= self.main < self.num_tasks:
-            raise ValueError(f"AnchorToMain: main task {main!r} is not one of the {self.num_tasks} tasks")
+            raise ValueError(
+                f"AnchorToMain: main task {main!r} is not one of the {self.num_tasks} tasks"
+            )
         self.eps = float(eps)
 
     def total(self, values):

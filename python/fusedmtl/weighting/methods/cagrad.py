@@ -39,14 +39,18 @@ class CAGrad(GradientWeighting):
     not strongly stationary.
     """
 
-    def __init__(self, shared_params=None, tasks=None, *, c: float = 0.5, rescale: bool = False, **kwargs) -> None:
+    def __init__(
+        self, shared_params=None, tasks=None, *, c: float = 0.5, rescale: bool = False, **kwargs
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if c < 0:
             raise ValueError(f"CAGrad: c must be non-negative, got {c}")
         self.c, self.rescale = float(c), rescale
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        return cagrad_coefficients(gramian.detach(), c=self.c, rescale=self.rescale).to(gramian.dtype)
+        return cagrad_coefficients(gramian.detach(), c=self.c, rescale=self.rescale).to(
+            gramian.dtype
+        )
 
 
 def _cagrad_problem(M: Tensor, c: float) -> tuple[Tensor, Tensor, float]:
@@ -129,7 +133,9 @@ def cagrad_weights(M: Tensor, c: float = 0.5) -> Tensor:
         s_low = max([0.0] + bounds[(slack1 > 0) & (slack0 < 0)].tolist())
         s_high = min([math.inf] + bounds[(slack1 < 0)].tolist())
         s_low, s_high = min(s_low, t), max(s_high, t)  # the face was computed at t
-        A0 = max(float(w0 @ M @ w0), 0.0)  # ||p0||^2, p0 the min-norm point of the face's affine hull
+        A0 = max(
+            float(w0 @ M @ w0), 0.0
+        )  # ||p0||^2, p0 the min-norm point of the face's affine hull
         A2 = max(float(w1 @ M @ w1), 0.0)  # ||P_L g0||^2, L the face's direction space
         t_root = math.sqrt(A0 / (r * r - A2)) if A2 < r * r else math.inf
         if s_low * (1 - 1e-11) <= t_root <= s_high * (1 + 1e-11):
@@ -160,7 +166,8 @@ def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Ten
     noise into the coefficients). So when
     ``||g_w|| <= 1e-6 sum_i w_i ||g_i|| + 1e-10 max_i ||g_i||``, ``g_w = 0`` is assumed. Then
     every primal solution has ``min_i <g_i, d> = 0``; the one returned is the projection of
-    ``g0`` onto the dual cone ``{x : <x, g_j> >= 0}`` (``coef = 1/K + u``, ``u >= 0``, as UPGrad's), which lies in the ball. ``r = 0`` gives ``coef = 1/K``.
+    ``g0`` onto the dual cone ``{x : <x, g_j> >= 0}`` (``coef = 1/K + u``, ``u >= 0``, as
+    UPGrad's), which lies in the ball. ``r = 0`` gives ``coef = 1/K``.
     Returns ``Tensor[K]`` float64 on the CPU.
     """
     M, resolution = as_float64_gramian(M)

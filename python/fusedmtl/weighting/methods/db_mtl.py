@@ -31,13 +31,23 @@ class DBMTL(GradientWeighting):
 
     needs_full_gramian = False
 
-    def __init__(self, shared_params=None, tasks=None, *, beta: float = 0.9, beta_sigma: float = 0.5, **kwargs) -> None:
+    def __init__(
+        self,
+        shared_params=None,
+        tasks=None,
+        *,
+        beta: float = 0.9,
+        beta_sigma: float = 0.5,
+        **kwargs,
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"DBMTL: beta must be in [0, 1), got {beta}")
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.register_buffer("steps_done", torch.tensor(0))
-        self._spare: list[list[Tensor] | None] = [None] * (self.num_tasks or 0)  # see _spare_averages
+        self._spare: list[list[Tensor] | None] = [None] * (
+            self.num_tasks or 0
+        )  # see _spare_averages
         if self.beta > 0 and self._shared is not None:
             for i in range(self.num_tasks):
                 for p, param in enumerate(self._shared):
@@ -49,29 +59,42 @@ class DBMTL(GradientWeighting):
 
     def _task_table(self, shared, values, scale, representation, owned):
         if representation and self.beta > 0:
-            raise ValueError("DBMTL: representation mode needs beta=0 (no running average over features)")
+            raise ValueError(
+                "DBMTL: representation mode needs beta=0 (no running average over features)"
+            )
         if values is None:
-            raise ValueError("DBMTL.step: needs the losses (Tensor[K]): its gradients are those of log L_i")
+            raise ValueError(
+                "DBMTL.step: needs the losses (Tensor[K]): its gradients are those of log L_i"
+            )
         inverse = 1.0 / (values.double().clamp_min(self.eps) * scale)
-        if self.beta == 0:  # h_i = g_i / L_i: in place when the gradients are this step's temporaries
+        if (
+            self.beta == 0
+        ):  # h_i = g_i / L_i: in place when the gradients are this step's temporaries
             table = []
             for row, factor in zip(shared, inverse.unbind()):  # 0-dim tensors: no host sync
                 present = [p for p, g in enumerate(row) if g is not None]
                 grads = [row[p] for p in present]
                 # in place only on this step's own dense gradients (autograd may hand back an
                 # expanded one, whose elements share memory)
-                grads = [g.mul_(factor) if owned and g.is_contiguous() else g * factor for g in grads]
+                grads = [
+                    g.mul_(factor) if owned and g.is_contiguous() else g * factor for g in grads
+                ]
                 row = list(row)
                 for p, g in zip(present, grads):
                     row[p] = g
                 table.append(row)
             return table, 1.0
-        beta_t = self.beta / (self.steps_done.to(inverse) + 1) ** self.beta_sigma  # 0-dim, on device
+        beta_t = (
+            self.beta / (self.steps_done.to(inverse) + 1) ** self.beta_sigma
+        )  # 0-dim, on device
         table = []
         for i, row in enumerate(shared):
             averages = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(self._shared))]
             if owned:  # overwrite this step's gradients (a parameter not reached gets a tensor)
-                out = [g if g is not None and g.is_contiguous() else torch.empty_like(h) for g, h in zip(row, averages)]
+                out = [
+                    g if g is not None and g.is_contiguous() else torch.empty_like(h)
+                    for g, h in zip(row, averages)
+                ]
             else:
                 out = self._spare_averages(i)
             coeffs = torch.stack([beta_t, (1.0 - beta_t) * inverse[i]])
@@ -85,7 +108,9 @@ class DBMTL(GradientWeighting):
         again after the module moved to another device or dtype)."""
         averages = [getattr(self, f"grad_ema_{task}_{p}") for p in range(len(self._shared))]
         spare = self._spare[task]
-        if spare is None or any(s.device != h.device or s.dtype != h.dtype for s, h in zip(spare, averages)):
+        if spare is None or any(
+            s.device != h.device or s.dtype != h.dtype for s, h in zip(spare, averages)
+        ):
             self._spare[task] = [torch.empty_like(h) for h in averages]
         return self._spare[task]
 

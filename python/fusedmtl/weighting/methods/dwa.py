@@ -18,7 +18,9 @@ class DWA(LossWeighting):
 
     has_step_state = True
 
-    def __init__(self, tasks, temperature: float = 2.0, period_steps: int | None = None, **kwargs) -> None:
+    def __init__(
+        self, tasks, temperature: float = 2.0, period_steps: int | None = None, **kwargs
+    ) -> None:
         super().__init__(tasks, **kwargs)
         self.temperature = float(temperature)
         self.period_steps = period_steps

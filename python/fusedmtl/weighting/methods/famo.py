@@ -45,7 +45,10 @@ class FAMO(LossWeighting):
         self.register_buffer("logits", torch.zeros(k))
         self.register_buffer("previous_losses", torch.full((k,), float("nan")))
         self._optimizer = BufferOptimizer(
-            self, "logits", weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025, weight_decay=gamma))
+            self,
+            "logits",
+            weight_optimizer
+            or (lambda params: torch.optim.Adam(params, lr=0.025, weight_decay=gamma)),
         )
 
     def total(self, values):

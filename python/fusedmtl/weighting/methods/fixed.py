@@ -19,7 +19,9 @@ class Fixed(LossWeighting):
             weights = [1.0 / k] * k
         elif isinstance(weights, (int, float)):
             if k != 2:
-                raise ValueError(f"Fixed: a single weight a means (a, 1 - a) and needs 2 tasks, not {k}")
+                raise ValueError(
+                    f"Fixed: a single weight a means (a, 1 - a) and needs 2 tasks, not {k}"
+                )
             weights = [float(weights), 1.0 - float(weights)]
         weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
         if weights.numel() != k:

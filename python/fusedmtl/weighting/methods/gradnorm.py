@@ -48,17 +48,25 @@ class GradNorm(GradientWeighting):
         **kwargs,
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
-        layer = list(last_shared_layer.parameters() if isinstance(last_shared_layer, nn.Module) else last_shared_layer)
+        layer = list(
+            last_shared_layer.parameters()
+            if isinstance(last_shared_layer, nn.Module)
+            else last_shared_layer
+        )
         index = {id(p): i for i, p in enumerate(self._shared)}
         if not layer or any(id(p) not in index for p in layer):
-            raise ValueError("GradNorm: last_shared_layer must be a non-empty subset of the shared parameters")
+            raise ValueError(
+                "GradNorm: last_shared_layer must be a non-empty subset of the shared parameters"
+            )
         self._layer_columns = [index[id(p)] for p in layer]
         self.alpha = float(alpha)
         k = self.num_tasks
         self.register_buffer("task_weights", torch.ones(k))
         self.register_buffer("initial_losses", torch.full((k,), float("nan")))
         self._optimizer = BufferOptimizer(
-            self, "task_weights", weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025))
+            self,
+            "task_weights",
+            weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025)),
         )
 
     @classmethod
@@ -68,7 +76,7 @@ class GradNorm(GradientWeighting):
         if not shared_params:
             return {}
         matrices = [i for i, p in enumerate(shared_params) if p.dim() >= 2]
-        return {"last_shared_layer": shared_params[matrices[-1] if matrices else -1:]}
+        return {"last_shared_layer": shared_params[matrices[-1] if matrices else -1 :]}
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         if losses is None:
@@ -90,7 +98,9 @@ class GradNorm(GradientWeighting):
         return current.to(gramian.dtype)
 
     def _gramian(self, shared, representation: bool = False) -> Tensor:
-        columns = shared if representation else [[row[p] for p in self._layer_columns] for row in shared]
+        columns = (
+            shared if representation else [[row[p] for p in self._layer_columns] for row in shared]
+        )
         return torch.diag_embed(multi_tensor.gramian(columns, diagonal_only=True))
 
     def _not_in_gramian(self, table, representation: bool) -> list[Tensor]:

@@ -22,16 +22,30 @@ class InitialLoss(LossWeighting):
 
     has_step_state = True
 
-    def __init__(self, tasks, initial: Sequence[float] | None = None, steps: int = 1, eps: float = 1e-8, **kwargs) -> None:
+    def __init__(
+        self,
+        tasks,
+        initial: Sequence[float] | None = None,
+        steps: int = 1,
+        eps: float = 1e-8,
+        **kwargs,
+    ) -> None:
         super().__init__(tasks, **kwargs)
         if steps < 1:
             raise ValueError(f"InitialLoss: steps must be at least 1, got {steps}")
         given = initial is not None
         self.steps, self.eps = (1 if given else int(steps)), float(eps)  # given values: frozen
         k = self.num_tasks
-        self.register_buffer("loss_sum", torch.as_tensor(initial, dtype=torch.float64).flatten() if given else torch.zeros(k, dtype=torch.float64))
+        self.register_buffer(
+            "loss_sum",
+            torch.as_tensor(initial, dtype=torch.float64).flatten()
+            if given
+            else torch.zeros(k, dtype=torch.float64),
+        )
         if self.loss_sum.numel() != k:
-            raise ValueError(f"InitialLoss: expected {k} initial losses, got {self.loss_sum.numel()}")
+            raise ValueError(
+                f"InitialLoss: expected {k} initial losses, got {self.loss_sum.numel()}"
+            )
         self.register_buffer("steps_seen", torch.tensor(1 if given else 0))
 
     def total(self, values):

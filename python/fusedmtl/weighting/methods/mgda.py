@@ -37,10 +37,14 @@ class MGDA(GradientWeighting):
 
     zero_gradient_takes_all = True
 
-    def __init__(self, shared_params=None, tasks=None, *, normalization: str = "l2", **kwargs) -> None:
+    def __init__(
+        self, shared_params=None, tasks=None, *, normalization: str = "l2", **kwargs
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"MGDA: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(
+                f"MGDA: normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+            )
         self.normalization = normalization
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
@@ -50,7 +54,9 @@ class MGDA(GradientWeighting):
             # 1 / norm, not 1 / (norm + eps): an absolute eps would turn tiny gradients'
             # directions (it is invariant to scaling the losses); a zero gradient gets 0
             norms = gramian64.diagonal().clamp_min(0).sqrt()
-            scales = torch.where(norms > 0, scales / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+            scales = torch.where(
+                norms > 0, scales / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0
+            )
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"MGDA: normalization {self.normalization!r} needs the losses")

@@ -30,7 +30,15 @@ class NashMTL(GradientWeighting):
     invariant, d(s J) = d(J); not linear under scaling, not strongly stationary.
     """
 
-    def __init__(self, shared_params=None, tasks=None, *, max_norm: float | None = 1.0, update_every: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        shared_params=None,
+        tasks=None,
+        *,
+        max_norm: float | None = 1.0,
+        update_every: int = 1,
+        **kwargs,
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if update_every < 1:
             raise ValueError(f"NashMTL: update_every must be at least 1, got {update_every}")
@@ -137,5 +145,3 @@ def nash_bargaining(M: Tensor, ridge: float = 1e-8, max_iter: int = 100) -> Tens
             fraction *= 0.5
         a = a + fraction * step
     return a
-
-

@@ -23,7 +23,9 @@ class PCGrad(GradientWeighting):
     every rank projects in the same order; its state is part of the state_dict.
     """
 
-    def __init__(self, shared_params=None, tasks=None, *, seed: int | None = None, **kwargs) -> None:
+    def __init__(
+        self, shared_params=None, tasks=None, *, seed: int | None = None, **kwargs
+    ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         self._generator = SharedGenerator(seed)
 

@@ -1,4 +1,5 @@
-"""Prior-loss weighting: each loss relative to the best constant prediction (docs/METHODS.md, section 3)."""
+"""Prior-loss weighting: each loss relative to the best constant prediction (docs/METHODS.md,
+section 3)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ class PriorLoss(LossWeighting):
         super().__init__(tasks, **kwargs)
         priors = torch.as_tensor(priors, dtype=torch.float64).flatten()
         if priors.numel() != self.num_tasks:
-            raise ValueError(f"PriorLoss: expected {self.num_tasks} prior losses, got {priors.numel()}")
+            raise ValueError(
+                f"PriorLoss: expected {self.num_tasks} prior losses, got {priors.numel()}"
+            )
         self.register_buffer("priors", priors)
         self.eps = float(eps)
 

@@ -1,4 +1,4 @@
-"""Real-time loss weighting, the geometric mean's direction (Su 2022; docs/METHODS.md, section 3)."""
+"""Real-time loss weighting: the geometric mean's direction (Su 2022; docs/METHODS.md, 3)."""
 
 from __future__ import annotations
 

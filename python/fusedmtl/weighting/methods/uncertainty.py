@@ -22,13 +22,20 @@ class Uncertainty(LossWeighting):
 
     KINDS = {"regression": 0.5, "classification": 1.0}
 
-    def __init__(self, tasks, kinds: str | Sequence[str] = "regression", init: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, tasks, kinds: str | Sequence[str] = "regression", init: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(tasks, **kwargs)
         kinds = [kinds] * self.num_tasks if isinstance(kinds, str) else list(kinds)
         if len(kinds) != self.num_tasks or any(k not in self.KINDS for k in kinds):
-            raise ValueError(f"Uncertainty: kinds must be one of {list(self.KINDS)} (or one per task), got {kinds!r}")
+            raise ValueError(
+                f"Uncertainty: kinds must be one of {list(self.KINDS)} (or one per task), got "
+                f"{kinds!r}"
+            )
         self.kinds = kinds
-        self.register_buffer("factors", torch.tensor([self.KINDS[k] for k in kinds]), persistent=False)
+        self.register_buffer(
+            "factors", torch.tensor([self.KINDS[k] for k in kinds]), persistent=False
+        )
         self.log_vars = nn.Parameter(torch.full((self.num_tasks,), float(init)))
 
     def total(self, values):
