@@ -21,6 +21,14 @@ PEER_REQUIREMENTS := $(if $(filter 1,$(PEERS)),$(TORCHJD))
 # cuda-check: a second environment with a CUDA build of torch, to compile and link the CUDA kernels.
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
+# What the CUDA build is tested with on a machine without a GPU: that it holds and registers every
+# CUDA kernel, their ptxas report (no spills), the Triton kernels compiled for sm_80/sm_90 within
+# shared memory, the ops' registrations through opcheck, and that the CUDA cases collect (they skip
+# here; `make gpu-check` runs them). The CPU kernels are the CPU build's, which `make test` covers;
+# CUDA_CHECK_TESTS=tests runs the whole suite against this build.
+CUDA_CHECK_TESTS ?= tests/test_build.py tests/test_registrations.py tests/test_gpu_resources.py \
+	tests/gpu tests/losses/test_opcheck.py tests/multi_tensor/test_contracts.py \
+	tests/losses/test_losses_gpu.py
 
 BUILD_TOOLS := "scikit-build-core>=0.10" ninja "cmake>=3.26"
 TEST_TOOLS := pytest hypothesis expecttest numpy
@@ -71,7 +79,8 @@ cuda-check: $(CUDA_VENV)/.fusedmtl-deps
 	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON $(CUDA_PY) -m pip install -v --no-build-isolation \
 		--no-deps --config-settings=cmake.define.FUSEDMTL_PTXAS_REPORT=ON . > build/cuda-build.log 2>&1 \
 		|| (tail -50 build/cuda-build.log; exit 1)
-	FUSEDMTL_EXPECT_CUDA=1 FUSEDMTL_PTXAS_LOG=build/cuda-build.log $(CUDA_PY) -m pytest $(PYTEST_ARGS)
+	FUSEDMTL_EXPECT_CUDA=1 FUSEDMTL_PTXAS_LOG=build/cuda-build.log FUSEDMTL_TEST_DEVICES=cpu,cuda \
+		$(CUDA_PY) -m pytest $(PYTEST_ARGS) $(CUDA_CHECK_TESTS)
 
 # On a machine with one NVIDIA GPU and no network (a CUDA build of torch in $(PYTHON), nvcc and
 # compute-sanitizer on PATH; nothing is installed): builds in place for that GPU, runs the CUDA
