@@ -16,12 +16,16 @@ GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, U
 from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
 from fusedmtl.weighting.base import Weighting
 from fusedmtl.weighting.methods.cagrad import CAGrad
+from fusedmtl.weighting.methods.config import ConFIG
 from fusedmtl.weighting.methods.db_mtl import DBMTL
+from fusedmtl.weighting.methods.dualproj import DualProj
+from fusedmtl.weighting.methods.fairgrad import FairGrad
 from fusedmtl.weighting.methods.famo import FAMO
 from fusedmtl.weighting.methods.grad_normalization import GradNormalization
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.methods.gradnorm import GradNorm
 from fusedmtl.weighting.methods.imtl import IMTLG
+from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.loss_based import (
     DWA,
     RLW,
@@ -53,6 +57,10 @@ GRADIENT_BASED = {
     "grad_normalization": GradNormalization, "gradnorm": GradNorm, "mgda": MGDA, "pcgrad": PCGrad,
     "cagrad": CAGrad, "imtl_g": IMTLG, "aligned_mtl": AlignedMTL, "nash_mtl": NashMTL, "upgrad": UPGrad,
     "db_mtl": DBMTL,
+    "dualproj": DualProj,
+    "config": ConFIG,
+    "krum": Krum,
+    "fairgrad": FairGrad,
 }
 
 __all__ = [
@@ -61,4 +69,5 @@ __all__ = [
     "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
     "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
     "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
+    "ConFIG", "DualProj", "FairGrad", "Krum",
 ]
