@@ -14,6 +14,7 @@ GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, U
 """
 
 from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
+from fusedmtl.weighting.methods.alternating import Alternating
 from fusedmtl.weighting.base import Weighting
 from fusedmtl.weighting.methods.cagrad import CAGrad
 from fusedmtl.weighting.methods.config import ConFIG
@@ -52,6 +53,7 @@ LOSS_BASED = {
     "fixed": Fixed, "initial_loss": InitialLoss, "prior_loss": PriorLoss, "real_time": RealTime,
     "generalized_mean": GeneralizedMean, "anchor_to_main": AnchorToMain, "uncertainty": Uncertainty,
     "dwa": DWA, "rlw": RLW, "famo": FAMO,
+    "alternating": Alternating,
 }
 GRADIENT_BASED = {
     "grad_normalization": GradNormalization, "gradnorm": GradNorm, "mgda": MGDA, "pcgrad": PCGrad,
@@ -69,5 +71,5 @@ __all__ = [
     "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
     "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
     "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
-    "ConFIG", "DualProj", "FairGrad", "Krum",
+    "Alternating", "ConFIG", "DualProj", "FairGrad", "Krum",
 ]
