@@ -47,6 +47,7 @@ from fusedmtl.weighting.loss_based import (
 from fusedmtl.weighting.methods.mgda import MGDA
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
 from fusedmtl.weighting.methods.pcgrad import PCGrad
+from fusedmtl.weighting.methods.stch import STCH
 from fusedmtl.weighting.methods.upgrad import UPGrad
 
 LOSS_BASED = {
@@ -54,6 +55,7 @@ LOSS_BASED = {
     "generalized_mean": GeneralizedMean, "anchor_to_main": AnchorToMain, "uncertainty": Uncertainty,
     "dwa": DWA, "rlw": RLW, "famo": FAMO,
     "alternating": Alternating,
+    "stch": STCH,
 }
 GRADIENT_BASED = {
     "grad_normalization": GradNormalization, "gradnorm": GradNorm, "mgda": MGDA, "pcgrad": PCGrad,
@@ -71,5 +73,5 @@ __all__ = [
     "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
     "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
     "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
-    "Alternating", "ConFIG", "DualProj", "FairGrad", "Krum",
+    "Alternating", "ConFIG", "DualProj", "FairGrad", "Krum", "STCH",
 ]
