@@ -26,6 +26,7 @@ from fusedmtl.weighting.methods.grad_normalization import GradNormalization
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.methods.gradnorm import GradNorm
 from fusedmtl.weighting.methods.imtl import IMTLG
+from fusedmtl.weighting.methods.imtl_l import IMTLL
 from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.loss_based import (
     DWA,
@@ -56,6 +57,7 @@ LOSS_BASED = {
     "dwa": DWA, "rlw": RLW, "famo": FAMO,
     "alternating": Alternating,
     "stch": STCH,
+    "imtl_l": IMTLL,
 }
 GRADIENT_BASED = {
     "grad_normalization": GradNormalization, "gradnorm": GradNorm, "mgda": MGDA, "pcgrad": PCGrad,
@@ -73,5 +75,5 @@ __all__ = [
     "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
     "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
     "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
-    "Alternating", "ConFIG", "DualProj", "FairGrad", "Krum", "STCH",
+    "Alternating", "ConFIG", "DualProj", "FairGrad", "IMTLL", "Krum", "STCH",
 ]
