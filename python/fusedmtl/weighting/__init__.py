@@ -25,6 +25,7 @@ from fusedmtl.weighting.methods.famo import FAMO
 from fusedmtl.weighting.methods.grad_normalization import GradNormalization
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.methods.gradnorm import GradNorm
+from fusedmtl.weighting.methods.gradvac import GradVac
 from fusedmtl.weighting.methods.imtl import IMTLG
 from fusedmtl.weighting.methods.imtl_l import IMTLL
 from fusedmtl.weighting.methods.krum import Krum
@@ -67,6 +68,7 @@ GRADIENT_BASED = {
     "config": ConFIG,
     "krum": Krum,
     "fairgrad": FairGrad,
+    "gradvac": GradVac,
 }
 
 __all__ = [
@@ -75,5 +77,5 @@ __all__ = [
     "GradientWeighting", "InitialLoss", "LossWeighting", "NashMTL", "PCGrad", "PriorLoss",
     "RealTime", "UPGrad", "Uncertainty", "Weighting", "initial_loss_cross_entropy",
     "initial_loss_l2", "prior_loss_classification", "prior_loss_l1", "prior_loss_l2",
-    "Alternating", "ConFIG", "DualProj", "FairGrad", "IMTLL", "Krum", "STCH",
+    "Alternating", "ConFIG", "DualProj", "FairGrad", "GradVac", "IMTLL", "Krum", "STCH",
 ]
