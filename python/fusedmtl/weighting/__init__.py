@@ -2,11 +2,12 @@
 
 Loss-based (``forward(losses)`` is the total loss; ``backward(losses)`` backpropagates it):
 Fixed, InitialLoss, PriorLoss, RealTime, GeneralizedMean, AnchorToMain, Uncertainty, DWA, RLW,
-FAMO.
+FAMO, Alternating, STCH, IMTLL.
 
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
-GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL.
+GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
+DualProj, ConFIG, Krum, FairGrad, GradVac.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -17,21 +18,28 @@ from fusedmtl.weighting.base import Weighting
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.loss_based import LossWeighting
 from fusedmtl.weighting.methods.aligned_mtl import AlignedMTL
+from fusedmtl.weighting.methods.alternating import Alternating
 from fusedmtl.weighting.methods.anchor_to_main import AnchorToMain
 from fusedmtl.weighting.methods.cagrad import CAGrad
+from fusedmtl.weighting.methods.config import ConFIG
 from fusedmtl.weighting.methods.db_mtl import DBMTL
+from fusedmtl.weighting.methods.dualproj import DualProj
 from fusedmtl.weighting.methods.dwa import DWA
+from fusedmtl.weighting.methods.fairgrad import FairGrad
 from fusedmtl.weighting.methods.famo import FAMO
 from fusedmtl.weighting.methods.fixed import Fixed
 from fusedmtl.weighting.methods.generalized_mean import GeneralizedMean
 from fusedmtl.weighting.methods.grad_normalization import GradNormalization
 from fusedmtl.weighting.methods.gradnorm import GradNorm
+from fusedmtl.weighting.methods.gradvac import GradVac
 from fusedmtl.weighting.methods.imtl import IMTLG
+from fusedmtl.weighting.methods.imtl_l import IMTLL
 from fusedmtl.weighting.methods.initial_loss import (
     InitialLoss,
     initial_loss_cross_entropy,
     initial_loss_l2,
 )
+from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.methods.mgda import MGDA
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
 from fusedmtl.weighting.methods.pcgrad import PCGrad
@@ -43,6 +51,7 @@ from fusedmtl.weighting.methods.prior_loss import (
 )
 from fusedmtl.weighting.methods.real_time import RealTime
 from fusedmtl.weighting.methods.rlw import RLW
+from fusedmtl.weighting.methods.stch import STCH
 from fusedmtl.weighting.methods.uncertainty import Uncertainty
 from fusedmtl.weighting.methods.upgrad import UPGrad
 
@@ -57,6 +66,9 @@ LOSS_BASED = {
     "dwa": DWA,
     "rlw": RLW,
     "famo": FAMO,
+    "alternating": Alternating,
+    "stch": STCH,
+    "imtl_l": IMTLL,
 }
 GRADIENT_BASED = {
     "grad_normalization": GradNormalization,
@@ -69,9 +81,22 @@ GRADIENT_BASED = {
     "nash_mtl": NashMTL,
     "upgrad": UPGrad,
     "db_mtl": DBMTL,
+    "dualproj": DualProj,
+    "config": ConFIG,
+    "krum": Krum,
+    "fairgrad": FairGrad,
+    "gradvac": GradVac,
 }
 
 __all__ = [
+    "STCH",
+    "Alternating",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradVac",
+    "IMTLL",
+    "Krum",
     "DBMTL",
     "DWA",
     "FAMO",

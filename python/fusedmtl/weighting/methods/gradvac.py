@@ -1,0 +1,79 @@
+"""GradVac: gradient vaccine towards EMA cosine targets (docs/METHODS.md, section 4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.state import SharedGenerator
+
+
+class GradVac(GradientWeighting):
+    """Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models", ICLR 2021, on the Gramian as torchjd's
+    GradVacWeighting.
+
+    For each task i, and each other task j in a random order: with phi = cos(g'_i, g_j) and the
+    target phi_hat_ij (an EMA of past cosines, from 0), if phi < phi_hat_ij then
+    g'_i += ||g'_i|| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) /
+    (||g_j|| sqrt(1 - phi_hat^2) + eps) g_j, which raises the cosine to phi_hat; then
+    phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi. The update is sum_i g'_i. With
+    g'_i = sum_k C_ik g_k every quantity is a product with the Gramian, and c_k = sum_i C_ik.
+    The orders come from a CPU generator seeded by ``seed`` (default: a seed drawn on rank 0 and
+    broadcast); the targets phi_hat (a K x K float64 buffer) and the generator are in the
+    state_dict. The targets are not updated on skipped steps.
+
+    Args:
+        shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
+        beta: the EMA rate of the targets in [0, 1] (torchjd's default 0.5; the paper uses 0.01).
+        seed: the generator's seed, or None for one shared by rank 0.
+        **kwargs: the options of :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`
+            (``eps`` is added to the denominators, as torchjd's).
+    """
+
+    def __init__(
+        self, shared_params, tasks, *, beta: float = 0.5, seed: int | None = None, **kwargs
+    ) -> None:
+        super().__init__(shared_params, tasks, **kwargs)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+        self._generator = SharedGenerator(seed)
+        self.register_buffer(
+            "targets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
+        )
+
+    def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        M = gramian.detach().to("cpu", torch.float64)
+        k, eps, beta = M.shape[0], self.eps, self.beta
+        targets = self.targets.to("cpu").clone()
+        norms = M.diagonal().clamp_min(0).sqrt()
+        C = torch.eye(k, dtype=torch.float64)
+        for i in range(k):
+            dots = C[i] @ M  # <g'_i, g_j> for every j
+            others = [j for j in range(k) if j != i]
+            for idx in torch.randperm(k - 1, generator=self._generator.get()).tolist():
+                j = others[idx]
+                norm_i = (dots @ C[i]).clamp_min(0).sqrt()
+                phi = dots[j] / (norm_i * norms[j] + eps)
+                target = targets[i, j]
+                if phi < target:
+                    sin_phi = (1 - phi * phi).clamp_min(0).sqrt()
+                    sin_target = (1 - target * target).clamp_min(0).sqrt()
+                    w = (
+                        norm_i
+                        * (target * sin_phi - phi * sin_target)
+                        / (norms[j] * sin_target + eps)
+                    )
+                    C[i, j] += w
+                    dots = dots + w * M[j]
+                targets[i, j] = (1 - beta) * target + beta * phi
+        self.targets.copy_(targets)
+        return C.sum(0).to(gramian.dtype)
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._generator.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator.load_state_dict(state["generator"])
