@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import _as_gramian, _lower_bounded_min_norm
+from fusedmtl.weighting.solvers import as_float64_gramian, dual_cone_ridge, lower_bounded_min_norm
 
 
 class DualProj(GradientWeighting):
@@ -42,4 +42,5 @@ class DualProj(GradientWeighting):
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         lower = self.pref_vector.to("cpu", torch.float64)[None, :]
-        return _lower_bounded_min_norm(_as_gramian(gramian), lower)[0].to(gramian.dtype)
+        M, resolution = as_float64_gramian(gramian)
+        return lower_bounded_min_norm(M, lower, dual_cone_ridge(resolution))[0].to(gramian.dtype)

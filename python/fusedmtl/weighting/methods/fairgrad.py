@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import _as_gramian
+from fusedmtl.weighting.solvers import as_float64_gramian
 
 
 def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float = 1e-12) -> Tensor:
@@ -27,7 +27,7 @@ def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float 
     Returns:
         ``Tensor[K]`` float64 on the CPU, w_i > 0 where g_i != 0, else 0.
     """
-    M = _as_gramian(M)
+    M = as_float64_gramian(M)[0]
     k = M.shape[0]
     diag = M.diagonal()
     live = diag > 1e-12 * diag.max().clamp_min(torch.finfo(M.dtype).tiny)
