@@ -19,12 +19,8 @@ RESNET18_TENSORS, RESNET18_ELEMENTS = 62, 11_689_512
 def loss_functions() -> tuple[str, ...]:
     """The public functions of the regression-loss kinds (fusedmtl.<f> replaces
     torch.nn.functional.<f>), from the table fusedmtl.losses exports."""
-    try:
-        from fusedmtl.losses import REGRESSION_KINDS
-    except ImportError:  # before the table of kinds: the reference's list
-        from fusedmtl.losses.reference import KINDS
+    from fusedmtl.losses import REGRESSION_KINDS
 
-        return tuple(f"{kind}_loss" for kind in KINDS)
     return tuple(kind.function for kind in REGRESSION_KINDS)
 
 

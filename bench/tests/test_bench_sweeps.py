@@ -230,3 +230,15 @@ def test_plain_text_tables_fit_too():
     text = plain_table("a title " * 40, ["method", "fused ms"], [["mgda", "1.234"]])
     assert max(len(line) for line in text.splitlines()) <= WIDTH
     assert text.splitlines()[-1] == "mgda       1.234"
+
+
+def test_every_registered_method_and_loss_kind_is_benchmarked():
+    """The sweeps' default lists are the registries and the kinds table (a new method or kind is
+    benchmarked without touching bench/)."""
+    from bench import training_step, weighting_step
+    from fusedmtl.losses import REGRESSION_KINDS
+
+    assert set(weighting_step.Config().methods) == set(weighting.GRADIENT_BASED)
+    every = {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}
+    assert set(training_step.Config().methods) == set(every)
+    assert set(loss_functions()) == {kind.function for kind in REGRESSION_KINDS}

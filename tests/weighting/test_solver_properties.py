@@ -90,9 +90,10 @@ def sample_jacobian(
 
 
 _NORMAL_DIMS = [(2, 1, 1), (4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9)]
-# torchjd samples 2 x 1 to 20 x 100 more densely; these cover full rank, rank 1 and K > G at a
-# CPU cost the suite can carry.
-_STATIONARITY_DIMS = [(20, 10, 5), (20, 10, 1), (20, 100, 19)]
+_STATIONARITY_DIMS = [(20, 10, 10), (20, 10, 5), (20, 10, 1), (20, 100, 1), (20, 100, 19)]
+# Sampled (so the generator's sequence, and every matrix, stays the same) but not tested, for CPU
+# time: the other dims cover full rank, rank 1 and K > G.
+_UNTESTED_DIMS = {(20, 10, 10), (20, 100, 1)}
 
 
 def _matrices() -> dict[str, torch.Tensor]:
@@ -102,7 +103,9 @@ def _matrices() -> dict[str, torch.Tensor]:
         out[f"normal-{m}x{n}r{r}"] = sample_jacobian("normal", m, n, r, generator)
     for kind in ("strong", "strictly_weak", "non_weak"):
         for m, n, r in _STATIONARITY_DIMS:
-            out[f"{kind}-{m}x{n}r{r}"] = sample_jacobian(kind, m, n, r, generator)
+            J = sample_jacobian(kind, m, n, r, generator)
+            if (m, n, r) not in _UNTESTED_DIMS:
+                out[f"{kind}-{m}x{n}r{r}"] = J
     for m, n in [(2, 1), (4, 3), (9, 11)]:
         out[f"zero-{m}x{n}"] = torch.zeros(m, n, dtype=F64)
     # degenerate gradients
@@ -148,6 +151,11 @@ METHODS = {
     "nash_mtl": ("nash_mtl", {"max_norm": None}),
     "upgrad": ("upgrad", {}),
     "db_mtl": ("db_mtl", {"beta": 0.0}),
+    "dualproj": ("dualproj", {}),
+    "config": ("config", {}),
+    "krum": ("krum", {}),
+    "fairgrad": ("fairgrad", {}),
+    "gradvac": ("gradvac", {"seed": 0}),
 }
 assert {name for name, _ in METHODS.values()} == set(weighting.GRADIENT_BASED)
 
@@ -181,6 +189,14 @@ _TABLE = {
     "nash_mtl": (True, True, False, False, 0),
     "upgrad": (True, True, True, True, 1),
     "db_mtl": (False, True, False, False, None),
+    # DualProj: the mean projected onto the dual cone (UPGrad's QP), hence non-conflicting. The
+    # others (added with issue 15) are checked against torchjd in test_torchjd_gramian_methods.py;
+    # here their expected structure only, until their properties are established.
+    "dualproj": (True, True, False, False, 1),
+    "config": (False, False, False, False, None),
+    "krum": (False, False, False, False, None),
+    "fairgrad": (False, False, False, False, None),
+    "gradvac": (False, False, False, False, None),
 }
 PROPERTIES = {method: dict(zip(_COLUMNS, row)) for method, row in _TABLE.items()}
 PROPERTIES["nash_mtl"]["only"] = ASCENT_EXISTS
@@ -335,10 +351,12 @@ torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 # row rank (both are the paper's closed form there; on rank-deficient J torchjd takes
 # M^+ norm(g), fusedmtl C^+ 1 on the unit gradients, see IMTLG's docstring).
 PEERS = {
+    # Frank-Wolfe converges sublinearly: where 0 is in the hull (d = 0 exactly) torchjd's d is
+    # still ~2e-6 of the rows' norm after 10000 iterations; the norm check below keeps ours exact.
     "mgda_none": (
         lambda: torchjd_aggregation.MGDA(epsilon=1e-12, max_iters=10000),
         2e-2,
-        1e-6,
+        1e-5,
         None,
     ),
     "upgrad": (lambda: torchjd_aggregation.UPGrad(projector=_quadprog(1e-10)), 1e-6, 1e-6, None),

@@ -81,7 +81,7 @@ def mgda_oracle(G: torch.Tensor, loss_values, normalization: str) -> torch.Tenso
     norms = G.norm(dim=1)
     s = torch.ones(G.shape[0], dtype=torch.float64)
     if normalization in ("l2", "loss+"):
-        s = s / (norms + EPS)
+        s = torch.where(norms > 0, s / norms, 0.0)  # 1 / norm; a zero gradient gets 0
     if normalization in ("loss", "loss+"):
         s = s / (torch.as_tensor(loss_values, dtype=torch.float64).abs() + EPS)
     U = G * s[:, None]

@@ -31,6 +31,8 @@ class Alternating(LossWeighting):
         **kwargs: the options of :class:`~fusedmtl.weighting.base.Weighting`.
     """
 
+    has_step_state = True  # restored when GradScaler skips the step
+
     def __init__(self, tasks, order: str = "cyclic", seed: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)
         if order not in ORDERS:
@@ -62,12 +64,14 @@ class Alternating(LossWeighting):
 
     def get_extra_state(self) -> dict:
         return {
+            **super().get_extra_state(),
             "generator": self._generator.state_dict(),
             "cycle": list(self._cycle),
             "position": self._position,
         }
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._generator.load_state_dict(state["generator"])
         self._cycle = [int(t) for t in state["cycle"]]
         self._position = int(state["position"])

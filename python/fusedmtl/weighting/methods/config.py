@@ -33,18 +33,21 @@ class ConFIG(GradientWeighting):
 
     def __init__(
         self,
-        shared_params,
-        tasks,
+        shared_params=None,
+        tasks=None,
         *,
         pref_vector: Tensor | None = None,
         rcond: float = 1e-12,
         **kwargs,
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
-        if pref_vector is None:
-            pref_vector = torch.ones(self.num_tasks, dtype=torch.float64)
-        pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
-        if pref_vector.numel() != self.num_tasks:
+        if pref_vector is not None:  # None: ones, for the K of the Gramian
+            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
+        if (
+            pref_vector is not None
+            and self.num_tasks is not None
+            and pref_vector.numel() != self.num_tasks
+        ):
             raise ValueError(
                 f"ConFIG: pref_vector must have {self.num_tasks} entries, got {pref_vector}"
             )
@@ -57,7 +60,10 @@ class ConFIG(GradientWeighting):
         norms = M.diagonal().clamp_min(0).sqrt()
         inv_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
         normalized = M * inv_norms[:, None] * inv_norms[None, :]
-        weights = self.pref_vector.to(M.device)
+        weights = self.pref_vector
+        if weights is None:
+            weights = torch.ones(M.shape[0], dtype=torch.float64)
+        weights = weights.to(M.device)
         a = inv_norms * (torch.linalg.pinv(normalized, rtol=self.rcond, hermitian=True) @ weights)
         Ma = M @ a
         sq_norm = a @ Ma

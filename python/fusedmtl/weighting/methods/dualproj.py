@@ -27,13 +27,15 @@ class DualProj(GradientWeighting):
     """
 
     def __init__(
-        self, shared_params, tasks, *, pref_vector: Tensor | None = None, **kwargs
+        self, shared_params=None, tasks=None, *, pref_vector: Tensor | None = None, **kwargs
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
-        if pref_vector is None:
-            pref_vector = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
-        pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
-        if pref_vector.numel() != self.num_tasks or bool((pref_vector < 0).any()):
+        if pref_vector is not None:  # None: 1 / K, for the K of the Gramian
+            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)
+        if pref_vector is not None and (
+            (self.num_tasks is not None and pref_vector.numel() != self.num_tasks)
+            or bool((pref_vector < 0).any())
+        ):
             raise ValueError(
                 f"DualProj: pref_vector must be {self.num_tasks} non-negative floats, "
                 f"got {pref_vector}"
@@ -41,6 +43,9 @@ class DualProj(GradientWeighting):
         self.register_buffer("pref_vector", pref_vector)
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        lower = self.pref_vector.to("cpu", torch.float64)[None, :]
+        k = gramian.shape[0]
+        pref = self.pref_vector
+        pref = torch.full((k,), 1.0 / k, dtype=torch.float64) if pref is None else pref
+        lower = pref.to("cpu", torch.float64)[None, :]
         M, resolution = as_float64_gramian(gramian)
         return lower_bounded_min_norm(M, lower, dual_cone_ridge(resolution))[0].to(gramian.dtype)

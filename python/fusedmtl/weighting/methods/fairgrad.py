@@ -86,7 +86,7 @@ class FairGrad(GradientWeighting):
     """
 
     def __init__(
-        self, shared_params, tasks, *, alpha: float = 1.0, max_iter: int = 100, **kwargs
+        self, shared_params=None, tasks=None, *, alpha: float = 1.0, max_iter: int = 100, **kwargs
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if not alpha >= 0:

@@ -33,20 +33,32 @@ class GradVac(GradientWeighting):
     """
 
     def __init__(
-        self, shared_params, tasks, *, beta: float = 0.5, seed: int | None = None, **kwargs
+        self,
+        shared_params=None,
+        tasks=None,
+        *,
+        beta: float = 0.5,
+        seed: int | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
         self._generator = SharedGenerator(seed)
-        self.register_buffer(
-            "targets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
-        )
+        k = self.num_tasks or 0  # 0: sized by the first Gramian (coefficients-only use)
+        self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
+
+    @classmethod
+    def _example_settings(cls, num_tasks, shared_params):
+        return {"seed": 0}
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         M = gramian.detach().to("cpu", torch.float64)
         k, eps, beta = M.shape[0], self.eps, self.beta
+        if self.targets.numel() == 0:
+            k = gramian.shape[0]
+            self.targets = torch.zeros(k, k, dtype=torch.float64, device=self.targets.device)
         targets = self.targets.to("cpu").clone()
         norms = M.diagonal().clamp_min(0).sqrt()
         C = torch.eye(k, dtype=torch.float64)
@@ -73,7 +85,8 @@ class GradVac(GradientWeighting):
         return C.sum(0).to(gramian.dtype)
 
     def get_extra_state(self) -> dict:
-        return {"generator": self._generator.state_dict()}
+        return {**super().get_extra_state(), "generator": self._generator.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self._generator.load_state_dict(state["generator"])

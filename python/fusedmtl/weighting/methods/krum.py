@@ -31,15 +31,16 @@ class Krum(GradientWeighting):
     """
 
     def __init__(
-        self, shared_params, tasks, *, n_byzantine: int = 0, n_selected: int = 1, **kwargs
+        self, shared_params=None, tasks=None, *, n_byzantine: int = 0, n_selected: int = 1, **kwargs
     ) -> None:
         super().__init__(shared_params, tasks, **kwargs)
-        if n_byzantine < 0 or (n_byzantine > 0 and self.num_tasks < n_byzantine + 3):
+        k = self.num_tasks
+        if n_byzantine < 0 or (n_byzantine > 0 and k is not None and k < n_byzantine + 3):
             raise ValueError(
                 f"Krum: needs n_byzantine >= 0 and at least n_byzantine + 3 tasks, got n_byzantine="
                 f"{n_byzantine} with {self.num_tasks} tasks"
             )
-        if not 1 <= n_selected <= self.num_tasks:
+        if n_selected < 1 or (k is not None and n_selected > k):
             raise ValueError(f"Krum: n_selected must be in [1, {self.num_tasks}], got {n_selected}")
         self.n_byzantine = int(n_byzantine)
         self.n_selected = int(n_selected)

@@ -33,6 +33,8 @@ class STCH(LossWeighting):
         **kwargs: the options of :class:`~fusedmtl.weighting.base.Weighting`.
     """
 
+    has_step_state = True  # restored when GradScaler skips the step
+
     def __init__(
         self,
         tasks,
@@ -92,7 +94,8 @@ class STCH(LossWeighting):
         return value, weights / (values + self.eps * nadir)
 
     def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
+        return {**super().get_extra_state(), "steps": self.steps}
 
     def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
         self.steps = int(state["steps"])
