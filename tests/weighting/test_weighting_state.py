@@ -21,8 +21,17 @@ from weighting_cases import (
 
 # The methods whose weights depend on past steps (with their example settings, or the ones given).
 STATEFUL = {
-    "initial_loss", "dwa", "rlw", "uncertainty", "famo", "gradnorm", "pcgrad", "db_mtl",
-    "stch", "imtl_l", "gradvac",
+    "initial_loss",
+    "dwa",
+    "rlw",
+    "uncertainty",
+    "famo",
+    "gradnorm",
+    "pcgrad",
+    "db_mtl",
+    "stch",
+    "imtl_l",
+    "gradvac",
 }
 
 
