@@ -141,6 +141,24 @@ ptxas info    : Function properties for _ZN8fusedmtl14combine_kernelIfLi8EE
     assert [k["name"] for k in ptxas_violations(kernels)] == [kernels[0]["name"]]
 
 
+# Known, not yet fixed (issue 12): three element-wise loss kernels spill a few bytes under the
+# register budget of their 8- and 4-wide unrolled loops (first seen in this check's first full
+# run, 2026-12-02: nvcc 13.0). (arch, kind enum, dtype mangling, vector width) -> the most stack
+# bytes allowed; any other spill, or these growing, fails.
+KNOWN_LOSS_SPILLS = {
+    ("sm_80", "LossKindE1ELb0EN3c104HalfELi8E"): 64,
+    ("sm_90", "LossKindE2ELb0EN3c108BFloat16ELi8E"): 64,
+    ("sm_90", "LossKindE1ELb0EfLi4E"): 96,
+}
+
+
+def _known(kernel: dict) -> bool:
+    return any(
+        kernel["arch"] == arch and key in kernel["name"] and kernel["stack"] <= limit
+        for (arch, key), limit in KNOWN_LOSS_SPILLS.items()
+    )
+
+
 @pytest.mark.skipif(
     not os.environ.get("FUSEDMTL_PTXAS_LOG"),
     reason="no ptxas report (FUSEDMTL_PTXAS_LOG names the CUDA build's log)",
@@ -150,7 +168,7 @@ def test_cuda_kernels_have_no_spills_and_small_stack_frames():
     kernels = [k for k in parse_ptxas_report(text) if "fusedmtl" in k["name"]]
     assert kernels, "the log holds no ptxas report of fusedmtl's kernels (built with -Xptxas -v?)"
     assert {k["arch"] for k in kernels} >= {"sm_80", "sm_90"}
-    bad = ptxas_violations(kernels)
+    bad = [k for k in ptxas_violations(kernels) if not _known(k)]
     assert not bad, "\n".join(
         f"{k['arch']} {k['name']}: {k['stack']} B stack, {k['stores']}/{k['loads']} B spilled"
         for k in bad
