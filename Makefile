@@ -12,10 +12,11 @@ PIP_ARGS ?=
 FUSEDMTL_CUDA ?= auto
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-# The peers the benchmark and the tests compare with: torchjd, pinned, with the extras its CAGrad
-# and Nash-MTL need (cvxpy, ecos). PEERS=0 leaves them out (their columns and tests then skip).
+# The peers the benchmark and the tests compare with: torchjd, pinned, with every optional solver
+# its aggregators need ('full': quadprog/qpsolvers for UPGrad and DualProj, cvxpy/ecos for CAGrad
+# and Nash-MTL, scipy for FairGrad). PEERS=0 leaves them out (their columns and tests then skip).
 PEERS ?= 1
-TORCHJD := "torchjd[cagrad,nash-mtl]==0.18.0"
+TORCHJD := "torchjd[full]==0.18.0"
 PEER_REQUIREMENTS := $(if $(filter 1,$(PEERS)),$(TORCHJD))
 
 # cuda-check: a second environment with a CUDA build of torch, to compile and link the CUDA kernels.
