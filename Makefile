@@ -74,13 +74,14 @@ lint: $(VENV)/.fusedmtl-deps-peers$(PEERS)
 # Compiles and links the CUDA kernels (nvcc + the CUDA build of torch), proves the extension imports
 # on a machine without a GPU, and runs the test suite against that build (GPU tests skip without a GPU).
 # The CUDA objects are rebuilt with -Xptxas -v each time, so that the log holds every kernel's
-# stack and spill report for tests/test_gpu_resources.py.
+# stack and spill report for tests/test_gpu_resources.py (and build/cuda/ptx their PTX).
 cuda-check: $(CUDA_VENV)/.fusedmtl-deps
 	mkdir -p build && find build/cuda -name '*.cu.o' -delete 2>/dev/null || true
 	SKBUILD_BUILD_DIR=build/cuda FUSEDMTL_CUDA=ON $(CUDA_PY) -m pip install -v --no-build-isolation \
 		--no-deps --config-settings=cmake.define.FUSEDMTL_PTXAS_REPORT=ON . > build/cuda-build.log 2>&1 \
 		|| (tail -50 build/cuda-build.log; exit 1)
-	FUSEDMTL_EXPECT_CUDA=1 FUSEDMTL_PTXAS_LOG=build/cuda-build.log FUSEDMTL_TEST_DEVICES=cpu,cuda \
+	FUSEDMTL_EXPECT_CUDA=1 FUSEDMTL_PTXAS_LOG=build/cuda-build.log FUSEDMTL_PTX_DIR=build/cuda/ptx \
+		FUSEDMTL_TEST_DEVICES=cpu,cuda \
 		$(CUDA_PY) -m pytest $(PYTEST_ARGS) $(CUDA_CHECK_TESTS)
 
 # On a machine with one NVIDIA GPU and no network (a CUDA build of torch in $(PYTHON), nvcc and

@@ -63,7 +63,8 @@ build() {
 step build 300 build
 
 step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests.xml" tests
-FUSEDMTL_PTXAS_LOG="$OUT/build.log" FUSEDMTL_GPU_RESOURCES=1 \
+FUSEDMTL_PTXAS_LOG="$OUT/build.log" FUSEDMTL_PTX_DIR=build/gpu/ptx FUSEDMTL_CUDA_ARCHS="$arch" \
+  FUSEDMTL_GPU_RESOURCES=1 \
   step resources 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_resources.py
 
 for tool in memcheck racecheck synccheck initcheck; do

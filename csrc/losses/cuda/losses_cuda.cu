@@ -72,35 +72,43 @@ __global__ void __launch_bounds__(kThreads)
   constexpr ParamDivision kDivide = ParamDivision::kDivide;
   constexpr ParamDivision kInverse = ParamDivision::kMultiplyByInverse;
 
-  // s: log_var (heteroscedastic losses; 0 otherwise). grad_other_out: the target's gradient
-  // (regression losses) or log_var's (heteroscedastic losses).
-  auto element = [&](C x, C y, C s, C g, S* loss_out, S* grad_in_out, S* grad_other_out, C& sum) {
+  // One element: its loss (added to this thread's sum when reducing) and its two gradients.
+  // s: log_var (heteroscedastic losses; 0 otherwise). other: the target's gradient (regression
+  // losses) or log_var's (heteroscedastic losses). Returned by value, not written through
+  // pointers into the vector packs: a pointer into a pack keeps the pack in local memory (the
+  // stack frames and spills ptxas reported for the 4- and 8-wide kernels).
+  struct Element {
+    C value, grad_input, grad_other;
+  };
+  const bool want_value = block_sums != nullptr || ptr.loss != nullptr;
+  auto element = [&](C x, C y, C s, C g, C& sum) {
     const C d = x - y;
-    if (block_sums != nullptr || loss_out != nullptr) {
-      C value;
+    Element out{C(0), C(0), C(0)};
+    if (want_value) {
       if constexpr (kLogVar) {
-        value = divide ? heteroscedastic_value<K, kDivide>(d, s, params)
-                       : heteroscedastic_value<K, kInverse>(d, s, params);
+        out.value = divide ? heteroscedastic_value<K, kDivide>(d, s, params)
+                           : heteroscedastic_value<K, kInverse>(d, s, params);
       } else {
-        value = divide ? loss_value<K, kDivide>(d, params) : loss_value<K, kInverse>(d, params);
+        out.value = divide ? loss_value<K, kDivide>(d, params) : loss_value<K, kInverse>(d, params);
       }
-      sum += value;
-      if (loss_out != nullptr) *loss_out = static_cast<S>(value);
+      // add_rn: the sum of the element losses as the element kernels round them, never an FMA
+      // of the MSE's d * d into the sum (the CPU kernels are built with -ffp-contract=off).
+      sum = add_rn(sum, out.value);
     }
     if (want_grad) {
       if constexpr (kLogVar) {
         const HeteroscedasticGrad<C> grad =
             divide ? heteroscedastic_grad<K, kDivide>(d, s, g, params)
                    : heteroscedastic_grad<K, kInverse>(d, s, g, params);
-        if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad.input);
-        if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(grad.log_var);
+        out.grad_input = grad.input;
+        out.grad_other = grad.log_var;
       } else {
-        const C grad =
+        out.grad_input =
             divide ? loss_grad<K, kDivide>(d, g, params) : loss_grad<K, kInverse>(d, g, params);
-        if (grad_in_out != nullptr) *grad_in_out = static_cast<S>(grad);
-        if (grad_other_out != nullptr) *grad_other_out = static_cast<S>(-grad);
+        out.grad_other = -out.grad_input;
       }
     }
+    return out;
   };
   S* const grad_other = kLogVar ? ptr.grad_log_var : ptr.grad_target;
 
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
       using P = Packed<S, kWidth>;
       const P x = *reinterpret_cast<const P*>(ptr.input + base);
       const P y = *reinterpret_cast<const P*>(ptr.target + base);
-      P lv, g_in, g_out, l_out, g_oth;
+      P lv, g_in, l_out, g_out, g_oth;
       if constexpr (kLogVar) lv = *reinterpret_cast<const P*>(ptr.log_var + base);
       if (ptr.grad_output != nullptr) g_in = *reinterpret_cast<const P*>(ptr.grad_output + base);
 #pragma unroll
@@ -120,9 +128,11 @@ __global__ void __launch_bounds__(kThreads)
         const C g = ptr.grad_output != nullptr ? static_cast<C>(g_in.values[j]) : params.grad_scale;
         C s = C(0);
         if constexpr (kLogVar) s = static_cast<C>(lv.values[j]);
-        element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), s, g,
-                ptr.loss ? &l_out.values[j] : nullptr, ptr.grad_input ? &g_out.values[j] : nullptr,
-                grad_other ? &g_oth.values[j] : nullptr, sum);
+        const Element e =
+            element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), s, g, sum);
+        l_out.values[j] = static_cast<S>(e.value);
+        g_out.values[j] = static_cast<S>(e.grad_input);
+        g_oth.values[j] = static_cast<S>(e.grad_other);
       }
       if (ptr.loss) *reinterpret_cast<P*>(ptr.loss + base) = l_out;
       if (ptr.grad_input) *reinterpret_cast<P*>(ptr.grad_input + base) = g_out;
@@ -133,9 +143,11 @@ __global__ void __launch_bounds__(kThreads)
             ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
         C s = C(0);
         if constexpr (kLogVar) s = static_cast<C>(ptr.log_var[i]);
-        element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g,
-                ptr.loss ? ptr.loss + i : nullptr, ptr.grad_input ? ptr.grad_input + i : nullptr,
-                grad_other ? grad_other + i : nullptr, sum);
+        const Element e =
+            element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g, sum);
+        if (ptr.loss) ptr.loss[i] = static_cast<S>(e.value);
+        if (ptr.grad_input) ptr.grad_input[i] = static_cast<S>(e.grad_input);
+        if (grad_other) grad_other[i] = static_cast<S>(e.grad_other);
       }
     }
   }
