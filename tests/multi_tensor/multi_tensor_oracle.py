@@ -1,5 +1,8 @@
 """The oracle and the problems of the multi-tensor tests (imported by tests/multi_tensor/test_*.py).
 
+Problems are built on the CPU; ``Problem.lists(device=...)`` hands the same gradients (and views)
+out on another device, and every check compares results from any device on the CPU.
+
 
 The oracle is built here from plain torch: the K task gradients are flattened, concatenated and
 converted to float64 (None entries as zeros) into a K x N matrix D; then norms = |D_i|,
@@ -58,9 +61,11 @@ class Problem:
     """K x P task gradients (Tensor or None) and the P parameter shapes. Cached: tests must not
     modify the tensors (``lists()`` hands out fresh outer lists)."""
 
-    def __init__(self, shapes, grads, dtype):
+    def __init__(self, shapes, grads, dtype, sources=None):
         self.shapes = [tuple(s) for s in shapes]
         self.grads = [list(row) for row in grads]
+        # (base tensor, view or None) per gradient, to rebuild the same views on another device
+        self._sources = sources
         self.dtype = dtype
         self.K = len(self.grads)
         self.P = len(self.shapes)
@@ -84,8 +89,15 @@ class Problem:
         ]
         return f"Problem({self.dtype}, K={self.K}, P={self.P}, shapes={self.shapes}, tasks={rows})"
 
-    def lists(self, kind=list):
-        return kind(kind(row) for row in self.grads)
+    def lists(self, kind=list, device="cpu"):
+        """The gradients as K sequences of P (``kind``), on ``device``: the same values, and the
+        same views of a base tensor there (a stride-0 or stepped view stays one)."""
+        if torch.device(device).type == "cpu":
+            return kind(kind(row) for row in self.grads)
+        return kind(
+            kind(None if t is None else _on(t, source, device) for t, source in zip(row, sources))
+            for row, sources in zip(self.grads, self._sources or [[None] * self.P] * self.K)
+        )
 
     @functools.cached_property
     def dense64(self) -> torch.Tensor:
@@ -122,6 +134,13 @@ class Problem:
         return flat[self.offsets[p] : self.offsets[p + 1]]
 
 
+def _on(t, source, device):
+    if source is None or source[1] is None:
+        return t.to(device)
+    base, view = source
+    return view(base.to(device))
+
+
 def _values(shape, dtype, gen, scale, zero_fraction=0.0):
     v = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
     if zero_fraction:
@@ -136,27 +155,29 @@ def build_problem(shapes, K, dtype, seed=0, present=None, zero_tasks=(), views=N
     gradients; views[p], if given, maps a freshly generated base tensor to the (non-contiguous)
     view that is handed to the API (shapes[p] is the base shape then)."""
     gen = torch.Generator().manual_seed(seed)
-    grads, final_shapes = [], None
+    grads, sources, final_shapes = [], [], None
     for i in range(K):
-        row = []
+        row, row_sources = [], []
         for p, shape in enumerate(shapes):
             if present is not None and not present(i, p):
                 row.append(None)
+                row_sources.append(None)
                 continue
             t = _values(shape, dtype, gen, SCALES[i % len(SCALES)])
             if i in zero_tasks:
                 t = torch.zeros_like(t)
-            if views is not None and views[p] is not None:
-                t = views[p](t)
-            row.append(t)
+            view = views[p] if views is not None else None
+            row_sources.append((t, view))
+            row.append(view(t) if view is not None else t)
         grads.append(row)
+        sources.append(row_sources)
     if views is None:
         final_shapes = shapes
     else:
         final_shapes = [
             tuple(views[p](torch.empty(s)).shape) if views[p] else s for p, s in enumerate(shapes)
         ]
-    return Problem(final_shapes, grads, dtype)
+    return Problem(final_shapes, grads, dtype, sources)
 
 
 def _tiny_shapes(n=300, seed=3):
@@ -252,7 +273,8 @@ def assert_near(got, ref64, slack64, max_ulp, what):
     spacing of got's dtype: got within max_ulp ulps of ref64 rounded to the dtype, plus slack64.
     NaN in got fails."""
     __tracebackhide__ = True
-    got64 = got.detach().double().reshape(-1)
+    got = got.detach().cpu()  # results from any device, compared on the CPU
+    got64 = got.double().reshape(-1)
     ref64 = ref64.reshape(-1)
     slack64 = slack64.reshape(-1) if isinstance(slack64, torch.Tensor) else slack64
     assert got64.shape == ref64.shape, f"{what}: {got64.shape} != {ref64.shape}"
@@ -276,7 +298,8 @@ def assert_near(got, ref64, slack64, max_ulp, what):
 def assert_rel(got, ref64, scale64, rtol, what):
     """|got - ref64| <= rtol * scale64 element-wise (scale64 >= |ref64|, e.g. sum of |products|)."""
     __tracebackhide__ = True
-    err = (got.detach().double() - ref64).abs()
+    got = got.detach().cpu()
+    err = (got.double() - ref64).abs()
     bound = rtol * scale64
     bad = ~(err <= bound)
     if bool(bad.any()):
@@ -321,8 +344,9 @@ def check_outputs(prob: Problem, outs, ref64, slack64, max_ulp, what, base=None,
     """outs[p] against the flat float64 reference (and base[p], the values out held before)."""
     __tracebackhide__ = True
     assert len(outs) == prob.P, f"{what}: {len(outs)} outputs for {prob.P} parameters"
+    base = None if base is None else [b.cpu() for b in base]
     for p in range(prob.P):
-        o = outs[p]
+        o = None if outs[p] is None else outs[p].cpu()
         if not prob.reached[p]:
             if base is None:
                 assert o is None, f"{what}: parameter {p} is reached by no task: expected None"

@@ -58,11 +58,12 @@ def test_oracle_helpers():
 
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_norms_and_gramian(backend, layout, dtype):
+def test_norms_and_gramian(backend, device, layout, dtype):
     skip_slow_for_triton(backend, layout)
     prob = problem_for(layout, dtype, backend)
-    norms = mt.norms(prob.lists())
-    gram = mt.gramian(prob.lists())
+    norms = mt.norms(prob.lists(device=device))
+    gram = mt.gramian(prob.lists(device=device))
+    assert norms.device.type == gram.device.type == device
     check_norms(prob, norms)
     check_gramian(prob, gram)
     # the diagonal of the gramian is norms**2
@@ -83,16 +84,17 @@ def test_norms_and_gramian(backend, layout, dtype):
 @pytest.mark.parametrize("coeff_kind", ["tensor", "list"])
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_combine(backend, layout, dtype, coeff_kind):
+def test_combine(backend, device, layout, dtype, coeff_kind):
     skip_slow_for_triton(backend, layout)
     prob = problem_for(layout, dtype, backend)
     c = random_coeffs(prob.K)
     if coeff_kind == "tensor":
         coeffs = c.to(torch.float32)
         c = coeffs.double()
+        coeffs = coeffs.to(device)
     else:
         coeffs = c.tolist()
-    outs = mt.combine(prob.lists(), coeffs)
+    outs = mt.combine(prob.lists(device=device), coeffs)
     check_combine(prob, c, outs)
 
 
@@ -192,10 +194,10 @@ def test_nothing_to_sum(backend, case, fn):
 
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_normalized_sum(backend, layout, dtype):
+def test_normalized_sum(backend, device, layout, dtype):
     skip_slow_for_triton(backend, layout)
     prob = problem_for(layout, dtype, backend)
-    result = mt.normalized_sum(prob.lists())
+    result = mt.normalized_sum(prob.lists(device=device))
     check_normalized_sum(prob, result, 1e-8)
     outs, norms = result
     for p, o in enumerate(outs):

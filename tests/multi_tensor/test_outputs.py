@@ -119,16 +119,17 @@ def test_combine_into_grad_accumulates_like_autograd(backend, layout, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# K = 1..8, tuples as sequences
+# K = 1..9, 40 and 64, tuples as sequences
 
 
-@pytest.mark.parametrize("K", range(1, 9))
-def test_task_counts(backend, K):
+@pytest.mark.parametrize("K", [*range(1, 10), 40, 64])
+def test_task_counts(backend, device, K):
+    """K = 1..9 (9: the CUDA Gramian's tiled kernel), 40 and 64 (the most tasks)."""
     dtype = torch.float32
     prob = build_problem([(1,), (3,), (1023,), (5, 7), (4099,)], K, dtype, seed=40 + K)
-    task_grads = prob.lists(tuple)  # any sequence
+    task_grads = prob.lists(tuple, device=device)  # any sequence
     check_norms(prob, mt.norms(task_grads))
     check_gramian(prob, mt.gramian(task_grads))
     c = random_coeffs(K, seed=K)
-    check_combine(prob, c, mt.combine(task_grads, c))
+    check_combine(prob, c, mt.combine(task_grads, c.to(device)))
     check_normalized_sum(prob, mt.normalized_sum(task_grads), 1e-8)

@@ -52,11 +52,17 @@ def padded_tasks(k: int, diagonal_only: bool) -> int:
     return max(2 if diagonal_only else 16, triton.next_power_of_2(k))
 
 
+def tile_block(kp2: int) -> int:
+    """Elements per kp2 x block tile of the K gradients: BLOCK, or less where the tile would be
+    larger than the largest tensor Triton allows (2**20 elements: K > 16 under the interpreter)."""
+    return min(BLOCK, tl.TRITON_MAX_TENSOR_NUMEL // kp2)
+
+
 def gramian_block(kp2: int, acc: torch.dtype, diagonal_only: bool) -> int:
     """Elements per tile of the Gramian: BLOCK, or for the full Gramian on a GPU the largest power
     of two whose two kp2 x block operands fit GRAMIAN_SHARED_BUDGET."""
     if INTERPRETED or diagonal_only:
-        return BLOCK if INTERPRETED else min(BLOCK, 8192 // kp2)
+        return tile_block(kp2) if INTERPRETED else min(BLOCK, 8192 // kp2)
     element = torch.empty((), dtype=acc).element_size()
     block = GRAMIAN_SHARED_BUDGET // (2 * kp2 * element)
     return max(16, min(BLOCK, 1 << (block.bit_length() - 1)))
@@ -315,7 +321,7 @@ def combine_op(
         DTYPE=_TL_DTYPES[dtype],
         ACC=_TL_DTYPES[acc],
         CHUNK=CHUNK,
-        BLOCK=BLOCK,
+        BLOCK=tile_block(padded_tasks(num_tasks, True)),
     )
 
 
@@ -435,7 +441,7 @@ def _compile_cases():
                         "KP2": padded_tasks(k, True),
                         "ACCUMULATE": True,
                         **common,
-                        "BLOCK": BLOCK,
+                        "BLOCK": tile_block(padded_tasks(k, True)),
                     },
                 )
             )
