@@ -6,6 +6,7 @@ docs/METHODS.md section 1 (``ref_loss64`` / ``ref_grad64``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -154,6 +155,39 @@ def backend(request):
     ('triton' under the Triton interpreter)."""
     with fusedmtl.backend.use(request.param):
         yield request.param
+
+
+@pytest.fixture(params=["native", "triton"])
+def gpu_backend(request):
+    """Each backend with CUDA kernels, under fusedmtl.backend.use (skips where it has none)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    available = {
+        "native": fusedmtl.backend.native_available("cuda"),
+        "triton": fusedmtl.backend.triton_available(),
+    }
+    if not available[request.param]:
+        pytest.skip(f"the {request.param} backend is not available for CUDA here")
+    with fusedmtl.backend.use(request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
+def _cuda_sync_raises():
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.fixture
+def no_host_sync():
+    """``with no_host_sync():`` makes any host synchronisation on CUDA inside the block raise
+    (torch.cuda.set_sync_debug_mode('error')). Warm up first: a first call may compile or load."""
+    return _cuda_sync_raises
 
 
 @pytest.fixture(params=DEVICES)

@@ -32,23 +32,6 @@ TOLERANCE = {
 }
 
 
-def gpu_backends():
-    names = []
-    if fusedmtl.backend.native_available("cuda"):
-        names.append("native")
-    if fusedmtl.backend.triton_available():
-        names.append("triton")
-    return names
-
-
-@pytest.fixture(params=["native", "triton"])
-def gpu_backend(request):
-    if request.param not in gpu_backends():
-        pytest.skip(f"the {request.param} backend is not available for CUDA here")
-    with fusedmtl.backend.use(request.param):
-        yield request.param
-
-
 def call(name, args, reduction, param):
     fn, ref, param_name = LOSSES[name]
     kwargs = {"reduction": reduction}
@@ -94,18 +77,13 @@ def test_reductions_are_deterministic(gpu_backend, name):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_no_host_synchronisation(gpu_backend, name, reduction):
+def test_no_host_synchronisation(gpu_backend, no_host_sync, name, reduction):
     x = torch.randn(4097, device="cuda", requires_grad=True)
     y = torch.randn(4097, device="cuda")
     call(name, (x, y), reduction, 0.7)  # warm-up: first calls may compile or load modules
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         loss, _, _ = call(name, (x, y), reduction, 0.7)
         loss.backward(torch.ones_like(loss))
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def test_compile_fullgraph(gpu_backend):
