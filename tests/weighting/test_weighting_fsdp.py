@@ -97,12 +97,18 @@ CASES = {
     ),
     "mgda_ub": (lambda p: weighting.MGDA(p, K), True, True, False),
     "mgda_ub_plain_heads": (lambda p: weighting.MGDA(p, K), False, True, False),
+    # step(): per-task gradients the caller took (the sharded .grad DTensors)
+    "mgda_step": (lambda p: weighting.MGDA(p, K), True, False, False),
     "upgrad_scaler": (lambda p: weighting.UPGrad(p, K), True, False, True),
     # (torch's GradScaler needs every gradient sharded or none: the heads are sharded too)
     "db_mtl_scaler": (lambda p: weighting.DBMTL(p, K), True, False, True),
     "uncertainty": (lambda p: weighting.Uncertainty(K), True, False, False),
+    "rlw": (lambda p: weighting.RLW(K), True, False, False),
+    "famo": (lambda p: weighting.FAMO(K), True, False, False),
 }
 CHECKPOINT_CASE = "db_mtl"
+LOSS_CASES = ("uncertainty", "rlw", "famo")
+GRADIENT_CASES = tuple(c for c in CASES if c not in LOSS_CASES)
 
 
 def _batch():
@@ -150,7 +156,15 @@ def _steps(case, model, method, optimizer, grad_scaler, rank, world, steps):
             nn.functional.l1_loss(outputs[1], ys[1][share]),
             nn.functional.cross_entropy(outputs[2], ys[2][share]),
         ]
-        if isinstance(method, weighting.GradientWeighting):
+        if case.endswith("_step"):
+            shared, grads = list(model.trunk.parameters()), []
+            for i, loss in enumerate(losses):
+                loss.backward(retain_graph=i < K - 1)
+                grads.append([p.grad for p in shared])
+                for p in shared:
+                    p.grad = None
+            coeffs = method.step(grads)
+        elif isinstance(method, weighting.GradientWeighting):
             coeffs = method.backward(
                 losses, features=z if representation else None, grad_scaler=grad_scaler
             )
@@ -364,12 +378,12 @@ def test_sharded_ranks_match_one_process(ranks, case):
     assert ranks[1][case]["params"]["trunk.first.weight"].shape == (7, 6)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "uncertainty"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_coefficients_identical_on_every_rank(ranks, case):
     assert torch.equal(ranks[0][case]["coeffs"], ranks[1][case]["coeffs"])
 
 
-@pytest.mark.parametrize("case", [c for c, v in CASES.items() if not v[2] and c != "uncertainty"])
+@pytest.mark.parametrize("case", [c for c, v in CASES.items() if not v[2] and c in GRADIENT_CASES])
 def test_gramian_reads_only_local_shards(ranks, case):
     """At most the rank's shard of each task gradient: never a full trunk gradient."""
     full = {tuple(p.shape) for p in Net().trunk.parameters()}

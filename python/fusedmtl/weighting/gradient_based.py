@@ -196,7 +196,8 @@ class GradientWeighting(Weighting):
         sum_i c_i task_grads[i][p] into the shared parameters' .grad and returns c.
 
         task_grads: K sequences of P tensors (None where a task does not reach a parameter), in
-        the order of the shared parameters, already averaged across ranks if data-parallel.
+        the order of the shared parameters, already averaged across ranks if data-parallel
+        (under FSDP2: this rank's shards, local tensors or the sharded .grad DTensors).
         losses: Tensor[K] or K floats, for the methods that use them.
         """
         self._require_bound("step")
@@ -207,6 +208,8 @@ class GradientWeighting(Weighting):
                 f"{len(self._shared)} shared "
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
+        if self._sharding is not None:  # FSDP2: the kernels read the local shards
+            table = [[fsdp.local(g) for g in row] for row in table]
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         if values is not None and values.numel() != self.num_tasks:
             raise ValueError(
