@@ -23,7 +23,12 @@ gradient and the heads the gradient of their own losses, through FSDP's backward
 
 Task-specific parameters (heads) that FSDP shards get their gradient from the same backward
 passes, reduce-scattered by FSDP; heads left unsharded (only the trunk wrapped) have it averaged
-across ranks here, in coalesced buckets, like the DDP path.
+across ranks here, in coalesced buckets, like the DDP path. ``grad_mode`` does not apply: the
+per-task passes are FSDP's backward, one per task.
+
+Not covered: FSDP's gradient sync turned off (``set_requires_gradient_sync(False)``: no sharded
+gradient is produced); on a step skipped for non-finite gradients (``on_nonfinite='skip'``) the
+sharded heads keep what FSDP accumulated into their .grad during the per-task passes.
 """
 
 from __future__ import annotations
