@@ -106,8 +106,15 @@ CASES = {
     "rlw": (lambda p: weighting.RLW(K), True, False, False),
     "famo": (lambda p: weighting.FAMO(K), True, False, False),
 }
+# every registered method, through its example, heads sharded
+CASES.update(
+    {
+        f"registry_{name}": (lambda p, cls=cls: cls.example(K, p), True, False, False)
+        for name, cls in {**weighting.GRADIENT_BASED, **weighting.LOSS_BASED}.items()
+    }
+)
 CHECKPOINT_CASE = "db_mtl"
-LOSS_CASES = ("uncertainty", "rlw", "famo")
+LOSS_CASES = ("uncertainty", "rlw", "famo", *(f"registry_{n}" for n in weighting.LOSS_BASED))
 GRADIENT_CASES = tuple(c for c in CASES if c not in LOSS_CASES)
 
 
