@@ -27,8 +27,9 @@ across ranks here, in coalesced buckets, like the DDP path. ``grad_mode`` does n
 per-task passes are FSDP's backward, one per task.
 
 Not covered: FSDP's gradient sync turned off (``set_requires_gradient_sync(False)``: no sharded
-gradient is produced); on a step skipped for non-finite gradients (``on_nonfinite='skip'``) the
-sharded heads keep what FSDP accumulated into their .grad during the per-task passes.
+gradient is produced); the gradients of sharded heads, which FSDP writes into their .grad during
+the per-task passes, are not seen by the non-finite check, and stay accumulated on a step skipped
+for non-finite trunk gradients (``on_nonfinite='skip'``).
 """
 
 from __future__ import annotations
