@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl import multi_tensor
-from fusedmtl.weighting import distributed
+from fusedmtl.weighting import distributed, fsdp
 from fusedmtl.weighting.base import Losses, SkipStep, Weighting
 from fusedmtl.weighting.task_gradients import task_gradients
 
@@ -45,6 +45,9 @@ class GradientWeighting(Weighting):
         track_conflict: compute the full Gramian even when the method needs only its diagonal,
             so ``last_cosine`` is available (one pass either way; more arithmetic).
         eps: keeps norms away from zero in divisions.
+        sharded: whether the shared parameters are sharded with FSDP2 (``fully_shard``; see
+            :mod:`fusedmtl.weighting.fsdp`): None detects it (every shared parameter a DTensor),
+            True requires it, False never takes the sharded path.
 
     Subclasses implement :meth:`coefficients` and set ``needs_full_gramian``.
     """
@@ -70,6 +73,7 @@ class GradientWeighting(Weighting):
         grad_mode: str = "loop",
         track_conflict: bool = False,
         eps: float = 1e-8,
+        sharded: bool | None = None,
     ) -> None:
         super().__init__(tasks, on_nonfinite)
         if self.num_tasks is not None and self.num_tasks > MAX_TASKS:
@@ -92,6 +96,7 @@ class GradientWeighting(Weighting):
         self.track_conflict = track_conflict
         self.eps = float(eps)
         self._warned_zero: set[str] = set()
+        self._sharding = fsdp.sharding(params, sharded)  # None: not FSDP2
 
     @classmethod
     def _from_settings(cls, tasks, shared_params, settings: dict) -> GradientWeighting:
@@ -143,6 +148,10 @@ class GradientWeighting(Weighting):
                     f"{type(self).__name__}.backward: features=[]: give the shared "
                     "representation(s) or None"
                 )
+        if self._sharding is not None:  # FSDP2: per-task gradients through FSDP's backward
+            return fsdp.sharded_backward(
+                self, losses, values, scale, grad_scaler, features, retain_graph
+            )
         grads = task_gradients(
             losses,
             features if features is not None else self._shared,
@@ -187,7 +196,8 @@ class GradientWeighting(Weighting):
         sum_i c_i task_grads[i][p] into the shared parameters' .grad and returns c.
 
         task_grads: K sequences of P tensors (None where a task does not reach a parameter), in
-        the order of the shared parameters, already averaged across ranks if data-parallel.
+        the order of the shared parameters, already averaged across ranks if data-parallel
+        (under FSDP2: this rank's shards, local tensors or the sharded .grad DTensors).
         losses: Tensor[K] or K floats, for the methods that use them.
         """
         self._require_bound("step")
@@ -198,6 +208,8 @@ class GradientWeighting(Weighting):
                 f"{len(self._shared)} shared "
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
+        if self._sharding is not None:  # FSDP2: the kernels read the local shards
+            table = [[fsdp.local(g) for g in row] for row in table]
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         if values is not None and values.numel() != self.num_tasks:
             raise ValueError(
@@ -241,7 +253,10 @@ class GradientWeighting(Weighting):
         table, table_scale = self._task_table(table, values, scale, representation, owned)
         gramian = self._gramian(table, representation)
         size = distributed.world_size()
-        if representation and size > 1:
+        if self._sharding is not None and not representation:
+            # FSDP2: the table holds this rank's shards of averaged gradients: their Gramians add
+            gramian = self._sharding.sum_gramian(gramian, self._not_in_gramian(table, False))
+        elif representation and size > 1:
             # The features of different ranks are disjoint parts of the batch: their Gramians add,
             # and each loss is a mean over ranks, hence the 1 / size^2.
             gramian = distributed.sum_(gramian) / size**2
@@ -259,6 +274,8 @@ class GradientWeighting(Weighting):
         applied = coeffs * (scale / table_scale) if scale != table_scale else coeffs
         if representation:
             self._backward_through_trunk(features, table, applied, retain_graph)
+        elif self._sharding is not None:
+            self._sharding.combine_into_grad_(self._shared, table, applied)
         else:
             multi_tensor.combine_into_grad_(self._shared, table, applied)
         return coeffs
@@ -332,6 +349,9 @@ class GradientWeighting(Weighting):
             )
 
     def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
+        if self._sharding is not None:
+            self._sharding.backward_through_trunk(features, feature_grads, coeffs, retain_graph)
+            return
         combined = multi_tensor.combine(feature_grads, coeffs)
         pairs = [(z, g) for z, g in zip(features, combined) if g is not None]
         trunk = torch.autograd.grad(

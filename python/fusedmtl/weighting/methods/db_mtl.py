@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl import multi_tensor
+from fusedmtl.weighting import fsdp
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -89,7 +90,10 @@ class DBMTL(GradientWeighting):
         )  # 0-dim, on device
         table = []
         for i, row in enumerate(shared):
-            averages = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(self._shared))]
+            # (under FSDP2 the averages are DTensors like the parameters: their local shards)
+            averages = [
+                fsdp.local(getattr(self, f"grad_ema_{i}_{p}")) for p in range(len(self._shared))
+            ]
             if owned:  # overwrite this step's gradients (a parameter not reached gets a tensor)
                 out = [
                     g if g is not None and g.is_contiguous() else torch.empty_like(h)
@@ -106,7 +110,9 @@ class DBMTL(GradientWeighting):
     def _spare_averages(self, task: int) -> list[Tensor]:
         """The second set of average buffers that step() writes into (not module state, so made
         again after the module moved to another device or dtype)."""
-        averages = [getattr(self, f"grad_ema_{task}_{p}") for p in range(len(self._shared))]
+        averages = [
+            fsdp.local(getattr(self, f"grad_ema_{task}_{p}")) for p in range(len(self._shared))
+        ]
         spare = self._spare[task]
         if spare is None or any(
             s.device != h.device or s.dtype != h.dtype for s, h in zip(spare, averages)
@@ -121,6 +127,6 @@ class DBMTL(GradientWeighting):
                 spare = self._spare[i]
                 previous = [getattr(self, f"grad_ema_{i}_{p}") for p in range(len(row))]
                 for p, h in enumerate(row):
-                    setattr(self, f"grad_ema_{i}_{p}", h)
+                    setattr(self, f"grad_ema_{i}_{p}", fsdp.like(previous[p], h))
                 if spare is not None and row is spare:
-                    self._spare[i] = previous
+                    self._spare[i] = [fsdp.local(h) for h in previous]
