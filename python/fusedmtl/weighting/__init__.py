@@ -7,7 +7,7 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac.
+DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -52,6 +52,7 @@ from fusedmtl.weighting.methods.prior_loss import (
 from fusedmtl.weighting.methods.real_time import RealTime
 from fusedmtl.weighting.methods.rlw import RLW
 from fusedmtl.weighting.methods.stch import STCH
+from fusedmtl.weighting.methods.trimmed_mean import TrimmedMean
 from fusedmtl.weighting.methods.uncertainty import Uncertainty
 from fusedmtl.weighting.methods.upgrad import UPGrad
 
@@ -86,6 +87,7 @@ GRADIENT_BASED = {
     "krum": Krum,
     "fairgrad": FairGrad,
     "gradvac": GradVac,
+    "trimmed_mean": TrimmedMean,
 }
 
 __all__ = [
@@ -119,6 +121,7 @@ __all__ = [
     "PCGrad",
     "PriorLoss",
     "RealTime",
+    "TrimmedMean",
     "UPGrad",
     "Uncertainty",
     "Weighting",
