@@ -7,7 +7,7 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean.
+DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -30,6 +30,7 @@ from fusedmtl.weighting.methods.famo import FAMO
 from fusedmtl.weighting.methods.fixed import Fixed
 from fusedmtl.weighting.methods.generalized_mean import GeneralizedMean
 from fusedmtl.weighting.methods.grad_normalization import GradNormalization
+from fusedmtl.weighting.methods.graddrop import GradDrop
 from fusedmtl.weighting.methods.gradnorm import GradNorm
 from fusedmtl.weighting.methods.gradvac import GradVac
 from fusedmtl.weighting.methods.imtl import IMTLG
@@ -88,6 +89,7 @@ GRADIENT_BASED = {
     "fairgrad": FairGrad,
     "gradvac": GradVac,
     "trimmed_mean": TrimmedMean,
+    "graddrop": GradDrop,
 }
 
 __all__ = [
@@ -112,6 +114,7 @@ __all__ = [
     "CAGrad",
     "Fixed",
     "GeneralizedMean",
+    "GradDrop",
     "GradNorm",
     "GradNormalization",
     "GradientWeighting",
