@@ -32,6 +32,8 @@ STATEFUL = {
     "stch",
     "imtl_l",
     "gradvac",
+    "modo",
+    "sdmgrad",
 }
 
 

@@ -7,7 +7,7 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop.
+DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -42,6 +42,7 @@ from fusedmtl.weighting.methods.initial_loss import (
 )
 from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.methods.mgda import MGDA
+from fusedmtl.weighting.methods.modo import MoDo
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
 from fusedmtl.weighting.methods.pcgrad import PCGrad
 from fusedmtl.weighting.methods.prior_loss import (
@@ -52,6 +53,7 @@ from fusedmtl.weighting.methods.prior_loss import (
 )
 from fusedmtl.weighting.methods.real_time import RealTime
 from fusedmtl.weighting.methods.rlw import RLW
+from fusedmtl.weighting.methods.sdmgrad import SDMGrad
 from fusedmtl.weighting.methods.stch import STCH
 from fusedmtl.weighting.methods.trimmed_mean import TrimmedMean
 from fusedmtl.weighting.methods.uncertainty import Uncertainty
@@ -90,6 +92,8 @@ GRADIENT_BASED = {
     "gradvac": GradVac,
     "trimmed_mean": TrimmedMean,
     "graddrop": GradDrop,
+    "modo": MoDo,
+    "sdmgrad": SDMGrad,
 }
 
 __all__ = [
@@ -108,6 +112,8 @@ __all__ = [
     "IMTLG",
     "LOSS_BASED",
     "MGDA",
+    "MoDo",
+    "SDMGrad",
     "RLW",
     "AlignedMTL",
     "AnchorToMain",
