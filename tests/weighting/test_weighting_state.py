@@ -34,6 +34,7 @@ STATEFUL = {
     "gradvac",
     "modo",
     "sdmgrad",
+    "crmogm",
 }
 
 

@@ -7,7 +7,7 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad.
+DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad, CRMOGM.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -22,6 +22,7 @@ from fusedmtl.weighting.methods.alternating import Alternating
 from fusedmtl.weighting.methods.anchor_to_main import AnchorToMain
 from fusedmtl.weighting.methods.cagrad import CAGrad
 from fusedmtl.weighting.methods.config import ConFIG
+from fusedmtl.weighting.methods.crmogm import CRMOGM
 from fusedmtl.weighting.methods.db_mtl import DBMTL
 from fusedmtl.weighting.methods.dualproj import DualProj
 from fusedmtl.weighting.methods.dwa import DWA
@@ -94,11 +95,13 @@ GRADIENT_BASED = {
     "graddrop": GradDrop,
     "modo": MoDo,
     "sdmgrad": SDMGrad,
+    "crmogm": CRMOGM,
 }
 
 __all__ = [
     "STCH",
     "Alternating",
+    "CRMOGM",
     "ConFIG",
     "DualProj",
     "FairGrad",
