@@ -35,6 +35,7 @@ STATEFUL = {
     "modo",
     "sdmgrad",
     "crmogm",
+    "pcd",
 }
 
 

@@ -7,7 +7,7 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad, CRMOGM.
+DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad, CRMOGM, PCD.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -45,6 +45,7 @@ from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.methods.mgda import MGDA
 from fusedmtl.weighting.methods.modo import MoDo
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
+from fusedmtl.weighting.methods.pcd import PCD
 from fusedmtl.weighting.methods.pcgrad import PCGrad
 from fusedmtl.weighting.methods.prior_loss import (
     PriorLoss,
@@ -96,6 +97,7 @@ GRADIENT_BASED = {
     "modo": MoDo,
     "sdmgrad": SDMGrad,
     "crmogm": CRMOGM,
+    "pcd": PCD,
 }
 
 __all__ = [
@@ -130,6 +132,7 @@ __all__ = [
     "InitialLoss",
     "LossWeighting",
     "NashMTL",
+    "PCD",
     "PCGrad",
     "PriorLoss",
     "RealTime",
