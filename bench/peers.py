@@ -35,6 +35,7 @@ AGGREGATORS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "aligned_mtl": ("AlignedMTL", lambda k: {}, {}),
     "nash_mtl": ("NashMTL", lambda k: {"n_tasks": k}, {}),
     "pcd": ("PCD", lambda k: {}, {}),
+    "excess_mtl": ("ExcessMTL", lambda k: {}, {}),
     "trimmed_mean": ("TrimmedMean", lambda k: {"trim_number": 1 if k >= 3 else 0}, {}),
 }
 # fusedmtl method -> (torchjd.scalarization class, its keyword arguments, fusedmtl options).

@@ -36,6 +36,7 @@ STATEFUL = {
     "sdmgrad",
     "crmogm",
     "pcd",
+    "excess_mtl",
 }
 
 

@@ -7,7 +7,8 @@ FAMO, Alternating, STCH, IMTLL.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, TrimmedMean, GradDrop, MoDo, SDMGrad, CRMOGM, PCD.
+DualProj, ConFIG, Krum, FairGrad, GradVac, MoDo, SDMGrad, CRMOGM, PCD; on the gradients themselves
+(per coordinate, not from the Gramian alone): TrimmedMean, GradDrop, ExcessMTL.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -26,6 +27,7 @@ from fusedmtl.weighting.methods.crmogm import CRMOGM
 from fusedmtl.weighting.methods.db_mtl import DBMTL
 from fusedmtl.weighting.methods.dualproj import DualProj
 from fusedmtl.weighting.methods.dwa import DWA
+from fusedmtl.weighting.methods.excess_mtl import ExcessMTL
 from fusedmtl.weighting.methods.fairgrad import FairGrad
 from fusedmtl.weighting.methods.famo import FAMO
 from fusedmtl.weighting.methods.fixed import Fixed
@@ -98,6 +100,7 @@ GRADIENT_BASED = {
     "sdmgrad": SDMGrad,
     "crmogm": CRMOGM,
     "pcd": PCD,
+    "excess_mtl": ExcessMTL,
 }
 
 __all__ = [
@@ -112,6 +115,7 @@ __all__ = [
     "Krum",
     "DBMTL",
     "DWA",
+    "ExcessMTL",
     "FAMO",
     "GRADIENT_BASED",
     "IMTLG",
