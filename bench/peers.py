@@ -46,6 +46,8 @@ SCALARIZERS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "dwa": ("DWA", lambda k: {}, {}),
     "famo": ("FAMO", lambda k: {"shape": k}, {}),
     "rlw": ("Random", lambda k: {}, {}),
+    "pbi": ("PBI", lambda k: {"theta": 5.0, "weights": torch.ones(k)}, {}),
+    "cosmos": ("COSMOS", lambda k: {"lambda_": 1.0, "weights": torch.full((k,), 1.0 / k)}, {}),
 }
 RANDOM = ("rlw", "pcgrad")  # draw random weights or orders: agreement is not expected to be 1
 

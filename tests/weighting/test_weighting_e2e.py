@@ -6,7 +6,7 @@ The check: the mean of each task's loss over the last STEPS_AVG steps is below D
 mean over the first STEPS_AVG steps (full batch, Adam, fixed seeds, so the run is deterministic).
 Every registered method runs with its ``example`` settings, and VARIANTS with others.
 GeneralizedMean with gamma < 0 is left out: it leans towards the smallest loss by design, and the
-other tasks may legitimately get worse.
+other tasks may legitimately get worse; PBI runs with a preference along the initial losses.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ VARIANTS = {
     "mgda-none": ("mgda", {"normalization": "none"}),
     "mgda-loss": ("mgda", {"normalization": "loss"}),
     "mgda-loss+": ("mgda", {"normalization": "loss+"}),
+    # PBI along the initial losses' direction: each loss's share of the total is kept
+    "pbi-initial-direction": ("pbi", {"preference": INITIAL}),
 }
 # Representation mode (features=z): name -> registered method.
 REPRESENTATION = {"mgda-ub-l2": "mgda", "grad_normalization-features": "grad_normalization"}
@@ -110,7 +112,9 @@ def _check_every_task_loss_decreases(method):
     assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+# PBI with its default preference (ones) pulls the losses onto the diagonal ray: with losses four
+# orders of magnitude apart it raises the small ones, by design (its variant above trains all).
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "pbi"])
 def test_every_task_loss_decreases(method):
     _check_every_task_loss_decreases(method)
 

@@ -23,6 +23,8 @@ EXCLUDED = {
     # GradNorm: state of its layer W; ExcessMTL: excess risks from the gradients element-wise
     "test_coefficients_alone_without_shared_params_or_tasks": {"gradnorm", "excess_mtl"},
     "test_representation_mode_under_autocast_and_scaler": {"excess_mtl"},  # sums of parameters
+    # PBI's default ray raises losses far below the others (its e2e variant trains every task)
+    "test_every_task_loss_decreases": {"pbi"},
 }
 
 

@@ -2,7 +2,7 @@
 
 Loss-based (``forward(losses)`` is the total loss; ``backward(losses)`` backpropagates it):
 Fixed, InitialLoss, PriorLoss, RealTime, GeneralizedMean, AnchorToMain, Uncertainty, DWA, RLW,
-FAMO, Alternating, STCH, IMTLL.
+FAMO, Alternating, STCH, IMTLL, PBI, COSMOS.
 
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
@@ -23,6 +23,7 @@ from fusedmtl.weighting.methods.alternating import Alternating
 from fusedmtl.weighting.methods.anchor_to_main import AnchorToMain
 from fusedmtl.weighting.methods.cagrad import CAGrad
 from fusedmtl.weighting.methods.config import ConFIG
+from fusedmtl.weighting.methods.cosmos import COSMOS
 from fusedmtl.weighting.methods.crmogm import CRMOGM
 from fusedmtl.weighting.methods.db_mtl import DBMTL
 from fusedmtl.weighting.methods.dualproj import DualProj
@@ -47,6 +48,7 @@ from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.methods.mgda import MGDA
 from fusedmtl.weighting.methods.modo import MoDo
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
+from fusedmtl.weighting.methods.pbi import PBI
 from fusedmtl.weighting.methods.pcd import PCD
 from fusedmtl.weighting.methods.pcgrad import PCGrad
 from fusedmtl.weighting.methods.prior_loss import (
@@ -77,6 +79,8 @@ LOSS_BASED = {
     "alternating": Alternating,
     "stch": STCH,
     "imtl_l": IMTLL,
+    "pbi": PBI,
+    "cosmos": COSMOS,
 }
 GRADIENT_BASED = {
     "grad_normalization": GradNormalization,
@@ -106,6 +110,7 @@ GRADIENT_BASED = {
 __all__ = [
     "STCH",
     "Alternating",
+    "COSMOS",
     "CRMOGM",
     "ConFIG",
     "DualProj",
@@ -136,6 +141,7 @@ __all__ = [
     "InitialLoss",
     "LossWeighting",
     "NashMTL",
+    "PBI",
     "PCD",
     "PCGrad",
     "PriorLoss",
