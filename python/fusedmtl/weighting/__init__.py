@@ -7,8 +7,9 @@ FAMO, Alternating, STCH, IMTLL, PBI, COSMOS.
 Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_i g_i into their
 .grad through fusedmtl.multi_tensor; ``coefficients(gramian, losses)`` is the method itself):
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
-DualProj, ConFIG, Krum, FairGrad, GradVac, MoDo, SDMGrad, CRMOGM, PCD; on the gradients themselves
-(per coordinate, not from the Gramian alone): TrimmedMean, GradDrop, ExcessMTL.
+DualProj, ConFIG, Krum, FairGrad, GradVac, MoDo, SDMGrad, CRMOGM, PCD, IMTL (IMTL-L with IMTL-G);
+on the gradients themselves (per coordinate, not from the Gramian alone): TrimmedMean, GradDrop,
+ExcessMTL.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -38,6 +39,7 @@ from fusedmtl.weighting.methods.graddrop import GradDrop
 from fusedmtl.weighting.methods.gradnorm import GradNorm
 from fusedmtl.weighting.methods.gradvac import GradVac
 from fusedmtl.weighting.methods.imtl import IMTLG
+from fusedmtl.weighting.methods.imtl_full import IMTL
 from fusedmtl.weighting.methods.imtl_l import IMTLL
 from fusedmtl.weighting.methods.initial_loss import (
     InitialLoss,
@@ -105,6 +107,7 @@ GRADIENT_BASED = {
     "crmogm": CRMOGM,
     "pcd": PCD,
     "excess_mtl": ExcessMTL,
+    "imtl": IMTL,
 }
 
 __all__ = [
@@ -123,6 +126,7 @@ __all__ = [
     "ExcessMTL",
     "FAMO",
     "GRADIENT_BASED",
+    "IMTL",
     "IMTLG",
     "LOSS_BASED",
     "MGDA",
