@@ -22,9 +22,11 @@ EXCLUDED = {
     "test_permuting_the_tasks_permutes_the_coefficients": {"pcgrad", "gradvac", "pcd"},
     # GradNorm: state of its layer W; ExcessMTL: excess risks from the gradients element-wise
     "test_coefficients_alone_without_shared_params_or_tasks": {"gradnorm", "excess_mtl"},
-    "test_representation_mode_under_autocast_and_scaler": {"excess_mtl"},  # sums of parameters
-    # PBI's default ray raises losses far below the others (its e2e variant trains every task)
-    "test_every_task_loss_decreases": {"pbi"},
+    # running sums of the parameters' gradients
+    "test_representation_mode_under_autocast_and_scaler": {"excess_mtl", "moco"},
+    # PBI's default ray raises losses far below the others, MoCo's default weight step is slow for
+    # losses orders apart (their e2e variants train every task)
+    "test_every_task_loss_decreases": {"pbi", "moco"},
 }
 
 

@@ -37,6 +37,7 @@ STATEFUL = {
     "crmogm",
     "pcd",
     "excess_mtl",
+    "moco",
 }
 
 

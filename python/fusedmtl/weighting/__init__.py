@@ -9,7 +9,7 @@ Gradient-based (take the shared parameters; ``backward(losses)`` writes sum_i c_
 GradNormalization, GradNorm, MGDA, PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL, UPGrad, DBMTL,
 DualProj, ConFIG, Krum, FairGrad, GradVac, MoDo, SDMGrad, CRMOGM, PCD, IMTL (IMTL-L with IMTL-G);
 on the gradients themselves (per coordinate, not from the Gramian alone): TrimmedMean, GradDrop,
-ExcessMTL.
+ExcessMTL, MoCo.
 
     weighting = fusedmtl.weighting.MGDA(model.trunk.parameters(), tasks=["depth", "seg"])
     weighting.backward({"depth": depth_loss, "seg": seg_loss})
@@ -48,6 +48,7 @@ from fusedmtl.weighting.methods.initial_loss import (
 )
 from fusedmtl.weighting.methods.krum import Krum
 from fusedmtl.weighting.methods.mgda import MGDA
+from fusedmtl.weighting.methods.moco import MoCo
 from fusedmtl.weighting.methods.modo import MoDo
 from fusedmtl.weighting.methods.nash_mtl import NashMTL
 from fusedmtl.weighting.methods.pbi import PBI
@@ -108,6 +109,7 @@ GRADIENT_BASED = {
     "pcd": PCD,
     "excess_mtl": ExcessMTL,
     "imtl": IMTL,
+    "moco": MoCo,
 }
 
 __all__ = [
@@ -130,6 +132,7 @@ __all__ = [
     "IMTLG",
     "LOSS_BASED",
     "MGDA",
+    "MoCo",
     "MoDo",
     "SDMGrad",
     "RLW",
