@@ -34,6 +34,9 @@ AGGREGATORS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "imtl_g": ("IMTLG", lambda k: {}, {}),
     "aligned_mtl": ("AlignedMTL", lambda k: {}, {}),
     "nash_mtl": ("NashMTL", lambda k: {"n_tasks": k}, {}),
+    "pcd": ("PCD", lambda k: {}, {}),
+    "excess_mtl": ("ExcessMTL", lambda k: {}, {}),
+    "trimmed_mean": ("TrimmedMean", lambda k: {"trim_number": 1 if k >= 3 else 0}, {}),
 }
 # fusedmtl method -> (torchjd.scalarization class, its keyword arguments, fusedmtl options).
 SCALARIZERS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
@@ -43,6 +46,8 @@ SCALARIZERS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
     "dwa": ("DWA", lambda k: {}, {}),
     "famo": ("FAMO", lambda k: {"shape": k}, {}),
     "rlw": ("Random", lambda k: {}, {}),
+    "pbi": ("PBI", lambda k: {"theta": 5.0, "weights": torch.ones(k)}, {}),
+    "cosmos": ("COSMOS", lambda k: {"lambda_": 1.0, "weights": torch.full((k,), 1.0 / k)}, {}),
 }
 RANDOM = ("rlw", "pcgrad")  # draw random weights or orders: agreement is not expected to be 1
 

@@ -152,12 +152,27 @@ def flatten_step(name: str, method, params, columns: int | None):
         average["matrix"], average["steps"] = matrix, average["steps"] + 1
         return matrix
 
+    # TrimmedMean, GradDrop, ExcessMTL, MoCo work on the gradients themselves (per coordinate):
+    # the flatten way runs their own transform on the matrix's rows, one view per parameter
+    transforms = name != "db_mtl" and (
+        type(method)._task_table is not weighting.GradientWeighting._task_table
+    )
+
     def step(task_grads, losses) -> torch.Tensor:
         matrix = flatten_rows(task_grads)
         if name == "db_mtl":
             matrix = running_average(matrix, losses)
+        table = None
+        if transforms:
+            views = [split_like(row, params) for row in matrix]
+            table, _ = method._task_table(views, losses, 1.0, False, True)
+            pairs = [(t, v) for r, w in zip(table, views) for t, v in zip(r, w)]
+            if any(t.data_ptr() != v.data_ptr() for t, v in pairs):
+                matrix = flatten_rows(table)  # (each of them writes into the views it is given)
         part = matrix if columns is None else matrix[:, -columns:]
         coeffs = method.coefficients(part @ part.T, losses).to(matrix)
+        if table is not None:
+            method._commit(table)
         add_into_grad(coeffs @ matrix, params)
         return coeffs
 

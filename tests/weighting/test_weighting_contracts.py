@@ -365,8 +365,8 @@ def test_degenerate_gradients_give_a_finite_update(name, kind):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in GRADIENT_NAMES if n not in ("pcgrad", "gradvac")]
-)  # PCGrad: random orders
+    "name", [n for n in GRADIENT_NAMES if n not in ("pcgrad", "gradvac", "pcd")]
+)  # PCGrad, GradVac: random orders; PCD: task 0 is the primary one
 def test_permuting_the_tasks_permutes_the_coefficients(name):
     jacobian = make_jacobian(4, 3, conflicting=True)
     losses = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
@@ -459,8 +459,8 @@ def test_a_zero_gradient_task_taking_all_the_weight_is_warned_once(cls, model, b
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in GRADIENT_NAMES if n != "gradnorm"]
-)  # (its state is of W)
+    "name", [n for n in GRADIENT_NAMES if n not in ("gradnorm", "excess_mtl")]
+)  # (GradNorm's state is of W; ExcessMTL's excess risks are of the gradients element-wise)
 def test_coefficients_alone_without_shared_params_or_tasks(name):
     """Built with no arguments, as torchjd's weightings are used: K comes from the Gramian, the
     coefficients are those of a fully built instance; stepping asks for what is missing."""

@@ -38,6 +38,11 @@ CASES = {
     "pcgrad_unwrapped": (lambda p: weighting.PCGrad(p, 3), False, False),
     "db_mtl_ddp": (lambda p: weighting.DBMTL(p, 3), True, False),
     "famo_ddp": (lambda p: weighting.FAMO(3), True, False),
+    # per-coordinate methods: the same draws (GradDrop) and running sums (ExcessMTL, MoCo) on
+    # every rank, from the averaged gradients
+    "graddrop_ddp": (lambda p: weighting.GradDrop(p, 3, seed=0), True, False),
+    "excess_mtl_ddp": (lambda p: weighting.ExcessMTL(p, 3), True, False),
+    "moco_ddp": (lambda p: weighting.MoCo(p, 3), True, False),
 }
 
 

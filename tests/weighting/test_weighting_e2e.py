@@ -6,7 +6,8 @@ The check: the mean of each task's loss over the last STEPS_AVG steps is below D
 mean over the first STEPS_AVG steps (full batch, Adam, fixed seeds, so the run is deterministic).
 Every registered method runs with its ``example`` settings, and VARIANTS with others.
 GeneralizedMean with gamma < 0 is left out: it leans towards the smallest loss by design, and the
-other tasks may legitimately get worse.
+other tasks may legitimately get worse; PBI runs with a preference along the initial losses and
+MoCo with a larger weight step.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ VARIANTS = {
     "mgda-none": ("mgda", {"normalization": "none"}),
     "mgda-loss": ("mgda", {"normalization": "loss"}),
     "mgda-loss+": ("mgda", {"normalization": "loss+"}),
+    # PBI along the initial losses' direction: each loss's share of the total is kept
+    "pbi-initial-direction": ("pbi", {"preference": INITIAL}),
+    # MoCo with a larger weight step: its tracked gradients are the unit gradients times the
+    # losses, four orders apart here, and lambda must move fast to leave the small tasks room
+    "moco-gamma-1": ("moco", {"gamma": 1.0}),
 }
 # Representation mode (features=z): name -> registered method.
 REPRESENTATION = {"mgda-ub-l2": "mgda", "grad_normalization-features": "grad_normalization"}
@@ -110,7 +116,11 @@ def _check_every_task_loss_decreases(method):
     assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+# PBI with its default preference (ones) pulls the losses onto the diagonal ray: with losses four
+# orders of magnitude apart it raises the small ones, by design; MoCo's default weight step is too
+# slow for such losses in 100 steps (the small tasks fall short of the decrease asked: 0.90, 0.97).
+# Their variants above train every task.
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m not in ("pbi", "moco")])
 def test_every_task_loss_decreases(method):
     _check_every_task_loss_decreases(method)
 

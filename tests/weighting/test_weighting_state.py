@@ -32,6 +32,12 @@ STATEFUL = {
     "stch",
     "imtl_l",
     "gradvac",
+    "modo",
+    "sdmgrad",
+    "crmogm",
+    "pcd",
+    "excess_mtl",
+    "moco",
 }
 
 

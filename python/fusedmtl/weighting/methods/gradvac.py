@@ -53,6 +53,11 @@ class GradVac(GradientWeighting):
     def _example_settings(cls, num_tasks, shared_params):
         return {"seed": 0}
 
+    def _init_task_state(self) -> None:
+        # (K learned from a Gramian or a loaded state: the targets, then loaded, take its size)
+        k = self.num_tasks
+        self.targets = torch.zeros(k, k, dtype=torch.float64, device=self.targets.device)
+
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         M = gramian.detach().to("cpu", torch.float64)
         k, eps, beta = M.shape[0], self.eps, self.beta

@@ -15,8 +15,9 @@ class IMTLL(LossWeighting):
 
     The weights are w_i = exp(s_i). d total / d s_i = exp(s_i) L_i - 1, so gradient descent on s
     drives every scaled loss exp(s_i) L_i towards 1: the tasks' losses are balanced whatever their
-    units, and s_i is not pushed to -infinity as an unregularised scale would be. (The full IMTL
-    applies these scales to the losses whose gradients IMTL-G then weighs.)
+    units, and s_i is not pushed to -infinity as an unregularised scale would be. (The full IMTL,
+    :class:`~fusedmtl.weighting.IMTL`, applies these scales to the losses whose gradients IMTL-G
+    then weighs.)
 
     Args:
         tasks: the number of tasks K, or their names.
