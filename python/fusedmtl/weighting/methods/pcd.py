@@ -9,8 +9,9 @@ from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
 class PCD(GradientWeighting):
-    """Varam et al., "Not All Objectives Are Born Equal: Priority-Constrained Descent for
-    Hierarchical Multi-Objective Optimization", TMLR 2026, as torchjd's PCD.
+    """Priority-Constrained Descent: "Not All Objectives Are Born Equal: Priority-Constrained
+    Descent for Hierarchical Multi-Objective Optimization", TMLR 2026 (arXiv:2606.29521), as
+    torchjd's PCD.
 
     Task 0 is the primary objective. With s_i = 1 / sqrt(v_i + eps) (v_i the bias-corrected EMA,
     rate ``beta``, of norm(g_i)^2 over the steps) and g~_i = s_i g_i, the direction is
