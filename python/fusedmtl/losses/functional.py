@@ -33,11 +33,21 @@ def smooth_l1_loss(
     reduction: str = "mean",
     beta: float = 1.0,
 ) -> Tensor:
-    """Smooth-L1 loss (Girshick, Fast R-CNN 2015): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta.
+    """Smooth-L1 loss (Girshick, Fast R-CNN 2015): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta,
+    d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.smooth_l1_loss`.
 
-    Drop-in for :func:`torch.nn.functional.smooth_l1_loss`. input, target: broadcastable tensors of
-    float32, float64, float16 or bfloat16. Returns the element-wise loss (reduction='none') or a
-    0-dim tensor. beta == 0 is exactly the L1 loss.
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        beta: the threshold, >= 0; beta == 0 is exactly the L1 loss.
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
     """
     return _drop_in(smooth_l1_loss, input, target, reduction, beta, None, size_average, reduce)
 
@@ -49,10 +59,19 @@ def huber_loss(
     delta: float = 1.0,
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Huber loss: 0.5 d^2 if |d| < delta else delta (|d| - 0.5 delta).
+    """Huber loss: 0.5 d^2 if |d| < delta else delta (|d| - 0.5 delta), d = input - target
+    (docs/METHODS.md, section 1). Drop-in for :func:`torch.nn.functional.huber_loss`.
 
-    Drop-in for :func:`torch.nn.functional.huber_loss` (the result has input's dtype, as there).
-    weight: optional element-wise weights of input's size (computed by the reference path).
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (computed in
+            input's dtype, as torch; float16 and bfloat16 in float32, rounded once).
+        reduction: 'none' | 'mean' | 'sum'.
+        delta: the threshold, > 0.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of
+        input's dtype.
     """
     return _drop_in(huber_loss, input, target, reduction, delta, weight)
 
@@ -65,7 +84,21 @@ def l1_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """L1 loss |d|, d = input - target. Drop-in for :func:`torch.nn.functional.l1_loss`."""
+    """L1 loss |d|, d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.l1_loss`.
+
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+    """
     return _drop_in(l1_loss, input, target, reduction, None, weight, size_average, reduce)
 
 
@@ -77,7 +110,21 @@ def mse_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Squared error d^2, d = input - target. Drop-in for :func:`torch.nn.functional.mse_loss`."""
+    """Squared error d^2, d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.mse_loss`.
+
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+    """
     return _drop_in(mse_loss, input, target, reduction, None, weight, size_average, reduce)
 
 

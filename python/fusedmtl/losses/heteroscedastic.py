@@ -56,6 +56,10 @@ def heteroscedastic_loss(
         reduction: 'none' (the element-wise loss, of the broadcast shape) | 'mean' | 'sum' (0-dim);
             'mean' of an empty tensor is nan, as in torch.
 
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+
     Mean and sum are computed in fixed blocks added in order: the result does not depend on the
     number of threads.
     """

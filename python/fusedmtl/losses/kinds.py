@@ -94,7 +94,14 @@ _HETEROSCEDASTIC = {k.name: k for k in HETEROSCEDASTIC_KINDS}
 
 
 def regression_kind(name: str) -> RegressionKind:
-    """The row of ``name``; ValueError naming the valid kinds otherwise."""
+    """The row of a regression kind.
+
+    Args:
+        name: the kind's name ('l1', 'mse', ...).
+
+    Returns:
+        Its :class:`RegressionKind`; ValueError naming the valid kinds for an unknown name.
+    """
     try:
         return _REGRESSION[name]
     except KeyError:
@@ -104,7 +111,14 @@ def regression_kind(name: str) -> RegressionKind:
 
 
 def heteroscedastic_kind(name: str) -> HeteroscedasticKind:
-    """The row of heteroscedastic kind ``name``; ValueError naming the valid kinds otherwise."""
+    """The row of a heteroscedastic kind.
+
+    Args:
+        name: the kind's name ('l2', 'l1', 'smooth_l1').
+
+    Returns:
+        Its :class:`HeteroscedasticKind`; ValueError naming the valid kinds for an unknown name.
+    """
     try:
         return _HETEROSCEDASTIC[name]
     except KeyError:
