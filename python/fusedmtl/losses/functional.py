@@ -145,7 +145,8 @@ def _drop_in(
     kinds table says the rest.
 
     Args:
-        public: the public function called (``l1_loss``, ...), a key of ``_SIGNATURES``.
+        public: the public function called (``l1_loss``, ...); its name is a key of
+            ``_SIGNATURES``.
         input, target, reduction, size_average, reduce: its arguments.
         param: its parameter (beta, delta), None for the kinds without one.
         weight: its element-wise weights, None where it takes none (smooth_l1_loss).
@@ -155,7 +156,7 @@ def _drop_in(
         override of input, target or weight returns (called as torch calls it: input and target
         positional, the others by keyword in the signature's order).
     """
-    row, names, weighted = _SIGNATURES[public]
+    row, names, weighted = _SIGNATURES[public.__name__]
     tensors = (input, target, weight) if weighted else (input, target)
     if has_torch_function_variadic(*tensors):
         given = {
@@ -318,4 +319,5 @@ def _signature(function) -> tuple:
     return row, names, "weight" in names
 
 
-_SIGNATURES = {f: _signature(f) for f in (smooth_l1_loss, huber_loss, l1_loss, mse_loss)}
+# By name: a wrapped or patched public function still finds its row.
+_SIGNATURES = {f.__name__: _signature(f) for f in (smooth_l1_loss, huber_loss, l1_loss, mse_loss)}
