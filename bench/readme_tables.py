@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bench.tables import fmt_bytes, fmt_ms, fmt_percent, fmt_ratio, fmt_size
 
@@ -58,103 +58,88 @@ def cosine(row: dict, contender: str) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+# A table is a list of columns, each its header and the function that gives its cell of a row
+# (contender -> record): the pieces below are the columns the sweeps' tables share.
+Column = tuple[str, Callable[[dict], str]]
+
+
+def table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    return markdown([name for name, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
+
+
+def field(name: str, header: str | None = None) -> Column:
+    """The fused record's ``name``, as it is."""
+    return (header or name, lambda r: str(r["fused"][name]))
+
+
+def times(names: Sequence[str]) -> list[Column]:
+    return [(f"{n} ms", lambda r, n=n: ms(r, n)) for n in names]
+
+
+def ratios(names: Sequence[str]) -> list[Column]:
+    return [(f"vs {n}", lambda r, n=n: ratio(r, n)) for n in names]
+
+
+def peaks(names: Sequence[str]) -> Column:
+    return (
+        f"peak extra memory ({' / '.join(names)})",
+        lambda r: " / ".join(peak(r, n) for n in names),
+    )
+
+
+BOUND: Column = ("% of bound", lambda r: fmt_percent(r["fused"]["fraction_of_bound"]))
+COSINE_TORCHJD: Column = ("cosine torchjd", lambda r: cosine(r, "torchjd"))
+
+
 def losses_table(document: dict) -> str:
     rows = rows_of(
         document, "losses", threads=1, dtype="float32", reduction="mean", variant="plain"
     )
-    return markdown(
-        ["loss", "N", "fused ms", "eager ms", "compile ms", "vs eager", "vs compile", "% of bound"],
+    return table(
+        rows,
         [
-            [
-                r["fused"]["loss"].removesuffix("_loss"),
-                fmt_size(r["fused"]["n"]),
-                ms(r, "fused"),
-                ms(r, "eager"),
-                ms(r, "compile"),
-                ratio(r, "eager"),
-                ratio(r, "compile"),
-                fmt_percent(r["fused"]["fraction_of_bound"]),
-            ]
-            for r in rows
+            ("loss", lambda r: r["fused"]["loss"].removesuffix("_loss")),
+            ("N", lambda r: fmt_size(r["fused"]["n"])),
+            *times(("fused", "eager", "compile")),
+            *ratios(("eager", "compile")),
+            BOUND,
         ],
     )
 
 
 def multi_tensor_table(document: dict) -> str:
     names = ("fused", "foreach", "foreach_sync", "flatten")
-    return markdown(
+    return table(
+        rows_of(document, "multi_tensor"),
         [
-            "op",
-            "threads",
-            *(f"{n} ms" for n in names),
-            *(f"vs {n}" for n in names[1:]),
-            "% of bound",
-            "peak extra memory (fused / foreach / flatten)",
-        ],
-        [
-            [
-                r["fused"]["op"],
-                str(r["fused"]["threads"]),
-                *(ms(r, n) for n in names),
-                *(ratio(r, n) for n in names[1:]),
-                fmt_percent(r["fused"]["fraction_of_bound"]),
-                " / ".join(peak(r, n) for n in ("fused", "foreach", "flatten")),
-            ]
-            for r in rows_of(document, "multi_tensor")
+            field("op"),
+            field("threads"),
+            *times(names),
+            *ratios(names[1:]),
+            BOUND,
+            peaks(("fused", "foreach", "flatten")),
         ],
     )
 
 
 def weighting_step_table(document: dict) -> str:
     names = ("fused", "flatten", "torchjd")
-    return markdown(
-        [
-            "method",
-            *(f"{n} ms" for n in names),
-            "vs flatten",
-            "vs torchjd",
-            "% of bound",
-            "peak extra memory (fused / flatten / torchjd)",
-            "cosine torchjd",
-        ],
-        [
-            [
-                r["fused"]["method"],
-                *(ms(r, n) for n in names),
-                ratio(r, "flatten"),
-                ratio(r, "torchjd"),
-                fmt_percent(r["fused"]["fraction_of_bound"]),
-                " / ".join(peak(r, n) for n in names),
-                cosine(r, "torchjd"),
-            ]
-            for r in rows_of(document, "weighting_step", threads=1)
-        ],
+    return table(
+        rows_of(document, "weighting_step", threads=1),
+        [field("method"), *times(names), *ratios(names[1:]), BOUND, peaks(names), COSINE_TORCHJD],
     )
 
 
 def training_step_table(document: dict) -> str:
-    names = ("fused", "plain", "torchjd")
-    return markdown(
+    return table(
+        rows_of(document, "training_step", threads=1),
         [
-            "method",
-            "kind",
-            *(f"{n} ms" for n in names),
-            "vs plain",
-            "vs torchjd",
-            "peak extra memory (fused / torchjd)",
-            "cosine torchjd",
-        ],
-        [
-            [
-                r["fused"]["method"],
-                r["fused"]["family"],
-                *(ms(r, n) for n in names),
-                ratio(r, "plain"),
-                ratio(r, "torchjd"),
-                " / ".join(peak(r, n) for n in ("fused", "torchjd")),
-                cosine(r, "torchjd"),
-            ]
-            for r in rows_of(document, "training_step", threads=1)
+            field("method"),
+            field("family", "kind"),
+            *times(("fused", "plain", "torchjd")),
+            *ratios(("plain", "torchjd")),
+            peaks(("fused", "torchjd")),
+            COSINE_TORCHJD,
         ],
     )
 

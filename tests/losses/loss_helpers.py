@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from conftest import (
+
+from tests.helpers import (
     LOW_PRECISION_RTOL,
     LossCase,
     assert_bitwise,

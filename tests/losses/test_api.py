@@ -9,17 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    CORE_CASES,
-    DEFAULT_CASES,
-    REDUCTIONS,
-    LossCase,
-    assert_bitwise,
-    assert_close_to_ref,
-    assert_ulp,
-    case_params,
-    dtype_params,
-)
 from loss_helpers import (
     EXACT,
     check_grad,
@@ -31,6 +20,17 @@ from loss_helpers import (
 
 import fusedmtl
 import fusedmtl.nn
+from tests.helpers import (
+    CORE_CASES,
+    DEFAULT_CASES,
+    REDUCTIONS,
+    LossCase,
+    assert_bitwise,
+    assert_close_to_ref,
+    assert_ulp,
+    case_params,
+    dtype_params,
+)
 
 # --------------------------------------------------------------------------------------------
 # torch.nn modules

@@ -8,18 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import (
-    BACKENDS,
-    CORE_CASES,
-    REDUCTIONS,
-    LossCase,
-    assert_bitwise,
-    assert_close_to_ref,
-    assert_ulp,
-    case_params,
-    dtype_params,
-    make_pair,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loss_helpers import (
@@ -32,6 +20,18 @@ from loss_helpers import (
 
 import fusedmtl
 import fusedmtl.nn
+from tests.helpers import (
+    BACKENDS,
+    CORE_CASES,
+    REDUCTIONS,
+    LossCase,
+    assert_bitwise,
+    assert_close_to_ref,
+    assert_ulp,
+    case_params,
+    dtype_params,
+    make_pair,
+)
 
 # --------------------------------------------------------------------------------------------
 # Determinism across thread counts (native kernels: fixed blocks summed in order)

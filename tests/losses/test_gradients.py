@@ -7,7 +7,12 @@ import functools
 
 import pytest
 import torch
-from conftest import (
+from loss_helpers import (
+    leaves,
+    make_layout,
+)
+
+from tests.helpers import (
     ALL_CASES,
     CORE_CASES,
     REDUCTIONS,
@@ -17,10 +22,6 @@ from conftest import (
     case_params,
     make_grad_output,
     make_pair,
-)
-from loss_helpers import (
-    leaves,
-    make_layout,
 )
 
 # --------------------------------------------------------------------------------------------

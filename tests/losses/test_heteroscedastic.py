@@ -18,7 +18,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+
+import fusedmtl
+import fusedmtl.nn
+from tests.helpers import (
     BACKENDS,
     LOW_PRECISION_RTOL,
     REDUCTIONS,
@@ -26,9 +29,6 @@ from conftest import (
     dtype_params,
     make_pair,
 )
-
-import fusedmtl
-import fusedmtl.nn
 
 EXACT = (torch.float32, torch.float64)
 

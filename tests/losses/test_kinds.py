@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
-from conftest import ALL_CASES, BACKENDS, CORE_CASES, DEFAULT_CASES
 
 import fusedmtl
 import fusedmtl.nn
 from fusedmtl.losses import HETEROSCEDASTIC_KINDS, REGRESSION_KINDS, reference
+from tests.helpers import ALL_CASES, BACKENDS, CORE_CASES, DEFAULT_CASES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NAMES = [k.name for k in REGRESSION_KINDS]

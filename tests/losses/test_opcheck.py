@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import BACKENDS, REDUCTIONS, LossCase, assert_bitwise, make_pair
 
 import fusedmtl
+from tests.helpers import BACKENDS, REDUCTIONS, LossCase, assert_bitwise, make_pair
 
 if "triton" in BACKENDS:
     from fusedmtl.losses import triton as _triton  # noqa: F401  (registers the triton ops)

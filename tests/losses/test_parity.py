@@ -19,7 +19,21 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from loss_helpers import (
+    EXACT,
+    LAYOUTS,
+    NONCONTIGUOUS,
+    check_grad,
+    check_loss,
+    grad_output_for,
+    leaves,
+    loose_rtol,
+    make_layout,
+)
+
+import fusedmtl
+import fusedmtl.nn
+from tests.helpers import (
     ALL_CASES,
     CORE_CASES,
     DEFAULT_CASES,
@@ -35,20 +49,6 @@ from conftest import (
     smallest_subnormal,
     ulp_diff,
 )
-from loss_helpers import (
-    EXACT,
-    LAYOUTS,
-    NONCONTIGUOUS,
-    check_grad,
-    check_loss,
-    grad_output_for,
-    leaves,
-    loose_rtol,
-    make_layout,
-)
-
-import fusedmtl
-import fusedmtl.nn
 
 
 @pytest.mark.parametrize("dtype", dtype_params())

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEFAULT_CASES, REDUCTIONS, assert_ulp, case_params
 
 import fusedmtl
 import fusedmtl.nn
+from tests.helpers import DEFAULT_CASES, REDUCTIONS, assert_ulp, case_params
 
 HETEROSCEDASTIC = ("l2", "l1", "smooth_l1")
 

@@ -12,7 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BACKENDS
+
+from tests.helpers import BACKENDS
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
 

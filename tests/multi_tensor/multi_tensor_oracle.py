@@ -29,7 +29,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bitwise, smallest_subnormal
+
+from tests.helpers import assert_bitwise, smallest_subnormal
 
 PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from conftest import BACKENDS
 
 import fusedmtl
 import fusedmtl.multi_tensor as mt
+from tests.helpers import BACKENDS
 
 TRITON = "triton" in BACKENDS
 

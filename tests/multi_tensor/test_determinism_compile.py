@@ -8,7 +8,6 @@ import functools
 
 import pytest
 import torch
-from conftest import BACKENDS, assert_bitwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multi_tensor_oracle import (
@@ -28,6 +27,7 @@ from multi_tensor_oracle import (
 import fusedmtl
 import fusedmtl._C
 import fusedmtl.multi_tensor as mt
+from tests.helpers import BACKENDS, assert_bitwise
 
 # Determinism: thread count and CPU capability (native backend)
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bitwise, dtype_params
 from multi_tensor_oracle import (
     LAYOUTS,
     assert_near,
@@ -28,6 +27,7 @@ from multi_tensor_oracle import (
 )
 
 import fusedmtl.multi_tensor as mt
+from tests.helpers import assert_bitwise, dtype_params
 
 # --------------------------------------------------------------------------------------------
 # The helpers themselves

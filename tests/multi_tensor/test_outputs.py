@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dtype_params
 from multi_tensor_oracle import (
     Problem,
     _values,
@@ -20,6 +19,7 @@ from multi_tensor_oracle import (
 )
 
 import fusedmtl.multi_tensor as mt
+from tests.helpers import dtype_params
 
 # --------------------------------------------------------------------------------------------
 # out= and accumulate=

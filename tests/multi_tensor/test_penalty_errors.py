@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_bitwise, dtype_params
 from multi_tensor_oracle import (
     assert_near,
     assert_rel,
@@ -22,6 +21,7 @@ from multi_tensor_oracle import (
 )
 
 import fusedmtl.multi_tensor as mt
+from tests.helpers import assert_bitwise, dtype_params
 
 # --------------------------------------------------------------------------------------------
 # l1_l2_penalty_

@@ -213,3 +213,8 @@ def step_update(weighting, jacobian, losses=None):
     weighting's shared parameters must be fresh jacobian_params()."""
     coeffs = weighting.step(split_rows(jacobian), losses)
     return torch.cat([p.grad.reshape(-1) for p in weighting._shared]), coeffs
+
+
+def transformed_losses(losses, scales, shifts):
+    """a_i L_i + b_i: the losses under a positive scale and a shift per task."""
+    return [a * loss + b for loss, a, b in zip(losses, scales, shifts)]

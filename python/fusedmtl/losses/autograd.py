@@ -148,17 +148,7 @@ def register_loss_op(forward_op: str, backward_op: str, with_grad_op: str | None
             ctx.operands = [(t, t._version) for t in operands]
 
     def backward(ctx, grad_output):
-        if ctx.difference is not None and torch.is_grad_enabled():
-            operands = unmodified(ctx.operands)
-            grads = loss_backward(
-                backward_callable,
-                grad_output,
-                operands,
-                *ctx.config,
-                tuple(ctx.needs_input_grad[: len(operands)]),
-            )
-            return *grads, None, None, None
-        if ctx.difference is not None:
+        if ctx.difference is not None and not torch.is_grad_enabled():
             grad = reference.l1_grad(
                 grad_output, ctx.difference, REDUCTION_NAMES[ctx.config[2]], ctx.dtype
             )
@@ -170,7 +160,8 @@ def register_loss_op(forward_op: str, backward_op: str, with_grad_op: str | None
                 None,
                 None,
             )
-        operands = ctx.saved_tensors
+        # the saved operands, or L1's (double backward) checked against in-place edits
+        operands = ctx.saved_tensors if ctx.difference is None else unmodified(ctx.operands)
         grads = loss_backward(
             backward_callable,
             grad_output,

@@ -6,6 +6,7 @@ torch.nn.functional functions; which implementation runs is chosen by :mod:`fuse
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -16,6 +17,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedmtl import backend
 from fusedmtl.losses import reference
+from fusedmtl.losses.kinds import REGRESSION_KINDS
 
 if backend._C is not None:
     from fusedmtl.losses import native  # noqa: F401  (fake and autograd registrations)
@@ -31,28 +33,23 @@ def smooth_l1_loss(
     reduction: str = "mean",
     beta: float = 1.0,
 ) -> Tensor:
-    """Smooth-L1 loss (Girshick, Fast R-CNN 2015): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta.
+    """Smooth-L1 loss (Girshick, Fast R-CNN 2015): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta,
+    d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.smooth_l1_loss`.
 
-    Drop-in for :func:`torch.nn.functional.smooth_l1_loss`. input, target: broadcastable tensors of
-    float32, float64, float16 or bfloat16. Returns the element-wise loss (reduction='none') or a
-    0-dim tensor. beta == 0 is exactly the L1 loss.
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        beta: the threshold, >= 0; beta == 0 is exactly the L1 loss.
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
     """
-    if has_torch_function_variadic(input, target):
-        return handle_torch_function(
-            smooth_l1_loss,
-            (input, target),
-            input,
-            target,
-            size_average=size_average,
-            reduce=reduce,
-            reduction=reduction,
-            beta=beta,
-        )
-    if beta < 0:
-        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
-    reduction = _legacy_reduction(size_average, reduce, reduction)
-    kind = "l1" if beta == 0 else "smooth_l1"
-    return _regression_loss(kind, input, target, reduction, beta, None)
+    return _drop_in(smooth_l1_loss, input, target, reduction, beta, None, size_average, reduce)
 
 
 def huber_loss(
@@ -62,24 +59,21 @@ def huber_loss(
     delta: float = 1.0,
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Huber loss: 0.5 d^2 if |d| < delta else delta (|d| - 0.5 delta).
+    """Huber loss: 0.5 d^2 if |d| < delta else delta (|d| - 0.5 delta), d = input - target
+    (docs/METHODS.md, section 1). Drop-in for :func:`torch.nn.functional.huber_loss`.
 
-    Drop-in for :func:`torch.nn.functional.huber_loss` (the result has input's dtype, as there).
-    weight: optional element-wise weights of input's size (computed by the reference path).
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (computed in
+            input's dtype, as torch; float16 and bfloat16 in float32, rounded once).
+        reduction: 'none' | 'mean' | 'sum'.
+        delta: the threshold, > 0.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of
+        input's dtype.
     """
-    if has_torch_function_variadic(input, target, weight):
-        return handle_torch_function(
-            huber_loss,
-            (input, target, weight),
-            input,
-            target,
-            reduction=reduction,
-            delta=delta,
-            weight=weight,
-        )
-    if delta <= 0:
-        raise RuntimeError("huber_loss does not support non-positive values for delta.")
-    return _regression_loss("huber", input, target, reduction, delta, weight)
+    return _drop_in(huber_loss, input, target, reduction, delta, weight)
 
 
 def l1_loss(
@@ -90,20 +84,22 @@ def l1_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """L1 loss |d|, d = input - target. Drop-in for :func:`torch.nn.functional.l1_loss`."""
-    if has_torch_function_variadic(input, target, weight):
-        return handle_torch_function(
-            l1_loss,
-            (input, target, weight),
-            input,
-            target,
-            size_average=size_average,
-            reduce=reduce,
-            reduction=reduction,
-            weight=weight,
-        )
-    reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _regression_loss("l1", input, target, reduction, 0.0, weight)
+    """L1 loss |d|, d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.l1_loss`.
+
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+    """
+    return _drop_in(l1_loss, input, target, reduction, None, weight, size_average, reduce)
 
 
 def mse_loss(
@@ -114,26 +110,76 @@ def mse_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Squared error d^2, d = input - target. Drop-in for :func:`torch.nn.functional.mse_loss`."""
-    if has_torch_function_variadic(input, target, weight):
+    """Squared error d^2, d = input - target (docs/METHODS.md, section 1). Drop-in for
+    :func:`torch.nn.functional.mse_loss`.
+
+    Args:
+        input, target: broadcastable tensors of float32, float64, float16 or bfloat16 (mixed
+            dtypes promote as in torch; float16 and bfloat16 are computed in float32 and the
+            result rounded once).
+        size_average, reduce: torch's deprecated reduction arguments, honoured as there.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: optional element-wise weights of input's size (computed by the reference path).
+
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+    """
+    return _drop_in(mse_loss, input, target, reduction, None, weight, size_average, reduce)
+
+
+def _drop_in(
+    public,
+    input: Tensor,
+    target: Tensor,
+    reduction: str,
+    param: float | None,
+    weight: Tensor | None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+) -> Tensor:
+    """The body of the public losses: torch's steps before the loss itself, then the loss.
+
+    The four functions above spell out torch's signatures (a test holds them to torch's) and pass
+    their arguments here, positionally (keywords would cost a dict per call); their row of the
+    kinds table says the rest.
+
+    Args:
+        public: the public function called (``l1_loss``, ...); its name is a key of
+            ``_SIGNATURES``.
+        input, target, reduction, size_average, reduce: its arguments.
+        param: its parameter (beta, delta), None for the kinds without one.
+        weight: its element-wise weights, None where it takes none (smooth_l1_loss).
+
+    Returns:
+        The loss, as :func:`_regression_loss` computes it, or what a ``__torch_function__``
+        override of input, target or weight returns (called as torch calls it: input and target
+        positional, the others by keyword in the signature's order).
+    """
+    row, names, weighted = _SIGNATURES[public.__name__]
+    tensors = (input, target, weight) if weighted else (input, target)
+    if has_torch_function_variadic(*tensors):
+        given = {
+            "size_average": size_average,
+            "reduce": reduce,
+            "reduction": reduction,
+            row.param_name: param,
+            "weight": weight,
+        }
         return handle_torch_function(
-            mse_loss,
-            (input, target, weight),
-            input,
-            target,
-            size_average=size_average,
-            reduce=reduce,
-            reduction=reduction,
-            weight=weight,
+            public, tensors, input, target, **{name: given[name] for name in names}
         )
-    reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _regression_loss("mse", input, target, reduction, 0.0, weight)
-
-
-def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    kind = row.name
+    if param is None:
+        param = 0.0
+    elif param < 0 or (param == 0 and row.at_zero is None):
+        rule = "negative" if row.at_zero is not None else "non-positive"
+        raise RuntimeError(f"{row.function} does not support {rule} values for {row.param_name}.")
+    elif param == 0:
+        kind = row.at_zero
     if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
-    return reduction
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return _regression_loss(kind, input, target, reduction, param, weight)
 
 
 _REDUCED = {"mean": 1, "sum": 2}
@@ -151,10 +197,7 @@ def _regression_loss(
         )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
     if input.device != target.device:
-        raise RuntimeError(
-            f"Expected all tensors to be on the same device, but found input on {input.device} "
-            f"and target on {target.device}"
-        )
+        raise _device_mismatch(input=input, target=target)
     # torch's dtype rules: huber_loss computes in input's dtype, the others in the promoted one
     # (torch broadcasts first, so a 0-dim target promotes like any other tensor).
     dtype = input.dtype if kind == "huber" else torch.promote_types(input.dtype, target.dtype)
@@ -180,17 +223,13 @@ def _regression_loss(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=3,
+            stacklevel=4,  # the caller of the public function (through _drop_in)
         )
         input, target = torch.broadcast_tensors(input, target)
 
     if weight is not None:
         return _weighted_loss(kind, input, target, reduction, param, weight)
-    chosen = backend.select(input.device)
-    if torch._C._are_functorch_transforms_active():
-        # torch.func transforms (grad, vmap, jacrev) do not support ops whose autograd is registered
-        # with torch.library.register_autograd yet; the reference supports them.
-        chosen = "reference"
+    chosen = _chosen_backend(input.device)
     if chosen == "native":
         if reduction_code != 0 and _eager_gradient_wanted(input, target):
             return torch.ops.fusedmtl.regression_loss_eager(
@@ -202,6 +241,25 @@ def _regression_loss(
 
         return torch.ops.fusedmtl.triton_regression_loss(input, target, kind, param, reduction_code)
     return reference.regression_loss(input, target, kind, param, reduction)
+
+
+def _device_mismatch(**operands: Tensor) -> RuntimeError:
+    """torch's error for operands (by name, in order) that are not all on one device."""
+    found = [f"{name} on {t.device}" for name, t in operands.items()]
+    return RuntimeError(
+        "Expected all tensors to be on the same device, but found "
+        f"{', '.join(found[:-1])} and {found[-1]}"
+    )
+
+
+def _chosen_backend(device: torch.device) -> str:
+    """The backend that runs a loss on ``device``: :func:`fusedmtl.backend.select`'s, but the
+    reference under torch.func transforms (grad, vmap, jacrev), which do not support ops whose
+    autograd is registered with torch.library.register_autograd yet."""
+    chosen = backend.select(device)
+    if torch._C._are_functorch_transforms_active():
+        return "reference"
+    return chosen
 
 
 def _eager_fast_path(input: Tensor, target: Tensor) -> bool:
@@ -251,3 +309,15 @@ def _weighted_loss(
     if kind == "huber":
         return weighted.mean()
     return torch.sum(weighted) / torch.sum(weight)
+
+
+def _signature(function) -> tuple:
+    """(function's row of the kinds table, its argument names after input and target, whether it
+    takes weight)."""
+    row = next(k for k in REGRESSION_KINDS if k.function == function.__name__)
+    names = tuple(inspect.signature(function).parameters)[2:]
+    return row, names, "weight" in names
+
+
+# By name: a wrapped or patched public function still finds its row.
+_SIGNATURES = {f.__name__: _signature(f) for f in (smooth_l1_loss, huber_loss, l1_loss, mse_loss)}

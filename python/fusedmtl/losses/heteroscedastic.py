@@ -12,8 +12,8 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedmtl import backend
 from fusedmtl.losses import reference
-from fusedmtl.losses.functional import _eager_gradient_wanted
-from fusedmtl.losses.kinds import heteroscedastic_kind
+from fusedmtl.losses.functional import _chosen_backend, _device_mismatch, _eager_gradient_wanted
+from fusedmtl.losses.kinds import check_heteroscedastic
 
 if backend._C is not None:
     from fusedmtl.losses.native import FusedHeteroscedasticWithGrad
@@ -56,6 +56,10 @@ def heteroscedastic_loss(
         reduction: 'none' (the element-wise loss, of the broadcast shape) | 'mean' | 'sum' (0-dim);
             'mean' of an empty tensor is nan, as in torch.
 
+    Returns:
+        The element-wise loss of the broadcast shape (reduction='none') or a 0-dim tensor, of the
+        promoted dtype.
+
     Mean and sum are computed in fixed blocks added in order: the result does not depend on the
     number of threads.
     """
@@ -71,14 +75,9 @@ def heteroscedastic_loss(
             reduction=reduction,
         )
     reduction_code = _reduction.get_enum(reduction)  # ValueError for an unknown reduction
-    heteroscedastic_kind(kind)  # ValueError for an unknown kind
-    if beta < 0:
-        raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
+    check_heteroscedastic(kind, beta)
     if not (input.device == target.device == log_var.device):
-        raise RuntimeError(
-            "Expected all tensors to be on the same device, but found input on "
-            f"{input.device}, target on {target.device} and log_var on {log_var.device}"
-        )
+        raise _device_mismatch(input=input, target=target, log_var=log_var)
     dtype = torch.promote_types(torch.promote_types(input.dtype, target.dtype), log_var.dtype)
     if not dtype.is_floating_point:
         raise NotImplementedError(
@@ -93,10 +92,7 @@ def heteroscedastic_loss(
             t.contiguous() for t in torch.broadcast_tensors(input, target, log_var)
         )
 
-    chosen = backend.select(input.device)
-    if torch._C._are_functorch_transforms_active():
-        # torch.func transforms do not support ops with torch.library autograd yet (see losses.py)
-        chosen = "reference"
+    chosen = _chosen_backend(input.device)
     if chosen == "native":
         if reduction_code != 0 and _eager_gradient_wanted(input, target, log_var):
             return FusedHeteroscedasticWithGrad.apply(

@@ -21,6 +21,7 @@ __all__ = [
     "REGRESSION_KINDS",
     "HeteroscedasticKind",
     "RegressionKind",
+    "check_heteroscedastic",
     "heteroscedastic_kind",
     "regression_kind",
 ]
@@ -38,6 +39,8 @@ class RegressionKind:
         module: the nn module, ``fusedmtl.nn.<module>`` subclassing ``torch.nn.<module>``.
         param_name: the keyword of its parameter ('beta', 'delta'), or None.
         default_param: that parameter's default (torch's), or None.
+        at_zero: the kind the loss is when its parameter is 0 (smooth-L1 with beta = 0 is L1,
+            as in torch), which makes 0 a valid value; None: the parameter must be positive.
         docs: the section of docs/METHODS.md with its formula.
     """
 
@@ -47,6 +50,7 @@ class RegressionKind:
     module: str
     param_name: str | None = None
     default_param: float | None = None
+    at_zero: str | None = None
     docs: str = "docs/METHODS.md, section 1"
 
     @property
@@ -75,7 +79,7 @@ class HeteroscedasticKind:
 REGRESSION_KINDS: tuple[RegressionKind, ...] = (
     RegressionKind("l1", 0, "l1_loss", "L1Loss"),
     RegressionKind("mse", 1, "mse_loss", "MSELoss"),
-    RegressionKind("smooth_l1", 2, "smooth_l1_loss", "SmoothL1Loss", "beta", 1.0),
+    RegressionKind("smooth_l1", 2, "smooth_l1_loss", "SmoothL1Loss", "beta", 1.0, at_zero="l1"),
     RegressionKind("huber", 3, "huber_loss", "HuberLoss", "delta", 1.0),
 )
 
@@ -90,7 +94,14 @@ _HETEROSCEDASTIC = {k.name: k for k in HETEROSCEDASTIC_KINDS}
 
 
 def regression_kind(name: str) -> RegressionKind:
-    """The row of ``name``; ValueError naming the valid kinds otherwise."""
+    """The row of a regression kind.
+
+    Args:
+        name: the kind's name ('l1', 'mse', ...).
+
+    Returns:
+        Its :class:`RegressionKind`; ValueError naming the valid kinds for an unknown name.
+    """
     try:
         return _REGRESSION[name]
     except KeyError:
@@ -100,7 +111,14 @@ def regression_kind(name: str) -> RegressionKind:
 
 
 def heteroscedastic_kind(name: str) -> HeteroscedasticKind:
-    """The row of heteroscedastic kind ``name``; ValueError naming the valid kinds otherwise."""
+    """The row of a heteroscedastic kind.
+
+    Args:
+        name: the kind's name ('l2', 'l1', 'smooth_l1').
+
+    Returns:
+        Its :class:`HeteroscedasticKind`; ValueError naming the valid kinds for an unknown name.
+    """
     try:
         return _HETEROSCEDASTIC[name]
     except KeyError:
@@ -108,3 +126,21 @@ def heteroscedastic_kind(name: str) -> HeteroscedasticKind:
             f"{name!r} is not a valid heteroscedastic loss kind; expected one of "
             f"{tuple(_HETEROSCEDASTIC)}"
         ) from None
+
+
+def check_heteroscedastic(kind: str, beta: float) -> HeteroscedasticKind:
+    """The arguments of a heteroscedastic loss that do not depend on the tensors, checked as every
+    backend checks them (the C++ ops as well).
+
+    Args:
+        kind: a heteroscedastic kind's name.
+        beta: smooth-L1's threshold (checked whatever the kind).
+
+    Returns:
+        The row of ``kind``; ValueError naming the valid kinds for an unknown one, RuntimeError
+        for a negative beta.
+    """
+    row = heteroscedastic_kind(kind)
+    if beta < 0:
+        raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
+    return row

@@ -150,10 +150,16 @@ class _ReferenceLoss(torch.autograd.Function):
 def regression_loss(
     input: Tensor, target: Tensor, kind: str, param: float, reduction: str
 ) -> Tensor:
-    """The loss of ``input`` against ``target`` (same shape and dtype), differentiable.
+    """The loss of ``input`` against ``target``, differentiable (docs/METHODS.md, section 1).
 
-    kind: 'l1' | 'mse' | 'smooth_l1' (param = beta > 0) | 'huber' (param = delta > 0);
-    reduction: 'none' (shape of input) | 'mean' | 'sum' (0-dim).
+    Args:
+        input, target: one shape and dtype (float16 and bfloat16 are computed in float32).
+        kind: 'l1' | 'mse' | 'smooth_l1' | 'huber' (a name of the kinds table).
+        param: smooth-L1's beta > 0 or Huber's delta > 0; ignored by the other kinds.
+        reduction: 'none' | 'mean' | 'sum'.
+
+    Returns:
+        The element-wise loss of input's shape ('none') or a 0-dim tensor, of input's dtype.
     """
     if not (input.dtype.is_floating_point and target.dtype.is_floating_point):
         # integer l1_loss: torch composes sub, abs and the reduction, and so errors or not as they
@@ -267,6 +273,16 @@ class _ReferenceHeteroscedastic(torch.autograd.Function):
 def heteroscedastic_loss(
     input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float, reduction: str
 ) -> Tensor:
-    """The heteroscedastic loss of (input, target, log_var) (one shape and floating dtype),
-    differentiable. kind: 'l2' | 'l1' | 'smooth_l1'; reduction: 'none' | 'mean' | 'sum'."""
+    """The heteroscedastic loss w * (exp(-s) * b(input - target) + s), s = log_var,
+    differentiable (:func:`fusedmtl.heteroscedastic_loss` has the formulas).
+
+    Args:
+        input, target, log_var: one shape and floating dtype.
+        kind: 'l2' | 'l1' | 'smooth_l1'.
+        beta: smooth-L1's threshold, >= 0.
+        reduction: 'none' | 'mean' | 'sum'.
+
+    Returns:
+        The element-wise loss of the operands' shape ('none') or a 0-dim tensor, of their dtype.
+    """
     return _ReferenceHeteroscedastic.apply(input, target, log_var, kind, beta, reduction)

@@ -32,7 +32,7 @@ from fusedmtl.losses.autograd import register_loss_op
 from fusedmtl.losses.kinds import (
     HETEROSCEDASTIC_KINDS,
     REGRESSION_KINDS,
-    heteroscedastic_kind,
+    check_heteroscedastic,
     regression_kind,
 )
 
@@ -119,6 +119,17 @@ def _grad_output(grad_output_ptr, offsets, mask, compute, GRAD_TENSOR: tl.conste
 
 
 @triton.jit
+def _store_loss(
+    value, loss_ptr, block_sums_ptr, offsets, mask, WRITE_LOSS: tl.constexpr, REDUCE: tl.constexpr
+):
+    """The element-wise loss where it is asked for, and the program's sum of it for a reduction."""
+    if WRITE_LOSS:
+        tl.store(loss_ptr + offsets, value.to(loss_ptr.dtype.element_ty), mask=mask)
+    if REDUCE:
+        tl.store(block_sums_ptr + tl.program_id(0), tl.sum(tl.where(mask, value, 0.0), axis=0))
+
+
+@triton.jit
 def _regression_loss_kernel(
     input_ptr,
     target_ptr,
@@ -167,10 +178,7 @@ def _regression_loss_kernel(
                 value = tl.where(z < p, quadratic, z - 0.5 * p)
             else:
                 value = tl.where(z < p, quadratic, p * (z - 0.5 * p))
-        if WRITE_LOSS:
-            tl.store(loss_ptr + offsets, value.to(loss_ptr.dtype.element_ty), mask=mask)
-        if REDUCE:
-            tl.store(block_sums_ptr + tl.program_id(0), tl.sum(tl.where(mask, value, 0.0), axis=0))
+        _store_loss(value, loss_ptr, block_sums_ptr, offsets, mask, WRITE_LOSS, REDUCE)
 
     if GRAD_INPUT or GRAD_TARGET:
         s = tl.full((), norm, compute)
@@ -258,10 +266,7 @@ def _heteroscedastic_loss_kernel(
 
     if REDUCE or WRITE_LOSS:
         value = weight * (precision * base + s)
-        if WRITE_LOSS:
-            tl.store(loss_ptr + offsets, value.to(loss_ptr.dtype.element_ty), mask=mask)
-        if REDUCE:
-            tl.store(block_sums_ptr + tl.program_id(0), tl.sum(tl.where(mask, value, 0.0), axis=0))
+        _store_loss(value, loss_ptr, block_sums_ptr, offsets, mask, WRITE_LOSS, REDUCE)
 
     if GRAD_INPUT or GRAD_LOG_VAR:
         g = _grad_output(grad_output_ptr, offsets, mask, compute, GRAD_TENSOR)
@@ -450,18 +455,12 @@ def regression_loss_backward(
     )
 
 
-def _heteroscedastic_checked(kind: str, beta: float) -> None:
-    heteroscedastic_kind(kind)
-    if beta < 0:
-        raise RuntimeError("heteroscedastic_loss does not support negative values for beta.")
-
-
 @torch.library.custom_op("fusedmtl::triton_heteroscedastic_loss", mutates_args=())
 def heteroscedastic_loss(
     input: Tensor, target: Tensor, log_var: Tensor, kind: str, beta: float, reduction: int
 ) -> Tensor:
     """Same contract as ``torch.ops.fusedmtl.heteroscedastic_loss``, run by Triton."""
-    _heteroscedastic_checked(kind, beta)
+    check_heteroscedastic(kind, beta)
     return _forward("triton_heteroscedastic_loss", (input, target, log_var), kind, beta, reduction)
 
 
@@ -478,7 +477,7 @@ def heteroscedastic_loss_backward(
     log_var_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``torch.ops.fusedmtl.heteroscedastic_loss_backward``, run by Triton."""
-    _heteroscedastic_checked(kind, beta)
+    check_heteroscedastic(kind, beta)
     return _backward(
         "triton_heteroscedastic_loss_backward",
         grad_output,

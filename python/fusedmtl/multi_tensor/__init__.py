@@ -29,14 +29,30 @@ if backend._C is not None:
 
 
 def norms(task_grads: TaskGrads) -> Tensor:
-    """The L2 norm of each task's whole gradient: Tensor[K]."""
+    """The L2 norm of each task's whole gradient (over its P tensors).
+
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring.
+
+    Returns:
+        Tensor[K], float32 (float64 for float64 gradients), on the gradients' device.
+    """
     return _gramian(*_validated(task_grads), diagonal_only=True).sqrt()
 
 
 def gramian(task_grads: TaskGrads, diagonal_only: bool = False) -> Tensor:
-    """All inner products M[i, j] = <g_i, g_j> summed over the P tensors: Tensor[K, K]; with
-    ``diagonal_only`` just the squared norms M[i, i]: Tensor[K] (K dot products instead of
-    K (K + 1) / 2, the same single pass over memory)."""
+    """The Gramian of the task gradients: all inner products M[i, j] = <g_i, g_j>, summed over
+    the P tensors, in one pass over memory.
+
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring.
+        diagonal_only: compute just the squared norms M[i, i] (K dot products instead of
+            K (K + 1) / 2, the same single pass).
+
+    Returns:
+        Tensor[K, K] (Tensor[K] with ``diagonal_only``), symmetric, float32 (float64 for float64
+        gradients), on the gradients' device.
+    """
     return _gramian(*_validated(task_grads), diagonal_only=diagonal_only)
 
 
@@ -46,12 +62,19 @@ def combine(
     out: Sequence[Tensor] | None = None,
     accumulate: bool = False,
 ) -> list[Tensor | None]:
-    """out[p] = sum_i coeffs[i] * task_grads[i][p] for every parameter p.
+    """out[p] = sum_i coeffs[i] * task_grads[i][p] for every parameter p, in one pass.
 
-    coeffs: Tensor[K] or K floats. Without ``out``, returns new tensors of the gradients' dtype
-    (None for a parameter no task reaches). With ``out`` (P tensors, e.g. the parameters' .grad),
-    writes into them (zeros where no task reaches) and returns them; ``accumulate=True`` adds
-    into them instead, the way autograd accumulates gradients.
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring.
+        coeffs: Tensor[K] (any floating dtype, on the gradients' device; not requiring grad) or K
+            Python floats.
+        out: optional P tensors of the parameters' shapes and the gradients' dtype (e.g. the
+            parameters' .grad) to write into, zeros where no task reaches the parameter.
+        accumulate: add into ``out`` instead of overwriting it, the way autograd accumulates.
+
+    Returns:
+        P tensors of the gradients' dtype: new ones (None for a parameter no task reaches), or
+        ``out`` itself.
     """
     table, dtype, device = _validated(task_grads)
     coeffs = _coefficients(coeffs, len(table), device)
@@ -66,11 +89,20 @@ def normalized_sum(
     out: Sequence[Tensor] | None = None,
     accumulate: bool = False,
 ) -> tuple[list[Tensor | None], Tensor]:
-    """sum_i g_i / (norm(g_i) + eps) and the norms: Su 2022's gradient normalisation.
+    """sum_i g_i / (norm(g_i) + eps) and the norms: Su 2022's gradient normalisation
+    (docs/METHODS.md, section 4).
 
     Two passes over the gradients, their norms and then the weighted sum (one launch on CUDA).
     A zero gradient gets the finite coefficient 1 / eps and contributes nothing.
-    Returns (P tensors as from :func:`combine`, Tensor[K] norms).
+
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring.
+        eps: added to each norm before dividing.
+        out, accumulate: as for :func:`combine`.
+
+    Returns:
+        (P tensors as from :func:`combine`, Tensor[K] of the norms, float32 (float64 for float64
+        gradients)).
     """
     table, dtype, device = _validated(task_grads)
     result, columns = _outputs(table, dtype, device, out)
@@ -90,10 +122,19 @@ def normalized_sum(
 
 
 def l1_l2_penalty_(params: Sequence[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
-    """Returns l1 * sum |w| + l2 * sum w^2 over ``params`` and adds its gradient
-    l1 * sign(w) + 2 * l2 * w into each parameter's .grad (creating .grad where it is None),
-    in one pass. L1 drives weights to exactly zero (a Laplace prior); L2 shrinks them (a Gaussian
-    prior, weight decay for plain SGD)."""
+    """The penalty l1 * sum |w| + l2 * sum w^2 over ``params``, its gradient
+    l1 * sign(w) + 2 * l2 * w added into each parameter's .grad (created where it is None), in
+    one pass. L1 drives weights to exactly zero (a Laplace prior); L2 shrinks them (a Gaussian
+    prior, weight decay for plain SGD); docs/METHODS.md, section 2.
+
+    Args:
+        params: tensors of one floating dtype and device.
+        l1, l2: the penalties' factors.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 parameters); a CPU float32 zero for no
+        parameters.
+    """
     params = list(params)
     if not params:
         return torch.zeros(())
@@ -111,7 +152,16 @@ def combine_into_grad_(
 ) -> None:
     """p.grad += sum_i coeffs[i] * task_grads[i][p] for every parameter p, creating .grad where it
     is None, the way autograd accumulates (a parameter no task reaches keeps its .grad).
-    The update of a shared model from per-task gradients, in one pass over them."""
+    The update of a shared model from per-task gradients, in one pass over them.
+
+    Args:
+        params: P distinct parameters, of the task gradients' shapes.
+        task_grads: K sequences of P tensors (or None), as described in the module docstring.
+        coeffs: Tensor[K] or K Python floats, as for :func:`combine`.
+
+    Returns:
+        None; the parameters' .grad hold the result.
+    """
     params = list(params)
     table, dtype, device = _validated(task_grads)
     if len(table[0]) != len(params):
