@@ -93,6 +93,7 @@ def cagrad_weights(M: Tensor, c: float = 0.5) -> Tensor:
     gradients) the minimiser on an affinely independent face is returned.
     """
     M, _ = as_float64_gramian(M)
+    M = M.cpu()  # (a host algorithm: see the class docstring)
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
     if K == 1:
@@ -171,6 +172,7 @@ def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Ten
     Returns ``Tensor[K]`` float64 on the CPU.
     """
     M, resolution = as_float64_gramian(M)
+    M = M.cpu()  # (a host algorithm: see the class docstring)
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
     mean_weights = torch.full((K,), 1.0 / K, dtype=_F64)

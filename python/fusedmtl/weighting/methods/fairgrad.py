@@ -27,7 +27,7 @@ def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float 
     Returns:
         ``Tensor[K]`` float64 on the CPU, w_i > 0 where g_i != 0, else 0.
     """
-    M = as_float64_gramian(M)[0]
+    M = as_float64_gramian(M)[0].cpu()  # (a host algorithm: Newton with a line search)
     k = M.shape[0]
     diag = M.diagonal()
     live = diag > 1e-12 * diag.max().clamp_min(torch.finfo(M.dtype).tiny)

@@ -84,8 +84,10 @@ class GradNorm(GradientWeighting):
         weights = self.task_weights
         layer_norms = gramian.diagonal().clamp_min(0).sqrt().to(weights)
         losses = losses.detach().to(weights)
-        if bool(self.initial_losses.isnan().any()):
-            self.initial_losses.copy_(losses)
+        # the first step's losses (a mask, not a host read)
+        self.initial_losses.copy_(
+            torch.where(self.initial_losses.isnan(), losses, self.initial_losses)
+        )
         current = weights.clone()
         weighted_norms = weights * layer_norms
         ratios = losses / (self.initial_losses + self.eps)
