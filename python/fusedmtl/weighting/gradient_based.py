@@ -58,6 +58,10 @@ class GradientWeighting(Weighting):
     zero_gradient_takes_all = False
 
     _tasks_optional = True
+    # State outside the buffers that coefficients() advances (a torch.optim state, a CPU
+    # generator): a GradScaler's overflow step must leave it bitwise as it was, which needs the
+    # step's finiteness on the host (see _coefficients_or_passthrough).
+    _host_state = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -304,15 +308,24 @@ class GradientWeighting(Weighting):
         back with ``torch.where`` where the step is not finite, and the coefficients are
         ``torch.where(finite, c, 1)``: the same results, and the step compiles into one graph.
         The second element is then True: ``_commit`` runs and masks its own update by
-        ``self._step_finite`` (a 0-dim bool tensor, None when known on the host)."""
+        ``self._step_finite`` (a 0-dim bool tensor, None when known on the host). Methods with
+        ``_host_state`` (GradNorm's optimizer, PCGrad's and GradVac's generators) read the
+        finiteness on the host with a GradScaler, so an overflow leaves that state bitwise as it
+        was; under 'ignore' their host state advances on a non-finite step."""
         finite = gramian.isfinite().all()
         if checked:
             finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(
                 finite.device
             )
         self._step_finite = None
-        if grad_scaler is None and self.on_nonfinite != "ignore":
+        host_read = (grad_scaler is None and self.on_nonfinite != "ignore") or (
+            grad_scaler is not None and self._host_state
+        )
+        if host_read:
             if not bool(finite):  # the documented host read of 'raise' and 'skip'
+                if grad_scaler is not None:  # (_host_state: the scaler skips this step)
+                    ones = torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
+                    return ones, False
                 message = f"{type(self).__name__}: non-finite task gradients"
                 if self.on_nonfinite == "raise":
                     raise ValueError(

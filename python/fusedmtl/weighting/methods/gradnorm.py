@@ -35,6 +35,8 @@ class GradNorm(GradientWeighting):
     its diagonal is read) and the losses, returns the current w and updates w.
     """
 
+    _host_state = True  # (see GradientWeighting._coefficients_or_passthrough)
+
     needs_full_gramian = False
 
     def __init__(

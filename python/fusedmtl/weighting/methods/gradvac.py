@@ -37,6 +37,8 @@ class GradVac(GradientWeighting):
             (``eps`` is added to the denominators, as torchjd's).
     """
 
+    _host_state = True  # (see GradientWeighting._coefficients_or_passthrough)
+
     def __init__(
         self,
         shared_params=None,

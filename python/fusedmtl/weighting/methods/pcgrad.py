@@ -27,6 +27,8 @@ class PCGrad(GradientWeighting):
     for all K tasks at once, K steps of a few tensor ops with masks (:func:`pcgrad_coefficients`).
     """
 
+    _host_state = True  # (see GradientWeighting._coefficients_or_passthrough)
+
     def __init__(
         self, shared_params=None, tasks=None, *, seed: int | None = None, **kwargs
     ) -> None:
