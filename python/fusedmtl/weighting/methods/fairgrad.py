@@ -78,6 +78,10 @@ class FairGrad(GradientWeighting):
     least_squares). alpha = 0 is linear scalarisation, w = 1 / K (section 3); alpha = 1 is
     Nash-MTL's bargaining condition.
 
+    Host synchronisation: the Newton solve with its line search runs on the host (the Gramian
+    is copied to the CPU), so this method is not yet sync-free
+    (tests/weighting/test_no_host_sync.py).
+
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
         alpha: the fairness parameter, >= 0 (the paper tries 0.5 to 10; its default is 1).

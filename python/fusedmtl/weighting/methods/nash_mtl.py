@@ -28,6 +28,10 @@ class NashMTL(GradientWeighting):
     Properties (tests/weighting/test_solver_properties.py), where some d has J d > 0 (else the
     bargaining problem has no solution and the ridge decides): non-conflicting, permutation
     invariant, d(s J) = d(J); not linear under scaling, not strongly stationary.
+
+    Host synchronisation: the damped Newton solve runs on the host (Python floats, a line
+    search; the Gramian is copied to the CPU), so this method is not yet sync-free
+    (tests/weighting/test_no_host_sync.py).
     """
 
     def __init__(
