@@ -30,6 +30,9 @@ from fusedmtl.weighting.base import Losses, SkipStep, Weighting
 from fusedmtl.weighting.task_gradients import task_gradients
 
 MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
+# The buffers a method's coefficients() may update and a non-finite step (under 'ignore' or a
+# GradScaler) puts back on the device: the K-sized state, not gradient-sized averages.
+_MAX_STATE_NUMEL = MAX_TASKS * MAX_TASKS
 
 
 class GradientWeighting(Weighting):
@@ -58,6 +61,10 @@ class GradientWeighting(Weighting):
     zero_gradient_takes_all = False
 
     _tasks_optional = True
+    # State outside the buffers that coefficients() advances (a torch.optim state, a CPU
+    # generator): a GradScaler's overflow step must leave it bitwise as it was, which needs the
+    # step's finiteness on the host (see _coefficients_or_passthrough).
+    _host_state = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,6 +104,7 @@ class GradientWeighting(Weighting):
         self.eps = float(eps)
         self._warned_zero: set[str] = set()
         self._sharding = fsdp.sharding(params, sharded)  # None: not FSDP2
+        self._step_finite: Tensor | None = None  # see _coefficients_or_passthrough
 
     @classmethod
     def _from_settings(cls, tasks, shared_params, settings: dict) -> GradientWeighting:
@@ -307,25 +315,61 @@ class GradientWeighting(Weighting):
     ) -> tuple[Tensor | None, bool]:
         """(the method's coefficients, logged, True); with non-finite gradients (in the Gramian
         or ``checked``) either the policy (without a scaler) or ones (with a scaler, which then
-        skips the step), and False: the method's state is not updated."""
+        skips the step), and the method's state is not updated.
+
+        Host synchronisation: on_nonfinite 'raise' and 'skip' (without a scaler) read the
+        finiteness on the host once per step, as they must tell the user or skip the step.
+        'ignore' and the GradScaler path read nothing: the coefficients are computed from the
+        Gramian with its non-finite entries replaced (the identity), the state the method updates
+        (its buffers of at most ``_MAX_STATE_NUMEL`` elements, and what ``_commit`` does) is put
+        back with ``torch.where`` where the step is not finite, and the coefficients are
+        ``torch.where(finite, c, 1)``: the same results, and the step compiles into one graph.
+        The second element is then True: ``_commit`` runs and masks its own update by
+        ``self._step_finite`` (a 0-dim bool tensor, None when known on the host). Methods with
+        ``_host_state`` (GradNorm's optimizer, PCGrad's and GradVac's generators) read the
+        finiteness on the host with a GradScaler, so an overflow leaves that state bitwise as it
+        was; under 'ignore' their host state advances on a non-finite step."""
         finite = gramian.isfinite().all()
-        if checked:  # one host read either way
+        if checked:
             finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(
                 finite.device
             )
-        if not bool(finite):
-            if grad_scaler is None:
+        self._step_finite = None
+        host_read = (grad_scaler is None and self.on_nonfinite != "ignore") or (
+            grad_scaler is not None and self._host_state
+        )
+        if host_read:
+            if not bool(finite):  # the documented host read of 'raise' and 'skip'
+                if grad_scaler is not None:  # (_host_state: the scaler skips this step)
+                    ones = torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
+                    return ones, False
                 message = f"{type(self).__name__}: non-finite task gradients"
                 if self.on_nonfinite == "raise":
                     raise ValueError(
                         message + " (on_nonfinite='skip' skips such steps with a warning)"
                     )
-                if self.on_nonfinite == "skip":
-                    warnings.warn(message + "; skipping this step", stacklevel=3)
-                    return None, False
-            return torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device), False
-        coeffs = self.coefficients(gramian, values)
-        if self.zero_gradient_takes_all:  # (these methods read the Gramian on the host anyway)
+                warnings.warn(message + "; skipping this step", stacklevel=3)
+                return None, False
+            coeffs = self.coefficients(gramian, values)
+        else:
+            self._step_finite = finite
+            k = gramian.shape[0]
+            identity = torch.eye(k, dtype=gramian.dtype, device=gramian.device)
+            safe = torch.where(finite, gramian, identity)
+            if values is not None:
+                values = torch.where(values.isfinite(), values, torch.ones_like(values))
+            saved = {
+                name: b.clone() for name, b in self.named_buffers() if b.numel() <= _MAX_STATE_NUMEL
+            }
+            coeffs = self.coefficients(safe, values)
+            with torch.no_grad():
+                for name, old in saved.items():
+                    new = self.get_buffer(name)
+                    if new is not None and new.shape == old.shape:
+                        new.copy_(torch.where(finite.to(new.device), new, old))
+            coeffs = torch.where(finite.to(coeffs.device), coeffs, torch.ones_like(coeffs))
+            gramian = safe
+        if self.zero_gradient_takes_all:
             self._warn_zero_gradients(gramian)
         norms = gramian.diagonal().clamp_min(0).sqrt()
         self.last_weights = coeffs.detach()
@@ -335,18 +379,39 @@ class GradientWeighting(Weighting):
         return coeffs, True
 
     def _warn_zero_gradients(self, gramian: Tensor) -> None:
-        zero = (gramian.diagonal() == 0).cpu().tolist()
-        new = [
-            task for task, z in zip(self.task_names, zero) if z and task not in self._warned_zero
-        ]
-        if new and not all(zero):
-            self._warned_zero.update(new)
-            warnings.warn(
-                f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the method "
-                "then "
-                "puts all the weight on them and the shared update is zero (warned once per task)",
-                stacklevel=4,
-            )
+        """Warns once per task whose gradient is exactly zero, without a host sync: the mask is
+        copied to host memory asynchronously (pinned memory and an event on CUDA) and read once
+        the copy is complete, at once on the CPU, at a later step on CUDA. Not under
+        torch.compile."""
+        if torch.compiler.is_compiling():
+            return
+        zero = (gramian.diagonal() == 0).detach()
+        if zero.device.type == "cuda":
+            host = torch.empty(zero.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(zero, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = zero.to("cpu", copy=True), None
+        pending = getattr(self, "_zero_pending", [])
+        pending.append((host, event))
+        done = [event is None or event.query() for _, event in pending]
+        self._zero_pending = [entry for entry, d in zip(pending, done) if not d]
+        for host, _ in [entry for entry, d in zip(pending, done) if d]:
+            zero = host.numpy()  # a completed host copy: no device to wait for
+            new = [
+                task
+                for task, z in zip(self.task_names, zero)
+                if z and task not in self._warned_zero
+            ]
+            if new and not zero.all():
+                self._warned_zero.update(new)
+                warnings.warn(
+                    f"{type(self).__name__}: task(s) {new} have an exactly zero gradient: the "
+                    "method then puts all the weight on them and the shared update is zero "
+                    "(warned once per task)",
+                    stacklevel=4,
+                )
 
     def _backward_through_trunk(self, features, feature_grads, coeffs, retain_graph) -> None:
         if self._sharding is not None:

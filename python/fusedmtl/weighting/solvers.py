@@ -2,22 +2,31 @@
 
 Every method turns the Gramian ``M[i, j] = <g_i, g_j>`` of the K task gradients into
 coefficients ``c`` and the shared update ``d = sum_i c_i g_i``. The problems solved here are
-tiny (K from 1 to ~64) and run on the host at each training step, so they are written with a
-few tensor ops per iteration and exact (active-set / Newton) algorithms rather than generic
-solvers with loose tolerances.
+tiny (K from 1 to ~64) and run at each training step, so they are written with a few tensor
+ops per iteration and exact (active-set / Newton) algorithms rather than generic solvers with
+loose tolerances.
+
+No host synchronisation: every function runs on the Gramian's device, with a fixed number of
+iterations fixed by K alone (an active-set loop runs to its bound and stops changing once
+converged, through masks and ``torch.where``) and no Python branch on a value, so a training step
+never waits for the GPU and can be captured in a CUDA graph or compiled with
+``torch.compile(fullgraph=True)`` (tests/weighting/test_no_host_sync.py). The one exception is the
+input check of the public functions (``validate=True``, the default, reads the Gramian's
+finiteness on the host); the methods call them with ``validate=False``.
 
 Conventions shared by every public function:
 
 * ``M`` is a symmetric positive semi-definite ``Tensor[K, K]`` of any floating dtype and device.
-  It is copied to float64 on the CPU, symmetrised and cut to the accuracy of its dtype
-  (:func:`as_float64_gramian`); results are float64 CPU tensors. Non-finite entries raise
-  ``ValueError``.
+  It is converted to float64 on its device, symmetrised and cut to the accuracy of its dtype
+  (:func:`as_float64_gramian`); results are float64 tensors on M's device. Non-finite entries
+  raise ``ValueError`` (with ``validate=True``; otherwise the result is unspecified).
 * Singular ``M`` (identical, opposite, zero or linearly dependent gradients) is supported and
   never produces NaN or inf; each function documents what it returns in those cases.
 * Accuracy: the KKT conditions of each problem hold to about 1e-12 relative to the scale of
   ``M`` (decisions such as "is this multiplier positive" use a relative threshold of 1e-12),
   except where M's own conditioning limits them (documented per function).
-* Speed: a few tensor ops per active-set / Newton iteration, ~2 us each. Prefer one intra-op
+* Speed: a few tensor ops per active-set iteration, ~2 us each on the CPU, 3 K + 10 of them
+  (the loop's bound; the answer is reached after ~K). Prefer one intra-op
   thread (``torch.set_num_threads(1)``): on a loaded machine the OpenMP spin-waits of these
   tiny ops can cost tens of ms.
 * Deterministic: same input, same output (ties are broken by index, then resolved as
@@ -40,6 +49,7 @@ __all__ = [
     "lower_bounded_min_norm",
     "min_norm_simplex",
     "min_norm_simplex_with_support",
+    "nnls_iterations",
     "upgrad_coefficients",
 ]
 
@@ -49,6 +59,15 @@ _F64 = torch.float64
 DECISION_RTOL = 1e-12
 _RTOL = DECISION_RTOL
 _TINY = torch.finfo(_F64).tiny
+# On CPU tensors outside torch.compile, reading a value waits for no device: there the active-set
+# loop stops once every row has converged and skips the work no row needs (the answers are the
+# same, the fixed-count loop only repeats a converged state). False runs the device path on the
+# CPU too (the tests of that path do).
+CPU_SHORTCUTS = True
+
+
+def _shortcuts(t: Tensor) -> bool:
+    return CPU_SHORTCUTS and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def gramian_resolution(dtype: torch.dtype, K: int) -> float:
@@ -62,29 +81,32 @@ def gramian_resolution(dtype: torch.dtype, K: int) -> float:
     return min(16.0 * max(K, 1) * torch.finfo(dtype).eps, 1e-2)
 
 
-def as_float64_gramian(M: Tensor) -> tuple[Tensor, float]:
-    """M as a symmetric PSD float64 CPU tensor at the accuracy of its dtype, and that accuracy.
+def as_float64_gramian(M: Tensor, validate: bool = True) -> tuple[Tensor, float]:
+    """M as a symmetric PSD float64 tensor (on M's device) at the accuracy of its dtype, and that
+    accuracy.
 
-    Checks the shape (``Tensor[K, K]``, K >= 1) and finiteness (``ValueError`` otherwise). The
-    Gramian ``M = D C D`` (``D = diag(||g_i||)``, C the correlation matrix: gradients rounded or
-    accumulated in M's dtype make C's entries accurate to a few eps) is replaced by ``D C' D``,
-    C' = C with its eigenvalues below ``gramian_resolution(M.dtype, K)`` set to 0 (float64
-    Gramians: only negative eigenvalues beyond rounding, so exact ties stay exact). That changes
-    M by no more than its own rounding, removes the noise eigenvalues of a rank-deficient Gramian
-    (a float32 ``J J^T`` of rank r has K - r eigenvalues of ~eps32 instead of 0, and near-dependent
-    gradients seen through that noise make weights of ~1 / sqrt(eps32) and solutions that depend
-    on the task order), and is invariant to scaling any gradient. Zero gradients stay exactly zero.
-    Every solver here then works in float64, with its decisions at float64 rounding, on a matrix
-    whose rank is that of the accuracy of the caller's dtype.
+    Checks the shape (``Tensor[K, K]``, K >= 1) and, with ``validate``, finiteness (``ValueError``
+    otherwise; the one host read of this module: the methods pass ``validate=False`` and hand in
+    only finite Gramians). The Gramian ``M = D C D`` (``D = diag(||g_i||)``, C the correlation
+    matrix: gradients rounded or accumulated in M's dtype make C's entries accurate to a few eps)
+    is replaced by ``D C' D``, C' = C with its eigenvalues below ``gramian_resolution(M.dtype, K)``
+    set to 0 (float64 Gramians: only negative eigenvalues beyond rounding, so exact ties stay
+    exact). That changes M by no more than its own rounding, removes the noise eigenvalues of a
+    rank-deficient Gramian (a float32 ``J J^T`` of rank r has K - r eigenvalues of ~eps32 instead
+    of 0, and near-dependent gradients seen through that noise make weights of ~1 / sqrt(eps32)
+    and solutions that depend on the task order), and is invariant to scaling any gradient. Zero
+    gradients stay exactly zero. Every solver here then works in float64, with its decisions at
+    float64 rounding, on a matrix whose rank is that of the accuracy of the caller's dtype.
+    Well-conditioned Gramians are returned unchanged (selected by ``torch.where``, no branch).
 
-    Returns (``Tensor[K, K]`` float64 on the CPU, the resolution as a float)."""
+    Returns (``Tensor[K, K]`` float64 on M's device, the resolution as a float)."""
     if not isinstance(M, Tensor) or M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
         shape = getattr(M, "shape", M)
         raise ValueError(f"expected a square Gramian Tensor[K, K] with K >= 1, got {shape!r}")
     K = M.shape[0]
     resolution, M_dtype = gramian_resolution(M.dtype, K), M.dtype
-    M = M.detach().to(device="cpu", dtype=_F64)
-    if not bool(torch.isfinite(M).all()):
+    M = M.detach().to(dtype=_F64)
+    if validate and not bool(torch.isfinite(M).all()):  # (documented host read)
         raise ValueError("the Gramian has non-finite entries")
     M = 0.5 * (M + M.T)
     if K == 1:
@@ -95,36 +117,51 @@ def as_float64_gramian(M: Tensor) -> tuple[Tensor, float]:
     eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
     # float64 Gramians keep their exact ties and zero rows unless genuinely indefinite
     cutoff = resolution if M_dtype != _F64 else -_RTOL
-    if float(eigenvalues[0]) < cutoff * max(float(eigenvalues[-1]), 0.0):
-        # rank-deficient at M's accuracy (or slightly indefinite): drop the noise eigenvalues;
-        # otherwise M is left untouched (well-conditioned inputs keep their exact values)
-        kept = torch.where(eigenvalues >= max(cutoff, 0.0) * eigenvalues[-1], eigenvalues, 0.0)
-        correlation = (eigenvectors * kept) @ eigenvectors.T
-        M = correlation * norms[:, None] * norms[None, :]
-        M = 0.5 * (M + M.T)
-    return M, resolution
+    largest = eigenvalues[-1].clamp_min(0)
+    # rank-deficient at M's accuracy (or slightly indefinite): drop the noise eigenvalues;
+    # otherwise M is left untouched (well-conditioned inputs keep their exact values)
+    deficient = eigenvalues[0] < cutoff * largest
+    kept = torch.where(eigenvalues >= max(cutoff, 0.0) * eigenvalues[-1], eigenvalues, 0.0)
+    rebuilt = ((eigenvectors * kept) @ eigenvectors.T) * norms[:, None] * norms[None, :]
+    return torch.where(deficient, 0.5 * (rebuilt + rebuilt.T), M), resolution
 
 
-def _as_gramian(M: Tensor) -> Tensor:
-    return as_float64_gramian(M)[0]
+def _as_gramian(M: Tensor, validate: bool = True) -> Tensor:
+    return as_float64_gramian(M, validate)[0]
 
 
 def _solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
     """For each row b: the solution s of Q[S, S] s_S = rhs[b, S], s = 0 off S = support[b].
 
     Batched by embedding Q[S, S] in the identity: (Q masked to S x S) + I on the complement.
-    Q: [K, K], rhs and support: [B, K]."""
+    Q: [K, K], rhs and support: [B, K]. Cholesky; where a system is numerically semi-definite
+    (nearly dependent columns, which the active set admits only through rounding) the Cholesky
+    of the system with a ridge of 1e-12 of its largest diagonal entry instead (selected, no
+    branch; never a singular-matrix error)."""
     K = Q.shape[0]
     pair_mask = support[:, :, None] & support[:, None, :]
-    system = torch.where(pair_mask, Q, torch.zeros((), dtype=_F64))
+    system = torch.where(pair_mask, Q, 0.0)
     system = system + torch.diag_embed((~support).to(_F64))
-    rhs = torch.where(support, rhs, torch.zeros((), dtype=_F64)).unsqueeze(-1)
+    rhs = torch.where(support, rhs, 0.0).unsqueeze(-1)
     factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info == 0).all()):
-        solution = torch.cholesky_solve(rhs, factor)
-    else:  # numerically semi-definite (nearly dependent columns): LU still gives a small residual
-        solution = torch.linalg.solve(system, rhs)
+    if _shortcuts(system) and bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, factor).squeeze(-1).reshape(-1, K) * support
+    ridge = 1e-12 * system.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(_TINY)
+    ridged = system + torch.diag_embed(ridge[:, None].expand(-1, K))
+    ridged_factor, _ = torch.linalg.cholesky_ex(ridged)
+    factor = torch.where((info == 0)[:, None, None], factor, ridged_factor)
+    solution = torch.cholesky_solve(rhs, factor).nan_to_num(0.0, 0.0, 0.0)
     return solution.squeeze(-1).reshape(-1, K) * support
+
+
+def nnls_iterations(K: int) -> int:
+    """The fixed number of active-set iterations of :func:`_nnls_gram` for K columns: 3 K + 10.
+
+    Each iteration either adds a column or drops at least one, and an active set never repeats
+    (the objective strictly decreases between them), so the loop is finite; on the problems of
+    the tests it ends after at most ~K adds and a few drops. The bound is that of the former
+    early-exit loop, so the answers are the same; iterations after convergence change nothing."""
+    return 3 * K + 10
 
 
 def _nnls_gram(Q: Tensor, P: Tensor, b_sq: Tensor, least_norm: bool) -> tuple[Tensor, Tensor]:
@@ -139,19 +176,23 @@ def _nnls_gram(Q: Tensor, P: Tensor, b_sq: Tensor, least_norm: bool) -> tuple[Te
     the support's least-squares solution, so it is never added), hence the systems solved are
     non-singular even when Q is singular. It terminates after finitely many steps with the KKT
     conditions exact up to the thresholds: x >= 0, w = p - Q x <= 0 off the support, w = 0 on it.
+    Run for :func:`nnls_iterations` (K) iterations on every row, a row that has converged
+    (``running`` False) no longer changing: no host read, no data-dependent branch (except with
+    ``CPU_SHORTCUTS`` on CPU tensors, where it stops once every row has converged).
 
     With least_norm, when the minimiser is not unique (Q singular and some column off the
     support with w = 0), returns the minimiser of least Euclidean norm if that has no negative
     entry (always the case for exact ties such as duplicated columns); otherwise the
     active set's. Returns (x [B, K], support [B, K] bool)."""
     B, K = P.shape
-    x = torch.zeros(B, K, dtype=_F64)
-    support = torch.zeros(B, K, dtype=torch.bool)
-    excluded = torch.zeros(B, K, dtype=torch.bool)
-    running = torch.ones(B, dtype=torch.bool)
+    device = Q.device
+    x = torch.zeros(B, K, dtype=_F64, device=device)
+    support = torch.zeros(B, K, dtype=torch.bool, device=device)
+    excluded = torch.zeros(B, K, dtype=torch.bool, device=device)
+    running = torch.ones(B, dtype=torch.bool, device=device)
     column_norm = Q.diagonal().clamp_min(0).sqrt()
     b_norm = b_sq.clamp_min(0).sqrt().unsqueeze(-1)
-    unit = torch.eye(K, dtype=torch.bool)
+    unit = torch.eye(K, dtype=torch.bool, device=device)
 
     def gradient_and_threshold(x):
         # w_j = a_j^T (b - A x): rounding is ~eps * ||a_j|| (||b|| + sum_k ||a_k|| x_k)
@@ -159,20 +200,21 @@ def _nnls_gram(Q: Tensor, P: Tensor, b_sq: Tensor, least_norm: bool) -> tuple[Te
         threshold = _RTOL * column_norm * (b_norm + (x * column_norm).sum(-1, keepdim=True))
         return w, threshold
 
-    # Shortcut, one solve instead of K iterations: when Q is positive definite (pivots well away
+    # Shortcut, one solve for the common case: when Q is positive definite (pivots well away
     # from zero, so the minimiser is unique) and its unconstrained minimiser is positive, that
-    # is the answer (x > 0, zero gradient: the KKT conditions hold).
+    # is the answer (x > 0, zero gradient: the KKT conditions hold); those rows stop at once.
     factor, info = torch.linalg.cholesky_ex(Q)
     pivots_sq = factor.diagonal().square()
-    if int(info) == 0 and float(pivots_sq.min()) > 1e-8 * float(Q.diagonal().max()):
-        unconstrained = torch.cholesky_solve(P.T, factor).T
-        interior = (unconstrained > 0).all(-1, keepdim=True)
-        x = torch.where(interior, unconstrained, x)
-        support = support | interior
-        running = running & ~interior.squeeze(-1)
+    definite = (info == 0) & (pivots_sq.min() > 1e-8 * Q.diagonal().max())
+    unconstrained = torch.cholesky_solve(P.T, factor).T
+    interior = definite & (unconstrained > 0).all(-1, keepdim=True)
+    x = torch.where(interior, unconstrained, x)
+    support = support | interior
+    running = running & ~interior.squeeze(-1)
 
-    for _ in range(3 * K + 10):
-        if not bool(running.any()):
+    shortcuts = _shortcuts(Q)
+    for _ in range(nnls_iterations(K)):
+        if shortcuts and not bool(running.any()):
             break
         s = _solve_on_support(Q, P, support)
         feasible = ((s > 0) | ~support).all(-1)
@@ -184,20 +226,23 @@ def _nnls_gram(Q: Tensor, P: Tensor, b_sq: Tensor, least_norm: bool) -> tuple[Te
         entering = torch.where(candidate, w / column_norm.clamp_min(_TINY), -math.inf).argmax(-1)
         support = support | (unit[entering] & (accept & has_candidate).unsqueeze(-1))
         running = running & ~(accept & ~has_candidate)
-        blocked = running & ~feasible
-        if bool(blocked.any()):
-            # move from x towards s until the first support coordinate reaches zero, drop it
-            shrinking = support & (s <= 0)
-            ratio = torch.where(shrinking, x / (x - s).clamp_min(_TINY), math.inf)
-            alpha, leaving_index = ratio.min(-1)
-            moved = x + alpha.unsqueeze(-1) * (s - x)
-            leaving = support & (unit[leaving_index] | (moved <= 0))
-            moved = torch.where(leaving, torch.zeros((), dtype=_F64), moved)
-            x = torch.where(blocked.unsqueeze(-1), moved, x)
-            support = torch.where(blocked.unsqueeze(-1), support & ~leaving, support)
-            # A column that entered with a positive gradient but cannot grow is a rounding
-            # artefact of a (nearly) dependent column; never re-entering it prevents cycling.
-            excluded |= blocked.unsqueeze(-1) & (alpha == 0).unsqueeze(-1) & unit[leaving_index]
+        blocked = (running & ~feasible).unsqueeze(-1)
+        if shortcuts and not bool(blocked.any()):
+            continue
+        # blocked rows: move from x towards s until the first support coordinate reaches zero,
+        # drop it
+        shrinking = support & (s <= 0)
+        ratio = torch.where(shrinking, x / (x - s).clamp_min(_TINY), math.inf)
+        alpha, leaving_index = ratio.min(-1)
+        alpha = torch.where(torch.isfinite(alpha), alpha, 0.0)  # (rows that are not blocked)
+        moved = x + alpha.unsqueeze(-1) * (s - x)
+        leaving = support & (unit[leaving_index] | (moved <= 0))
+        moved = torch.where(leaving, 0.0, moved)
+        x = torch.where(blocked, moved, x)
+        support = torch.where(blocked, support & ~leaving, support)
+        # A column that entered with a positive gradient but cannot grow is a rounding
+        # artefact of a (nearly) dependent column; never re-entering it prevents cycling.
+        excluded = excluded | (blocked & (alpha == 0).unsqueeze(-1) & unit[leaving_index])
 
     if least_norm:
         w, threshold = gradient_and_threshold(x)
@@ -211,24 +256,21 @@ def _least_norm_minimiser(Q: Tensor, x: Tensor, tight: Tensor, support: Tensor) 
     Every minimiser y has the same residual A y = A x and is supported on the tight set T
     (zero gradient), so they are the nonnegative solutions of Q[T, T] y_T = (Q x)_T; the
     least-norm solution is pinv(Q[T, T]) (Q x)_T. Only rows with a tight column off the
-    support can have several minimisers."""
-    redo = (tight & ~support).any(-1)
-    if not bool(redo.any()):
+    support can have several minimisers; computed for every row (one batched eigh), used on
+    those."""
+    redo = (tight & ~support).any(-1, keepdim=True)
+    if _shortcuts(Q) and not bool(redo.any()):
         return x
-    mask = tight[redo]
-    block = torch.where(mask[:, :, None] & mask[:, None, :], Q, torch.zeros((), dtype=_F64))
+    mask = tight
+    block = torch.where(mask[:, :, None] & mask[:, None, :], Q, 0.0)
     eigenvalues, eigenvectors = torch.linalg.eigh(block)
     kept = eigenvalues > _RTOL * eigenvalues[:, -1:].clamp_min(_TINY)
-    rhs = torch.where(mask, x[redo] @ Q, torch.zeros((), dtype=_F64))
+    rhs = torch.where(mask, x @ Q, 0.0)
     spectral = (eigenvectors.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)
-    spectral = torch.where(
-        kept, spectral / torch.where(kept, eigenvalues, 1.0), torch.zeros((), dtype=_F64)
-    )
+    spectral = torch.where(kept, spectral / torch.where(kept, eigenvalues, 1.0), 0.0)
     y = (eigenvectors @ spectral.unsqueeze(-1)).squeeze(-1) * mask
-    nonnegative = (y >= -_RTOL * x[redo].abs().amax(-1, keepdim=True)).all(-1)
-    out = x.clone()
-    out[redo] = torch.where(nonnegative.unsqueeze(-1), y.clamp_min(0), x[redo])
-    return out
+    nonnegative = (y >= -_RTOL * x.abs().amax(-1, keepdim=True)).all(-1, keepdim=True)
+    return torch.where(redo & nonnegative, y.clamp_min(0), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +294,7 @@ def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, 
     return x / x.sum(), support[0]
 
 
-def min_norm_simplex(M: Tensor) -> Tensor:
+def min_norm_simplex(M: Tensor, validate: bool = True) -> Tensor:
     """MGDA weights: ``c = argmin_{c >= 0, sum(c) = 1} c^T M c``.
 
     The minimum-norm point ``sum_i c_i g_i`` of the convex hull of the task gradients, a
@@ -261,8 +303,9 @@ def min_norm_simplex(M: Tensor) -> Tensor:
 
     Args:
         M: Gramian ``Tensor[K, K]``, symmetric PSD, any float dtype / device.
+        validate: check M's finiteness (a host read; ``ValueError``).
     Returns:
-        ``Tensor[K]`` float64 on the CPU, nonnegative, summing to 1.
+        ``Tensor[K]`` float64 on M's device, nonnegative, summing to 1.
 
     Algorithm: K = 2 in closed form; otherwise an exact active-set solve (Lawson-Hanson NNLS on
     an equivalent problem, see ``min_norm_simplex_with_support``), not Frank-Wolfe.
@@ -275,23 +318,24 @@ def min_norm_simplex(M: Tensor) -> Tensor:
     a zero gradient ``g_i = 0`` gives ``c = e_i`` (``d = 0``, everything is Pareto-stationary),
     uniform among several zero gradients.
     """
-    M = _as_gramian(M)
+    M = _as_gramian(M, validate)
     K = M.shape[0]
     if K == 1:
-        return torch.ones(1, dtype=_F64)
-    if float(M.diagonal().sum()) <= 0:  # all gradients zero: every c is a minimiser
-        return torch.full((K,), 1.0 / K, dtype=_F64)
+        return torch.ones(1, dtype=_F64, device=M.device)
     if K == 2:
-        (m11, m12), (_, m22) = M.tolist()
+        m11, m12, m22 = M[0, 0], M[0, 1], M[1, 1]
         # f(y) = y^2 m11 + 2 y (1 - y) m12 + (1 - y)^2 m22 for c = (y, 1 - y);
         # f'(y) = 0 at y = (m22 - m12) / (m11 - 2 m12 + m22), ||g1 - g2||^2 the denominator.
+        # g1 == g2 (both zero included): f is constant, y = 1/2.
         distance_sq = m11 - 2.0 * m12 + m22
-        if distance_sq <= 4.0 * torch.finfo(_F64).eps * (m11 + m22):  # g1 == g2: f is constant
-            y = 0.5
-        else:
-            y = min(max((m22 - m12) / distance_sq, 0.0), 1.0)
-        return torch.tensor([y, 1.0 - y], dtype=_F64)
-    return min_norm_simplex_with_support(M, least_norm=True)[0]
+        tie = distance_sq <= 4.0 * torch.finfo(_F64).eps * (m11 + m22)
+        y = ((m22 - m12) / torch.where(tie, 1.0, distance_sq)).clamp(0.0, 1.0)
+        y = torch.where(tie, 0.5, y)
+        return torch.stack([y, 1.0 - y])
+    zero = M.diagonal().sum() <= 0  # all gradients zero: every c is a minimiser, uniform
+    safe = torch.where(zero, torch.eye(K, dtype=_F64, device=M.device), M)
+    weights = min_norm_simplex_with_support(safe, least_norm=True)[0]
+    return torch.where(zero, 1.0 / K, weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +372,7 @@ def dual_cone_ridge(resolution: float) -> float:
     return resolution if resolution > 10 * DECISION_RTOL else 0.0
 
 
-def dual_cone_weights(M: Tensor) -> Tensor:
+def dual_cone_weights(M: Tensor, validate: bool = True) -> Tensor:
     """Weights of the projections of each gradient onto the dual cone of all of them.
 
     Row i is ``w_i = argmin_{v >= e_i} v^T M v`` (componentwise, ``e_i`` the i-th unit vector),
@@ -339,8 +383,9 @@ def dual_cone_weights(M: Tensor) -> Tensor:
 
     Args:
         M: Gramian ``Tensor[K, K]``, symmetric PSD, any float dtype / device.
+        validate: check M's finiteness (a host read; ``ValueError``).
     Returns:
-        ``Tensor[K, K]`` float64 on the CPU with ``w_ii >= 1`` and ``w_ij >= 0``.
+        ``Tensor[K, K]`` float64 on M's device with ``w_ii >= 1`` and ``w_ij >= 0``.
 
     ``p_i`` is unique, ``w_i`` is not when the gradients are linearly dependent; then the one with
     the least-norm ``u = w_i - e_i`` is returned (if nonnegative; otherwise the active set's).
@@ -349,12 +394,13 @@ def dual_cone_weights(M: Tensor) -> Tensor:
     ``p_i = 0``; ``g`` and ``-g`` give ``w = [[1, 1], [1, 1]]`` (``p = 0``, the dual cone is the
     hyperplane orthogonal to ``g``).
     """
-    M, resolution = as_float64_gramian(M)
-    return lower_bounded_min_norm(M, torch.eye(M.shape[0], dtype=_F64), dual_cone_ridge(resolution))
+    M, resolution = as_float64_gramian(M, validate)
+    lower = torch.eye(M.shape[0], dtype=_F64, device=M.device)
+    return lower_bounded_min_norm(M, lower, dual_cone_ridge(resolution))
 
 
-def upgrad_coefficients(M: Tensor) -> Tensor:
+def upgrad_coefficients(M: Tensor, validate: bool = True) -> Tensor:
     """UPGrad coefficients ``c = mean_i w_i`` (rows of :func:`dual_cone_weights`), so that
     ``d = sum_j c_j g_j`` is the mean of the projections of the gradients onto their dual cone
-    (Quinton & Rey 2024). ``Tensor[K]`` float64 CPU, ``c_j >= 1/K``."""
-    return dual_cone_weights(M).mean(0)
+    (Quinton & Rey 2024). ``Tensor[K]`` float64 on M's device, ``c_j >= 1/K``."""
+    return dual_cone_weights(M, validate).mean(0)

@@ -39,20 +39,25 @@ class AlignedMTL(GradientWeighting):
         self.scale_mode = scale_mode
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        m, _ = as_float64_gramian(gramian)
+        m, _ = as_float64_gramian(gramian, validate=False)
         k = m.shape[0]
         eigenvalues, eigenvectors = torch.linalg.eigh(m)
         # the cutoff of the paper's code, at the accuracy of the dtype the Gramian came in
         # (float64's eps on a float32 Gramian keeps its noise eigenvalues, and 'min' collapses)
         kept = eigenvalues > eigenvalues.max() * k * torch.finfo(gramian.dtype).eps
-        if not bool(kept.any()):  # all gradients zero
-            return torch.zeros(k, dtype=gramian.dtype)
-        eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
+        # Masks, not indexing by kept (no host sync): eigh sorts ascending, so the kept
+        # eigenvalues are the last n; all gradients zero (n = 0) gives c = 0.
+        n = kept.sum()
         if self.scale_mode == "min":
-            sigma = eigenvalues.min().sqrt()
-        elif self.scale_mode == "median":
-            sigma = eigenvalues.median().sqrt()
+            sigma_sq = torch.where(kept, eigenvalues, torch.inf).min()
+        elif self.scale_mode == "median":  # the lower median, as Tensor.median
+            index = (k - n + (n - 1).clamp_min(0) // 2).clamp_max(k - 1)
+            sigma_sq = eigenvalues.gather(0, index.reshape(1)).squeeze(0)
         else:
-            sigma = eigenvalues.mean().sqrt()
-        b = sigma * (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
-        return (b @ torch.full((k,), 1.0 / k, dtype=torch.float64)).to(gramian.dtype)
+            sigma_sq = torch.where(kept, eigenvalues, 0.0).sum() / n.clamp_min(1)
+        inverse_sqrt = torch.where(kept, eigenvalues.clamp_min(torch.finfo(m.dtype).tiny), 1.0)
+        inverse_sqrt = torch.where(kept, inverse_sqrt.rsqrt(), 0.0)
+        sigma = torch.where(n > 0, sigma_sq, 0.0).clamp_min(0).sqrt()
+        b = sigma * (eigenvectors * inverse_sqrt) @ eigenvectors.T
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64, device=m.device)
+        return (b @ weights).to(gramian.dtype)

@@ -36,7 +36,14 @@ class CAGrad(GradientWeighting):
 
     Properties (tests/weighting/test_solver_properties.py): permutation invariant, d(s J) =
     s d(J); non-conflicting only for c >= 1 (the paper, section 3.1); not linear under scaling,
-    not strongly stationary.
+    not strongly stationary. Precision limit: on a strongly stationary Jacobian with c >= 1 the
+    exact d lies in null(J) (d = 0 for c = 1, g_w anti-parallel to g0), and the computed one
+    cancels to ~1e-10 ||g0|| in float64, where J d can be ~-1e-12 ||g_i||: a few times the
+    properties' budget of 4 r max ||g_i|| on some random rank-19 20 x 100 matrices (r the
+    Gramian's resolution; e.g. the sampler's 'strong' with seed 1003).
+
+    Host synchronisation: the search runs on the host (Python floats; the Gramian is copied to
+    the CPU), so this method is not yet sync-free (tests/weighting/test_no_host_sync.py).
     """
 
     def __init__(
@@ -93,6 +100,7 @@ def cagrad_weights(M: Tensor, c: float = 0.5) -> Tensor:
     gradients) the minimiser on an affinely independent face is returned.
     """
     M, _ = as_float64_gramian(M)
+    M = M.cpu()  # (a host algorithm: see the class docstring)
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
     if K == 1:
@@ -171,6 +179,7 @@ def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Ten
     Returns ``Tensor[K]`` float64 on the CPU.
     """
     M, resolution = as_float64_gramian(M)
+    M = M.cpu()  # (a host algorithm: see the class docstring)
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
     mean_weights = torch.full((K,), 1.0 / K, dtype=_F64)

@@ -62,7 +62,7 @@ class ConFIG(GradientWeighting):
         normalized = M * inv_norms[:, None] * inv_norms[None, :]
         weights = self.pref_vector
         if weights is None:
-            weights = torch.ones(M.shape[0], dtype=torch.float64)
+            weights = torch.ones(M.shape[0], dtype=torch.float64, device=M.device)
         weights = weights.to(M.device)
         a = inv_norms * (torch.linalg.pinv(normalized, rtol=self.rcond, hermitian=True) @ weights)
         Ma = M @ a

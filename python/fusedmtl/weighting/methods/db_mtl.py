@@ -121,6 +121,20 @@ class DBMTL(GradientWeighting):
         return self._spare[task]
 
     def _commit(self, table) -> None:
+        finite = self._step_finite
+        if finite is not None:
+            # Finiteness not read on the host ('ignore', GradScaler): the table must stay as it
+            # is (its non-finite values reach .grad for the scaler to see), so the new averages
+            # are copied into the buffers where the step is finite (one more pass over them),
+            # and the buffers are not swapped.
+            with torch.no_grad():
+                self.steps_done += finite.to(self.steps_done.device, self.steps_done.dtype)
+                if self.beta > 0:
+                    for i, row in enumerate(table):
+                        for p, h in enumerate(row):
+                            average = getattr(self, f"grad_ema_{i}_{p}")
+                            average.copy_(torch.where(finite.to(h.device), h, average))
+            return
         self.steps_done += 1
         if self.beta > 0:  # the new averages become the buffers; step()'s old ones its spares
             for i, row in enumerate(table):

@@ -45,7 +45,7 @@ class DualProj(GradientWeighting):
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         k = gramian.shape[0]
         pref = self.pref_vector
+        M, resolution = as_float64_gramian(gramian, validate=False)
         pref = torch.full((k,), 1.0 / k, dtype=torch.float64) if pref is None else pref
-        lower = pref.to("cpu", torch.float64)[None, :]
-        M, resolution = as_float64_gramian(gramian)
+        lower = pref.to(M.device, torch.float64)[None, :]
         return lower_bounded_min_norm(M, lower, dual_cone_ridge(resolution))[0].to(gramian.dtype)

@@ -27,7 +27,7 @@ def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float 
     Returns:
         ``Tensor[K]`` float64 on the CPU, w_i > 0 where g_i != 0, else 0.
     """
-    M = as_float64_gramian(M)[0]
+    M = as_float64_gramian(M)[0].cpu()  # (a host algorithm: Newton with a line search)
     k = M.shape[0]
     diag = M.diagonal()
     live = diag > 1e-12 * diag.max().clamp_min(torch.finfo(M.dtype).tiny)
@@ -77,6 +77,10 @@ class FairGrad(GradientWeighting):
     :func:`alpha_fair_weights` on the K x K problem (torchjd and the paper's code call scipy's
     least_squares). alpha = 0 is linear scalarisation, w = 1 / K (section 3); alpha = 1 is
     Nash-MTL's bargaining condition.
+
+    Host synchronisation: the Newton solve with its line search runs on the host (the Gramian
+    is copied to the CPU), so this method is not yet sync-free
+    (tests/weighting/test_no_host_sync.py).
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.

@@ -35,6 +35,8 @@ class GradNorm(GradientWeighting):
     its diagonal is read) and the losses, returns the current w and updates w.
     """
 
+    _host_state = True  # (see GradientWeighting._coefficients_or_passthrough)
+
     needs_full_gramian = False
 
     def __init__(
@@ -84,8 +86,10 @@ class GradNorm(GradientWeighting):
         weights = self.task_weights
         layer_norms = gramian.diagonal().clamp_min(0).sqrt().to(weights)
         losses = losses.detach().to(weights)
-        if bool(self.initial_losses.isnan().any()):
-            self.initial_losses.copy_(losses)
+        # the first step's losses (a mask, not a host read)
+        self.initial_losses.copy_(
+            torch.where(self.initial_losses.isnan(), losses, self.initial_losses)
+        )
         current = weights.clone()
         weighted_norms = weights * layer_norms
         ratios = losses / (self.initial_losses + self.eps)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.methods.pcgrad import draw_orders
 from fusedmtl.weighting.state import SharedGenerator
 
 
@@ -24,6 +25,10 @@ class GradVac(GradientWeighting):
     broadcast); the targets phi_hat (a K x K float64 buffer) and the generator are in the
     state_dict. The targets are not updated on skipped steps.
 
+    No host synchronisation: the orders are drawn on the host from the CPU generator (no device
+    value is read), and the K tasks' sequences run at once, K - 1 steps of a few tensor ops with
+    masks (:func:`gradvac_coefficients`).
+
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
         beta: the EMA rate of the targets in [0, 1] (torchjd's default 0.5; the paper uses 0.01).
@@ -31,6 +36,8 @@ class GradVac(GradientWeighting):
         **kwargs: the options of :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`
             (``eps`` is added to the denominators, as torchjd's).
     """
+
+    _host_state = True  # (see GradientWeighting._coefficients_or_passthrough)
 
     def __init__(
         self,
@@ -59,35 +66,13 @@ class GradVac(GradientWeighting):
         self.targets = torch.zeros(k, k, dtype=torch.float64, device=self.targets.device)
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        M = gramian.detach().to("cpu", torch.float64)
-        k, eps, beta = M.shape[0], self.eps, self.beta
+        k = gramian.shape[0]
         if self.targets.numel() == 0:
-            k = gramian.shape[0]
             self.targets = torch.zeros(k, k, dtype=torch.float64, device=self.targets.device)
-        targets = self.targets.to("cpu").clone()
-        norms = M.diagonal().clamp_min(0).sqrt()
-        C = torch.eye(k, dtype=torch.float64)
-        for i in range(k):
-            dots = C[i] @ M  # <g'_i, g_j> for every j
-            others = [j for j in range(k) if j != i]
-            for idx in torch.randperm(k - 1, generator=self._generator.get()).tolist():
-                j = others[idx]
-                norm_i = (dots @ C[i]).clamp_min(0).sqrt()
-                phi = dots[j] / (norm_i * norms[j] + eps)
-                target = targets[i, j]
-                if phi < target:
-                    sin_phi = (1 - phi * phi).clamp_min(0).sqrt()
-                    sin_target = (1 - target * target).clamp_min(0).sqrt()
-                    w = (
-                        norm_i
-                        * (target * sin_phi - phi * sin_target)
-                        / (norms[j] * sin_target + eps)
-                    )
-                    C[i, j] += w
-                    dots = dots + w * M[j]
-                targets[i, j] = (1 - beta) * target + beta * phi
+        orders = draw_orders(self._generator.get(), k, gramian.device, n=k - 1)
+        coeffs, targets = gradvac_coefficients(gramian, self.targets, orders, self.beta, self.eps)
         self.targets.copy_(targets)
-        return C.sum(0).to(gramian.dtype)
+        return coeffs
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "generator": self._generator.state_dict()}
@@ -95,3 +80,36 @@ class GradVac(GradientWeighting):
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
         self._generator.load_state_dict(state["generator"])
+
+
+def gradvac_coefficients(
+    gramian: Tensor, targets: Tensor, orders: Tensor, beta: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """GradVac's coefficients and new targets for the orders ``orders`` (``Tensor[K, K - 1]``
+    int64: row i holds indices into the other tasks j != i, in increasing j), from the Gramian
+    ``Tensor[K, K]`` and the targets ``Tensor[K, K]`` float64.
+
+    Task i's sequence reads only its own row of C and of the targets, so all K run at once,
+    with masks where phi >= phi_hat (w = 0). Returns (``Tensor[K]`` in the Gramian's dtype,
+    ``Tensor[K, K]`` float64, both on the Gramian's device)."""
+    M = gramian.detach().to(torch.float64)
+    k = M.shape[0]
+    targets = targets.to(M.device, torch.float64)
+    norms = M.diagonal().clamp_min(0).sqrt()
+    unit = torch.eye(k, dtype=torch.float64, device=M.device)
+    rows = torch.arange(k, device=M.device)
+    C = unit
+    dots = M  # row i: <g'_i, g_j> for every j
+    for t in range(k - 1):
+        j = orders[:, t] + (orders[:, t] >= rows).long()  # the index among the others
+        norm_i = (dots * C).sum(-1).clamp_min(0).sqrt()
+        phi = dots.gather(1, j[:, None]).squeeze(1) / (norm_i * norms[j] + eps)
+        target = targets.gather(1, j[:, None]).squeeze(1)
+        sin_phi = (1 - phi * phi).clamp_min(0).sqrt()
+        sin_target = (1 - target * target).clamp_min(0).sqrt()
+        w = norm_i * (target * sin_phi - phi * sin_target) / (norms[j] * sin_target + eps)
+        w = torch.where(phi < target, w, 0.0)
+        C = C + unit[j] * w[:, None]
+        dots = dots + w[:, None] * M[j]
+        targets = torch.where(unit[j] > 0, ((1 - beta) * target + beta * phi)[:, None], targets)
+    return C.sum(0).to(gramian.dtype), targets

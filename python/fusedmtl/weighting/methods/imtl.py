@@ -46,9 +46,9 @@ def impartial_weights(gramian: Tensor) -> Tensor:
     Args:
         gramian: ``Tensor[K, K]``, symmetric PSD, any float dtype / device.
     Returns:
-        ``Tensor[K]`` float64 on the CPU.
+        ``Tensor[K]`` float64 on the Gramian's device (no host sync).
     """
-    m, resolution = as_float64_gramian(gramian)
+    m, resolution = as_float64_gramian(gramian, validate=False)
     k = m.shape[0]
     norms = m.diagonal().clamp_min(0).sqrt()
     tiny = torch.finfo(torch.float64).tiny
@@ -57,7 +57,9 @@ def impartial_weights(gramian: Tensor) -> Tensor:
     eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
     kept = eigenvalues > resolution * eigenvalues[-1].clamp_min(0)
     inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
-    b = (eigenvectors * inverse) @ (eigenvectors.T @ torch.ones(k, dtype=torch.float64))
+    b = (eigenvectors * inverse) @ (
+        eigenvectors.T @ torch.ones(k, dtype=torch.float64, device=m.device)
+    )
     v = b * inverse_norms
     total = v.sum()
     # 1^T b = 1^T C^+ 1 >= 0 is 0 when 1 is orthogonal to C's range (1 and b are O(1))

@@ -48,8 +48,9 @@ class MGDA(GradientWeighting):
         self.normalization = normalization
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian64, _ = as_float64_gramian(gramian)  # at the accuracy of the Gramian's dtype
-        scales = torch.ones(gramian64.shape[0], dtype=torch.float64)
+        # at the accuracy of the Gramian's dtype, on its device (finite: checked by the caller)
+        gramian64, _ = as_float64_gramian(gramian, validate=False)
+        scales = torch.ones(gramian64.shape[0], dtype=torch.float64, device=gramian64.device)
         if self.normalization in ("l2", "loss+"):
             # 1 / norm, not 1 / (norm + eps): an absolute eps would turn tiny gradients'
             # directions (it is invariant to scaling the losses); a zero gradient gets 0
@@ -60,6 +61,6 @@ class MGDA(GradientWeighting):
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"MGDA: normalization {self.normalization!r} needs the losses")
-            scales = scales / (losses.detach().to("cpu", torch.float64).abs() + self.eps)
-        weights = min_norm_simplex(gramian64 * scales[:, None] * scales[None, :])
+            scales = scales / (losses.detach().to(gramian64.device, torch.float64).abs() + self.eps)
+        weights = min_norm_simplex(gramian64 * scales[:, None] * scales[None, :], validate=False)
         return (weights * scales).to(gramian.dtype)

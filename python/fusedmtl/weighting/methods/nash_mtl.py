@@ -28,6 +28,10 @@ class NashMTL(GradientWeighting):
     Properties (tests/weighting/test_solver_properties.py), where some d has J d > 0 (else the
     bargaining problem has no solution and the ridge decides): non-conflicting, permutation
     invariant, d(s J) = d(J); not linear under scaling, not strongly stationary.
+
+    Host synchronisation: the damped Newton solve runs on the host (Python floats, a line
+    search; the Gramian is copied to the CPU), so this method is not yet sync-free
+    (tests/weighting/test_no_host_sync.py).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class NashMTL(GradientWeighting):
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         m, _ = as_float64_gramian(gramian)  # at the accuracy of the Gramian's dtype
+        m = m.cpu()  # (a host algorithm: see the class docstring)
         if int(self.steps_done) % self.update_every == 0:
             self.solution.copy_(nash_bargaining(m))
         self.steps_done += 1
@@ -100,7 +105,7 @@ def nash_bargaining(M: Tensor, ridge: float = 1e-8, max_iter: int = 100) -> Tens
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    M, _ = as_float64_gramian(M)
+    M = as_float64_gramian(M)[0].cpu()
     K = M.shape[0]
     trace = float(M.diagonal().sum())
     if trace <= 0:
