@@ -154,11 +154,17 @@ def check_targets(
     sweep: str, rows: Sequence[Row], targets: dict[str, list[dict]] | None = None
 ) -> list[dict]:
     """For each target of the sweep: the worst ratio over the rows its ``where`` matches, and
-    PASS (>= min_ratio), MISS or n/a (no such row ran)."""
+    PASS (>= min_ratio), MISS or n/a (no such row ran). The ratio is 'against''s median over
+    fused's, or over that of the contender ``of`` names."""
     results = []
     for target in (targets if targets is not None else load_targets()).get(sweep, []):
+        of = target.get("of", REFERENCE)  # the contender the target is about
         ratios = {
-            row.row_id: row.ratio(target["against"])
+            row.row_id: (
+                row.ratio(target["against"])
+                if of == REFERENCE
+                else _ratio(row.median(target["against"]), row.median(of))
+            )
             for row in rows
             if all(row.fields.get(k) == v for k, v in target["where"].items())
         }
@@ -177,6 +183,10 @@ def check_targets(
             }
         )
     return results
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def targets_line(sweep: str, results: Sequence[dict]) -> str | None:

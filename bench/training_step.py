@@ -10,7 +10,11 @@ task losses (torch.nn.functional), so the ratios measure the weighting machinery
 One measurement: ``zero_grad(set_to_none=True)``, the forward pass, the K losses, the weighting
 and every parameter's .grad written (an optimizer step short of an iteration; the parameters do
 not move, so every step sees the same losses).
-  fused    ``method.backward(losses)`` of a fusedmtl.weighting module.
+  fused    ``method.backward(losses)`` of a fusedmtl.weighting module (the exact method).
+  r4, r16  gradient-based: the same with ``refresh_every`` 4 and 16 (amortized coefficients); a
+           sample is a whole period of 4 or 16 steps (one refresh), its time per step.
+  repr     gradient-based: representation mode, ``backward(losses, features=z)``.
+  sum      gradient-based: a plain step, one backward pass of sum_i L_i, the floor.
   plain    plain PyTorch. Gradient-based: K torch.autograd.grad calls, the trunk gradients into a
            K x G matrix, its Gramian by a matmul, the same ``coefficients``, split into .grad
            (the weighting_step sweep's flatten contender). Loss-based: sum_i L_i / K backward,
@@ -31,7 +35,7 @@ from torch import nn
 
 import fusedmtl.weighting as weighting
 from bench import peers
-from bench.sweep import Common, Row, Sweep, cosine_and_diff
+from bench.sweep import Common, Row, Sweep, check_targets, cosine_and_diff, targets_line
 from bench.tables import (
     drop_empty_columns,
     fmt_ms,
@@ -39,8 +43,8 @@ from bench.tables import (
     memory_and_agreement_table,
     render_table,
 )
-from bench.timing import Clock, num_threads, peak_extra_bytes, time_contenders
-from bench.workload import build, chosen_methods, flatten_step, gramian_columns
+from bench.timing import Clock, Stats, num_threads, peak_extra_bytes, time_contenders
+from bench.workload import build, chosen_methods, flatten_step, gramian_columns, make_method
 
 HEADS = (("regression", 1), ("regression", 4), ("classification", 10), ("classification", 5))
 
@@ -104,6 +108,55 @@ def fused_step(name: str, model: SharedTrunkModel, x, targets):
     return step
 
 
+def _gradient_only(name: str) -> None:
+    if name not in weighting.GRADIENT_BASED:
+        raise LookupError("gradient-based methods only")
+
+
+def refresh_step(every: int):
+    """``refresh_every=every``: one call is a period of ``every`` steps (the times are divided)."""
+
+    def factory(name: str, model: SharedTrunkModel, x, targets):
+        _gradient_only(name)
+        options = {**peers.matching_options(name), "refresh_every": every}
+        method = make_method(name, len(HEADS), model.shared, **options)
+
+        def period() -> None:
+            for _ in range(every):
+                model.zero_grad(set_to_none=True)
+                method.backward(model.losses(x, targets)[1])
+
+        return period
+
+    return factory
+
+
+def representation_step(name: str, model: SharedTrunkModel, x, targets):
+    _gradient_only(name)
+    if not weighting.GRADIENT_BASED[name].representation_mode:
+        raise LookupError("no representation mode (its state is per shared parameter)")
+    # DB-MTL's running averages of feature gradients would mix batches: without them there
+    options = {"beta": 0.0} if name == "db_mtl" else {}
+    method = make_method(name, len(HEADS), model.shared, **peers.matching_options(name), **options)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        features, losses = model.losses(x, targets)
+        method.backward(losses, features=features)
+
+    return step
+
+
+def summed_step(name: str, model: SharedTrunkModel, x, targets):
+    _gradient_only(name)  # (plain is the summed step of the loss-based rows)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        sum(model.losses(x, targets)[1]).backward()
+
+    return step
+
+
 def plain_step(name: str, model: SharedTrunkModel, x, targets):
     k, shared = len(HEADS), model.shared
     if name in weighting.LOSS_BASED:
@@ -140,7 +193,18 @@ def torchjd_step(name: str, model: SharedTrunkModel, x, targets):
     )
 
 
-FACTORIES = {"fused": fused_step, "plain": plain_step, "torchjd": torchjd_step}
+FACTORIES = {
+    "fused": fused_step,
+    "r4": refresh_step(4),
+    "r16": refresh_step(16),
+    "repr": representation_step,
+    "sum": summed_step,
+    "plain": plain_step,
+    "torchjd": torchjd_step,
+}
+STEPS_PER_CALL = {"r4": 4, "r16": 16}
+RATIO_COLUMNS = ("f/base", "r16/sum", "jd/f")
+SHORT = {"torchjd": "jd"}  # (the table must fit 120 columns)
 
 
 def all_grads(model: nn.Module) -> torch.Tensor:
@@ -239,33 +303,50 @@ class TrainingStep(Sweep):
                         row.peak_bytes, row.notes = seen.peak_bytes, seen.notes
                         steps, _ = self.make_steps(name, model, x, targets)
                     row.stats = time_contenders(steps, clock, c.repeats, c.warmup)
+                    for contender, n in STEPS_PER_CALL.items():  # per step
+                        if contender in row.stats:
+                            samples = row.stats[contender].samples_ms
+                            row.stats[contender] = Stats.of([t / n for t in samples])
                     rows.append(row)
         model.zero_grad(set_to_none=True)
         return rows
 
     def report(self, rows) -> None:
         first, names = rows[0], self.contenders
+
+        def over(r, contender, base) -> str:
+            a, b = r.median(contender), r.median(base)
+            return fmt_ratio(a / b if a and b else None)
+
         columns, cells = drop_empty_columns(
-            ["method", "kind", "thr", *(f"{n} ms" for n in names), *(f"vs {n}" for n in names[1:])],
+            ["method", "kind", "thr", *(SHORT.get(n, n) for n in names), *RATIO_COLUMNS],
             [
                 [
                     r.method,
                     r.family,
                     str(r.threads),
                     *(fmt_ms(r.median(n)) for n in names),
-                    *(fmt_ratio(r.ratio(n)) for n in names[1:]),
+                    over(r, "fused", "sum" if r.family == "gradient" else "plain"),
+                    over(r, "r16", "sum"),
+                    over(r, "torchjd", "fused"),
                 ]
                 for r in rows
             ],
-            keep_first=5,
+            keep_first=4,
         )
         render_table(
             f"Training step (zero_grad, forward, K={first.tasks} losses, weighting, .grad) of a "
             f"conv trunk ({first.shared_elements:,} shared parameters), batch {first.batch_size}, "
-            f"{first.device}: median ms; plain = flatten (gradient-based) or sum L_i / K "
-            "(loss-based); vs = contender / fused",
+            f"{first.device}: median ms per step; fused = the exact method, r4/r16 = refresh_every "
+            "4/16, repr = representation mode, sum = one backward of sum_i L_i, plain = flatten "
+            "(gradient-based) or sum L_i / K (loss-based), jd = torchjd; f/base = fused over sum "
+            "(gradient-based) or plain (loss-based)",
             columns,
             cells,
             left_columns=3,
         )
-        memory_and_agreement_table(self.name, names, rows)
+        # the contenders of the exact method (the table fits 120 columns)
+        memory_and_agreement_table(self.name, ("fused", "plain", "torchjd"), rows)
+        line = targets_line(self.name, check_targets(self.name, rows))
+        if line:
+            print(line)

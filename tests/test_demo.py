@@ -129,3 +129,35 @@ def test_robust_loss_beats_l2_on_the_glitchy_task():
             for loss in ("mse", "smooth_l1")
         }
     assert mae["smooth_l1"] * 1.5 < mae["mse"], mae
+
+
+def test_method_specs_with_refresh_every():
+    from fusedmtl.demo.train import DEFAULT_METHODS, MultiTaskNet, is_method, make_weighting
+
+    assert is_method("mgda") and is_method("mgda@16") and is_method("fixed")
+    for bad in ("fixed@4", "mgda@0", "mgda@x", "mgda@", "nope@4"):
+        assert not is_method(bad), bad
+    assert {"mgda", "mgda@16", "grad_normalization", "grad_normalization@16"} <= set(
+        DEFAULT_METHODS
+    )
+    problem = make_problem(n_train=64, n_test=32, seed=0)
+    config = Config(n_train=64, n_test=32)
+    model = MultiTaskNet(problem.in_dim, {t.name: t.out_dim for t in problem.tasks})
+    losses = {t.name: t.loss for t in problem.tasks}
+    assert make_weighting("mgda@16", model, problem, losses, config).refresh_every == 16
+    assert make_weighting("mgda", model, problem, losses, config).refresh_every == 1
+
+
+def test_refresh_every_run_is_its_own_row(tmp_path):
+    argv = [*TINY, "--out", str(tmp_path)]
+    argv[argv.index("fixed,mgda")] = "mgda,mgda@4"
+    assert demo.main([*argv, "--no-plot"] if "--no-plot" in _flags() else argv) == 0
+    data = json.loads((tmp_path / demo.JSON_NAME).read_text())
+    assert set(data["methods"]) == {"mgda", "mgda@4"}
+    assert _all_finite(_metrics(data)["methods"])
+    # 20 steps with 4-step-old coefficients: a different run from the exact method's
+    assert data["methods"]["mgda"]["metrics"] != data["methods"]["mgda@4"]["metrics"]
+
+
+def _flags() -> str:
+    return demo._parser().format_help()

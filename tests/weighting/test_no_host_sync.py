@@ -25,6 +25,7 @@ from weighting_cases import jacobian_params, make_jacobian, split_rows
 from fusedmtl import multi_tensor
 from fusedmtl import weighting as W
 from fusedmtl.weighting import solvers
+from fusedmtl.weighting.gradient_based import GradientWeighting
 
 K = 3
 # Dynamo's full-graph capture is what proves the absence of host reads and value-dependent
@@ -40,6 +41,7 @@ HOST_ALGORITHMS = {
     "nash_mtl": "damped Newton with Armijo backtracking on Python floats",
     "fairgrad": "damped Newton with pinv and halving line search on Python floats",
     "gradnorm": "its weight optimizer (torch.optim.Adam) reads its step counter on the host",
+    "pcd": "its QP (Goldfarb-Idnani's active set) and its scale run on the host in float64",
 }
 # Drawn on the host from the shared CPU generator (no device value is read; the orders reach the
 # device through pinned memory): the compiled part is everything after the draw.
@@ -59,14 +61,21 @@ def _names(extra=None):
 
 
 NAMES = _names()
+COEFFICIENT_NAMES = _names(
+    {"excess_mtl": "its coefficients need the step's gradients element-wise, not the Gramian"}
+)
 STEP_NAMES = _names(
     {
         **{
             n: "its orders are drawn from a torch.Generator, which dynamo cannot trace"
             for n in HOST_ORDERS
         },
-        "db_mtl": "multi_tensor.combine(out=) checks that its outputs' storages are distinct "
-        "(Storage.data_ptr, which dynamo cannot trace)",
+        "graddrop": "its sign draws come from a torch.Generator, which dynamo cannot trace",
+        **{
+            n: "multi_tensor.combine(out=) checks that its outputs' storages are distinct "
+            "(Storage.data_ptr, which dynamo cannot trace)"
+            for n in ("db_mtl", "moco")
+        },
     }
 )
 
@@ -125,7 +134,7 @@ def _coefficients_fn(method):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", COEFFICIENT_NAMES)
 def test_coefficients_compile_fullgraph_like_eager(name):
     dtype = torch.float64
     _, gramian, losses = _problem(dtype)
@@ -235,6 +244,31 @@ def test_step_reads_nothing_on_the_host(name, dtype):
     torch.testing.assert_close(method.last_weights, expected, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", [n for n in W.GRADIENT_BASED if n not in HOST_ALGORITHMS])
+def test_step_synchronises_nothing_on_cuda(name, no_host_sync):
+    """What the test above proves on the CPU, on a GPU with torch's sync debug mode: a whole
+    step (on_nonfinite='ignore') without a host synchronisation, and the coefficients of the
+    same method stepped with the default policy (its host read allowed)."""
+    jacobian, _, losses = _problem(torch.float32)
+    table = split_rows(jacobian.float().cuda())
+    losses = losses.cuda()
+
+    def method(**overrides):
+        params = jacobian_params(torch.float32, "cuda")
+        return W.GRADIENT_BASED[name].example(K, params, **overrides)
+
+    synced, unsynced = method(), method(on_nonfinite="ignore")
+    for warm_up in (synced, unsynced):  # (the first step loads kernels and creates state)
+        warm_up.step([[g.clone() for g in row] for row in table], losses)
+    expected = synced.step([[g.clone() for g in row] for row in table], losses)
+    copies = [[g.clone() for g in row] for row in table]
+    with no_host_sync():
+        actual = unsynced.step(copies, losses)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", NAMES)
 def test_nonfinite_step_under_ignore_passes_through_without_host_reads(name, bad):
@@ -253,7 +287,9 @@ def test_nonfinite_step_under_ignore_passes_through_without_host_reads(name, bad
         coeffs = method.step(table, losses)
     torch.testing.assert_close(coeffs, torch.ones(K, dtype=dtype), rtol=0, atol=0)
     assert not torch.isfinite(method._shared[0].grad[0, 0])
-    if name != "db_mtl":  # (its table is the running averages of g_i / L_i)
+    # (a method with its own table passes that through: DB-MTL's running averages of g_i / L_i,
+    # TrimmedMean's and GradDrop's masked gradients, MoCo's tracked ones)
+    if type(method)._task_table is GradientWeighting._task_table:
         torch.testing.assert_close(method._shared[1].grad, sum(row[1] for row in table))
     _assert_same_state(_state(method), before)
 

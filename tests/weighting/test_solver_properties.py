@@ -156,8 +156,19 @@ METHODS = {
     "krum": ("krum", {}),
     "fairgrad": ("fairgrad", {}),
     "gradvac": ("gradvac", {"seed": 0}),
+    "modo": ("modo", {}),
+    "sdmgrad": ("sdmgrad", {}),
+    "crmogm": ("crmogm", {}),
+    "pcd": ("pcd", {}),
+    "imtl": ("imtl", {}),
 }
-assert {name for name, _ in METHODS.values()} == set(weighting.GRADIENT_BASED)
+# The methods whose update is not c @ J for coefficients from the Gramian: they change the
+# gradients the coefficients apply to, per coordinate (TrimmedMean's and GradDrop's masks) or
+# per task (ExcessMTL's and MoCo's tracked gradients); their own test_<method>_methods.py check
+# them on the gradients themselves.
+NOT_FROM_THE_GRAMIAN = {"trimmed_mean", "graddrop", "excess_mtl", "moco"}
+_TESTED = {name for name, _ in METHODS.values()}
+assert _TESTED == weighting.GRADIENT_BASED.keys() - NOT_FROM_THE_GRAMIAN
 
 # Which method has which property by its definition (expected structure: all of them).
 # non_conflicting: MGDA (the min-norm point p of the hull has <g_i, p> >= ||p||^2), UPGrad (in
@@ -197,6 +208,17 @@ _TABLE = {
     "krum": (False, False, False, False, None),
     "fairgrad": (False, False, False, False, None),
     "gradvac": (False, False, False, False, None),
+    # MoDo: one projected step from 1/K with gamma times M (no scale invariance), symmetric in
+    #   the tasks. SDMGrad: M normalised by mean_i ||g_i||^2 + 1e-8 (an absolute term: not scale
+    #   invariant), symmetric for the uniform preference. IMTL: IMTL-G's weights on a Gramian.
+    # CR-MOGM: a fresh instance's first step is its base's (UPGrad) exactly, so UPGrad's row.
+    # PCD: task 0 is the primary (no permutation invariance), eps is absolute (no scale
+    #   invariance), and dropped infeasible constraints give d = g_0 (conflicts).
+    "modo": (False, True, False, False, None),
+    "sdmgrad": (False, True, False, False, None),
+    "crmogm": (True, True, True, True, 1),
+    "pcd": (False, False, False, False, None),
+    "imtl": (False, True, False, False, 1),
 }
 PROPERTIES = {method: dict(zip(_COLUMNS, row)) for method, row in _TABLE.items()}
 PROPERTIES["nash_mtl"]["only"] = ASCENT_EXISTS

@@ -73,10 +73,9 @@ def test_scaled_step_equals_unscaled_step(name, device):
             opt.zero_grad()
 
 
-# (ExcessMTL and MoCo have no representation mode: their running sums are of the parameters)
 @pytest.mark.parametrize(
     "name",
-    [n for n in METHOD_NAMES if is_gradient_based(n) and n not in ("excess_mtl", "moco")],
+    [n for n in METHOD_NAMES if is_gradient_based(n) and W.GRADIENT_BASED[n].representation_mode],
 )
 def test_representation_mode_under_autocast_and_scaler(name, device):
     if name == "db_mtl":

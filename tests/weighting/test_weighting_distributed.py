@@ -43,6 +43,9 @@ CASES = {
     "graddrop_ddp": (lambda p: weighting.GradDrop(p, 3, seed=0), True, False),
     "excess_mtl_ddp": (lambda p: weighting.ExcessMTL(p, 3), True, False),
     "moco_ddp": (lambda p: weighting.MoCo(p, 3), True, False),
+    # refresh_every=2: step 2 of 3 reuses step 1's coefficients in one backward pass
+    "upgrad_refresh_ddp": (lambda p: weighting.UPGrad(p, 3, refresh_every=2), True, False),
+    "mgda_ub_refresh_ddp": (lambda p: weighting.MGDA(p, 3, refresh_every=2), True, True),
 }
 
 

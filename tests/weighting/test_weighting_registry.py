@@ -22,8 +22,10 @@ EXCLUDED = {
     "test_permuting_the_tasks_permutes_the_coefficients": {"pcgrad", "gradvac", "pcd"},
     # GradNorm: state of its layer W; ExcessMTL: excess risks from the gradients element-wise
     "test_coefficients_alone_without_shared_params_or_tasks": {"gradnorm", "excess_mtl"},
-    # running sums of the parameters' gradients
-    "test_representation_mode_under_autocast_and_scaler": {"excess_mtl", "moco"},
+    # no representation mode: state per shared parameter (ExcessMTL, MoCo)
+    "test_representation_mode_under_autocast_and_scaler": {
+        n for n, cls in W.GRADIENT_BASED.items() if not cls.representation_mode
+    },
     # PBI's default ray raises losses far below the others, MoCo's default weight step is slow for
     # losses orders apart (their e2e variants train every task)
     "test_every_task_loss_decreases": {"pbi", "moco"},
@@ -105,6 +107,18 @@ def test_example_builds_a_method_ready_to_step(name, batch):
 def test_gradient_based_example_needs_shared_params(name):
     with pytest.raises(ValueError, match="shared_params"):
         W.GRADIENT_BASED[name].example(K)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, cls in W.GRADIENT_BASED.items() if not cls.representation_mode]
+)
+def test_features_raise_without_a_representation_mode(name, batch):
+    model = SharedTrunkNet(seed=1)
+    weighting = build(name, model, K)
+    losses, z = model_losses(model, batch, features=True)
+    with pytest.raises(ValueError, match="no representation mode"):
+        weighting.backward(losses, features=z)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated
 
 
 def test_example_settings_are_the_documented_ones():

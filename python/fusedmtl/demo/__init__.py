@@ -44,9 +44,9 @@ def run(
     import fusedmtl
     from fusedmtl.demo import report
     from fusedmtl.demo.data import make_problem
-    from fusedmtl.demo.train import all_methods, deterministic, train_method
+    from fusedmtl.demo.train import all_methods, deterministic, is_method, train_method
 
-    unknown = [m for m in (*config.methods, config.compare_method) if m not in all_methods()]
+    unknown = [m for m in (*config.methods, config.compare_method) if not is_method(m)]
     if unknown:
         raise ValueError(
             f"unknown weighting method(s) {unknown}; choose from {sorted(all_methods())}"
@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help="comma-separated registry names (fusedmtl.weighting.LOSS_BASED / GRADIENT_BASED), "
-        "or 'all' "
+        "a gradient-based name with '@n' for refresh_every=n (e.g. mgda@16), or 'all' "
         f"(default: {','.join(DEFAULT_METHODS)})",
     )
     p.add_argument(
@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from fusedmtl.demo.train import REGRESSION_LOSSES, Config, all_methods
+    from fusedmtl.demo.train import REGRESSION_LOSSES, Config, all_methods, is_method
 
     d = Config()
     quick = QUICK if args.quick else {}
@@ -250,7 +250,7 @@ def config_from_args(args: argparse.Namespace):
         else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     )
     losses = tuple(x.strip() for x in args.compare_losses.split(",") if x.strip())
-    bad = [m for m in (*methods, args.compare_method) if m not in all_methods()]
+    bad = [m for m in (*methods, args.compare_method) if not is_method(m)]
     if bad or not methods:
         raise ValueError(
             f"unknown weighting method(s) {bad or '(none given)'}; choose from "

@@ -17,7 +17,17 @@ import fusedmtl
 from fusedmtl import weighting as W
 from fusedmtl.demo.data import Problem
 
-DEFAULT_METHODS = ("fixed", "real_time", "uncertainty", "grad_normalization", "mgda")
+# "name@n": the gradient-based method with refresh_every=n (amortized coefficients), next to
+# the exact method, so the metrics show what the approximation costs.
+DEFAULT_METHODS = (
+    "fixed",
+    "real_time",
+    "uncertainty",
+    "grad_normalization",
+    "grad_normalization@16",
+    "mgda",
+    "mgda@16",
+)
 REGRESSION_LOSSES = ("mse", "l1", "smooth_l1")
 
 
@@ -43,6 +53,20 @@ class Config:
 
 def all_methods() -> dict[str, type]:
     return {**W.LOSS_BASED, **W.GRADIENT_BASED}
+
+
+def split_method(spec: str) -> tuple[str, int]:
+    """'mgda@16' -> ('mgda', 16): a registry name and its refresh_every (1 without '@')."""
+    name, marked, every = spec.partition("@")
+    if not marked:
+        return name, 1
+    return name, int(every) if every.isdigit() else 0  # (0: not a valid spec)
+
+
+def is_method(spec: str) -> bool:
+    """A registry name, or a gradient-based one with '@n' (n >= 1)."""
+    name, every = split_method(spec)
+    return name in all_methods() and (every == 1 or (every > 1 and name in W.GRADIENT_BASED))
 
 
 class MultiTaskNet(nn.Module):
@@ -88,8 +112,9 @@ def make_weighting(
     """The weighting ``name`` (a registry key) from its ``example``, with the settings this
     problem supplies: priors and kinds from the labels, an epoch as DWA's period, the seed."""
     methods = all_methods()
-    if name not in methods:
+    if not is_method(name):
         raise ValueError(f"unknown weighting method {name!r}; choose from {sorted(methods)}")
+    name, every = split_method(name)
     tasks = problem.task_names
     settings = {
         "uncertainty": lambda: {
@@ -109,6 +134,8 @@ def make_weighting(
         "rlw": lambda: {"seed": config.seed},
         "pcgrad": lambda: {"seed": config.seed},
     }.get(name, dict)()
+    if every > 1:
+        settings["refresh_every"] = every
     return methods[name].example(tasks, model.trunk.parameters(), **settings)
 
 

@@ -79,6 +79,20 @@ def like(reference: Tensor, shard: Tensor) -> Tensor:
     )
 
 
+def local_part(whole: Tensor, reference: Tensor) -> Tensor:
+    """This rank's part of ``whole``, a tensor every rank holds entirely (the same values, e.g.
+    drawn from equally seeded generators), as ``reference``'s shard is the rank's part of it:
+    no communication. Any other ``reference``: ``whole`` itself."""
+    if not is_dtensor(reference):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    parts = distribute_tensor(
+        whole, reference.device_mesh, reference.placements, src_data_rank=None
+    )
+    return parts.to_local()
+
+
 class Sharding:
     """How the shared parameters are sharded: the process group their shards are spread over
     (the gradient of the whole model is the concatenation of the ranks' shards along it).
@@ -194,9 +208,15 @@ class Sharding:
         if unchecked:  # 0 * inf = nan: no host read, the decision travels with the sum
             norms = torch.stack(torch._foreach_norm(list(unchecked))).to(gramian)
             gramian = gramian + 0 * norms.sum()
-        gramian = gramian.clone()
-        dist.all_reduce(gramian, group=self.group)
-        return gramian
+        return self.sum_over_shards(gramian)
+
+    def sum_over_shards(self, partial: Tensor) -> Tensor:
+        """A sum over the whole gradients from this rank's sum over its shards (a Gramian, the
+        K squared norms, ExcessMTL's excess risks): one all-reduce over the shard group, into a
+        copy; equal on every rank of the group."""
+        partial = partial.clone()
+        dist.all_reduce(partial, group=self.group)
+        return partial
 
     def combine_into_grad_(
         self, shared: Sequence[Tensor], table: Sequence[Sequence[Tensor | None]], coeffs: Tensor

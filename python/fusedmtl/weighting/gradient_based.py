@@ -13,6 +13,10 @@ gradient of their own loss, from the same autograd passes.
 Representation mode (``backward(losses, features=z)``, MGDA-UB): the task gradients are taken with
 respect to the shared features z only, the coefficients from their Gramian, and one backward pass
 of sum_i c_i dL_i/dz through the trunk gives the shared update.
+
+Amortized coefficients (``refresh_every=n``): only every n-th step takes the per-task gradients;
+the steps between reuse the last coefficients in one backward pass of sum_i c_i L_i, the cost of
+plain training (see :class:`GradientWeighting`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import Tensor
 from fusedmtl import multi_tensor
 from fusedmtl.weighting import distributed, fsdp
 from fusedmtl.weighting.base import Losses, SkipStep, Weighting
-from fusedmtl.weighting.task_gradients import task_gradients
+from fusedmtl.weighting.task_gradients import reachable_leaves, task_gradients
 
 MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
 # The buffers a method's coefficients() may update and a non-finite step (under 'ignore' or a
@@ -51,6 +55,19 @@ class GradientWeighting(Weighting):
         sharded: whether the shared parameters are sharded with FSDP2 (``fully_shard``; see
             :mod:`fusedmtl.weighting.fsdp`): None detects it (every shared parameter a DTensor),
             True requires it, False never takes the sharded path.
+        refresh_every: n >= 1. Every n-th :meth:`backward` (the 1st, the (n+1)-th, ...) computes
+            the per-task gradients, their Gramian and new coefficients c (a stateful method
+            updates its state then, and only then); the n - 1 steps in between reuse c and do
+            one backward pass: the shared parameters get the gradient of sum_i c_i L_i, the
+            task-specific ones the unweighted gradient of their own loss (as on a refresh step).
+            An approximation: c is that of gradients up to n - 1 steps old, which the update
+            direction follows only while the gradients change slowly (Navon et al. 2022,
+            "Multi-Task Learning as a Bargaining Game", update their Nash-MTL weights every few
+            steps the same way). 1 (the default) is the exact method. ``last_grad_norms`` and
+            ``last_cosine`` stay those of the last refresh step. The step counter and c are in
+            the state dict, so a resumed run refreshes on the same steps; a step that is
+            skipped, or whose gradients are non-finite (the GradScaler then skips it), does not
+            count. :meth:`step` (gradients given) always computes the coefficients.
 
     Subclasses implement :meth:`coefficients` and set ``needs_full_gramian``.
     """
@@ -59,6 +76,9 @@ class GradientWeighting(Weighting):
     # Whether one task with an exactly zero gradient takes all the weight (MGDA, IMTL-G): warned
     # once per task, as the shared update is then zero.
     zero_gradient_takes_all = False
+    # Whether backward(features=z) is defined: not for methods whose state is per parameter
+    # (ExcessMTL's and MoCo's running sums of the parameters' gradients).
+    representation_mode = True
 
     _tasks_optional = True
     # State outside the buffers that coefficients() advances (a torch.optim state, a CPU
@@ -81,8 +101,20 @@ class GradientWeighting(Weighting):
         track_conflict: bool = False,
         eps: float = 1e-8,
         sharded: bool | None = None,
+        refresh_every: int = 1,
     ) -> None:
         super().__init__(tasks, on_nonfinite)
+        valid = isinstance(refresh_every, int) and not isinstance(refresh_every, bool)
+        if not valid or refresh_every < 1:
+            raise ValueError(
+                f"{type(self).__name__}: refresh_every must be an integer >= 1, got "
+                f"{refresh_every!r}"
+            )
+        self.refresh_every = refresh_every
+        # Steps counted since construction (host-side: deciding to refresh reads no device value)
+        # and the coefficients of the last refresh step, which the steps between reuse.
+        self._refresh_steps = 0
+        self._refresh_coeffs: Tensor | None = None
         if self.num_tasks is not None and self.num_tasks > MAX_TASKS:
             raise ValueError(
                 f"{type(self).__name__}: at most {MAX_TASKS} tasks (the multi-tensor kernels' "
@@ -104,6 +136,13 @@ class GradientWeighting(Weighting):
         self.eps = float(eps)
         self._warned_zero: set[str] = set()
         self._sharding = fsdp.sharding(params, sharded)  # None: not FSDP2
+        if self._sharding is not None and refresh_every > 1:
+            # The steps between refreshes would need FSDP's own backward of sum_i c_i L_i, with
+            # the heads apart: not built (and not tested) yet.
+            raise ValueError(
+                f"{type(self).__name__}: refresh_every > 1 is not supported on FSDP2-sharded "
+                "parameters"
+            )
         self._step_finite: Tensor | None = None  # see _coefficients_or_passthrough
 
     @classmethod
@@ -156,6 +195,13 @@ class GradientWeighting(Weighting):
                     f"{type(self).__name__}.backward: features=[]: give the shared "
                     "representation(s) or None"
                 )
+            if not self.representation_mode:
+                raise ValueError(
+                    f"{type(self).__name__}: no representation mode (its state is per shared "
+                    "parameter): call backward without features"
+                )
+        if self._refresh_coeffs is not None and self._refresh_steps % self.refresh_every != 0:
+            return self._reuse_coefficients(losses, values, features, grad_scaler, retain_graph)
         if self._sharding is not None:  # FSDP2: per-task gradients through FSDP's backward
             return fsdp.sharded_backward(
                 self, losses, values, scale, grad_scaler, features, retain_graph
@@ -193,7 +239,88 @@ class GradientWeighting(Weighting):
         if features is not None:  # (else averaged above)
             distributed.mean_([g for _, g in grads.specific])
         _accumulate_grad(grads.specific)
+        if self.refresh_every > 1:
+            self._keep_for_refresh(coeffs)
         return coeffs
+
+    def _keep_for_refresh(self, coeffs: Tensor) -> None:
+        """Keeps a refresh step's coefficients for the steps until the next refresh. A step whose
+        gradients are not finite (a GradScaler skips it, 'ignore' lets it through) does not count:
+        the schedule lives on the host, so with 'ignore' or a GradScaler this reads the step's
+        finiteness on the host, once per refresh step."""
+        finite = self._step_finite
+        if finite is not None and not bool(finite):
+            return
+        self._refresh_coeffs = coeffs.detach().clone()
+        self._refresh_steps += 1
+
+    def _reuse_coefficients(self, losses, values, features, grad_scaler, retain_graph):
+        """A step between refreshes: one backward pass, sum_i c_i L_i for the shared parameters
+        (features or not: the trunk's gradient is the same), the unweighted sum of the losses for
+        every other leaf they reach before the features, if given (``losses`` are already scaled
+        by the GradScaler). Returns c, or None if the step was skipped."""
+        coeffs = self._refresh_coeffs
+        present = [loss for loss in losses if loss.requires_grad]
+        dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses))
+        stacked = torch.stack([loss.to(dtype) for loss in losses])
+        weights = self._loss_weights(coeffs, values).to(device=stacked.device, dtype=dtype)
+        weighted = (weights * stacked).sum()
+        plain = functools.reduce(torch.add, present)
+        stops = {z.grad_fn for z in features or () if z.grad_fn is not None}
+        shared_ids = {id(p) for p in self._shared}
+        specific_leaves = [
+            leaf for leaf in reachable_leaves(plain, stops)[0] if id(leaf) not in shared_ids
+        ]
+        # The heads' backward twice (once per sum), the trunk's once: autograd prunes the first
+        # call to the nodes that lead to the task-specific leaves.
+        specific = (
+            torch.autograd.grad(plain, specific_leaves, retain_graph=True, allow_unused=True)
+            if specific_leaves
+            else ()
+        )
+        shared = torch.autograd.grad(
+            weighted, self._shared, retain_graph=retain_graph, allow_unused=True
+        )
+        pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
+        pairs += [(p, g) for p, g in zip(specific_leaves, specific) if g is not None]
+        distributed.mean_([g for _, g in pairs])
+        finite = True
+        scaling = grad_scaler is not None and grad_scaler.is_enabled()
+        if pairs and (scaling or self.on_nonfinite != "ignore"):
+            # one host read, as on a refresh step
+            finite = bool(torch.stack(torch._foreach_norm([g for _, g in pairs])).isfinite().all())
+        if not finite and not scaling:
+            message = f"{type(self).__name__}: non-finite gradients"
+            if self.on_nonfinite == "raise":
+                raise ValueError(message + " (on_nonfinite='skip' skips such steps with a warning)")
+            warnings.warn(message + "; skipping this step", stacklevel=3)
+            return None
+        _accumulate_grad(pairs)
+        if finite:
+            self._refresh_steps += 1
+        self.last_weights = coeffs
+        return coeffs
+
+    def _loss_weights(self, coeffs: Tensor, values: Tensor) -> Tensor:
+        """The weight of each loss (Tensor[K]) that gives the update sum_i c_i g_i in one
+        backward pass, between refreshes: c itself, for methods whose coefficients apply to the
+        gradients of the losses (DB-MTL's apply to those of log L_i)."""
+        return coeffs
+
+    def get_extra_state(self) -> dict:
+        """Adds the refresh counter and the coefficients the steps between refreshes reuse."""
+        return {
+            **super().get_extra_state(),
+            "refresh_steps": self._refresh_steps,
+            "refresh_coefficients": self._refresh_coeffs,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self._refresh_steps = int(state.get("refresh_steps", 0))
+        saved = state.get("refresh_coefficients")
+        # A copy: the source module's tensor stays its own.
+        self._refresh_coeffs = saved.detach().clone() if saved is not None else None
 
     def step(
         self,
@@ -325,10 +452,11 @@ class GradientWeighting(Weighting):
         back with ``torch.where`` where the step is not finite, and the coefficients are
         ``torch.where(finite, c, 1)``: the same results, and the step compiles into one graph.
         The second element is then True: ``_commit`` runs and masks its own update by
-        ``self._step_finite`` (a 0-dim bool tensor, None when known on the host). Methods with
-        ``_host_state`` (GradNorm's optimizer, PCGrad's and GradVac's generators) read the
-        finiteness on the host with a GradScaler, so an overflow leaves that state bitwise as it
-        was; under 'ignore' their host state advances on a non-finite step."""
+        ``self._step_finite`` (a 0-dim bool tensor; None when the host knows the step is finite).
+        Methods with ``_host_state`` (GradNorm's optimizer, PCGrad's and GradVac's generators,
+        the step counters of GradDrop, ExcessMTL and MoCo) read the finiteness on the host with a
+        GradScaler, so an overflow leaves that state bitwise as it was; under 'ignore' their host
+        state advances on a non-finite step."""
         finite = gramian.isfinite().all()
         if checked:
             finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(
@@ -341,6 +469,7 @@ class GradientWeighting(Weighting):
         if host_read:
             if not bool(finite):  # the documented host read of 'raise' and 'skip'
                 if grad_scaler is not None:  # (_host_state: the scaler skips this step)
+                    self._step_finite = finite
                     ones = torch.ones(self.num_tasks, dtype=gramian.dtype, device=gramian.device)
                     return ones, False
                 message = f"{type(self).__name__}: non-finite task gradients"

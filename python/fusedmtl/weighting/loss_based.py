@@ -29,13 +29,21 @@ from fusedmtl.weighting.task_gradients import reachable_leaves
 
 class LossWeighting(Weighting):
     """Base class: subclasses implement :meth:`total`, and set ``has_step_state`` when it
-    updates state (see :meth:`backward` with a GradScaler)."""
+    updates state (see :meth:`backward` with a GradScaler), ``has_host_step_state`` when some of
+    that state is not in buffers (a generator, Python counters, an optimizer's state)."""
 
     has_step_state = False
+    has_host_step_state = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # (the extra state before a scaled step, that step's non-finite flag): see backward
+        self._pending_restore: tuple[dict, Tensor] | None = None
 
     def forward(self, losses: Losses) -> Tensor:
         """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is
         skipped)."""
+        self._resolve_pending_restore()
         checked = self._checked_losses(losses)
         if torch.is_grad_enabled() and any(loss.requires_grad for loss in checked):
             for task, loss in zip(self.task_names, checked):
@@ -67,9 +75,14 @@ class LossWeighting(Weighting):
 
         With a scaler, a method with step state (``has_step_state``) keeps it as it was when the
         backward pass leaves a non-finite .grad on any leaf the total reaches: the step the scaler
-        then skips (one host read of those gradients' finiteness per such step)."""
+        then skips. Without a host read: the buffers are put back with torch.where on the
+        device; state on the host (``has_host_step_state``: RLW's and Alternating's generator,
+        STCH's step count, FAMO's optimizer) is put back at the start of the next step (or
+        ``state_dict()``), which reads the flag then, after ``GradScaler.step`` has itself waited
+        for the step's found_inf, so the read does not stall the device."""
+        self._resolve_pending_restore()
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
-        saved = copy.deepcopy(self.state_dict()) if scaling and self.has_step_state else None
+        saved = self._step_snapshot() if scaling and self.has_step_state else None
         total = self(losses)
         if not total.requires_grad:
             raise RuntimeError(
@@ -80,9 +93,39 @@ class LossWeighting(Weighting):
         if scaling:
             total = grad_scaler.scale(total)
         total.backward(retain_graph=retain_graph)
-        if saved is not None and not _grads_finite(total):
-            self.load_state_dict(saved)
+        if saved is not None:
+            self._restore_if_nonfinite(saved, _grads_nonfinite(total))
         return self.last_weights
+
+    def _step_snapshot(self) -> tuple[dict, dict | None]:
+        """Copies of the buffers (on their device: no sync) and, for host state, of the extra
+        state."""
+        buffers = {name: b.clone() for name, b in self._buffers.items() if b is not None}
+        extra = copy.deepcopy(self.get_extra_state()) if self.has_host_step_state else None
+        return buffers, extra
+
+    def _restore_if_nonfinite(self, saved, nonfinite: Tensor | None) -> None:
+        if nonfinite is None:  # no gradient reached: nothing the scaler could skip
+            return
+        buffers, extra = saved
+        with torch.no_grad():
+            for name, before in buffers.items():
+                current = self._buffers[name]
+                flag = nonfinite.to(current.device)
+                current.copy_(torch.where(flag, before.to(current), current))
+        if extra is not None:
+            self._pending_restore = (extra, nonfinite)
+
+    def _resolve_pending_restore(self) -> None:
+        """The host state's restore after an overflow of the previous scaled step (one read of
+        that step's flag, which GradScaler.step has already waited for)."""
+        pending, self._pending_restore = self._pending_restore, None
+        if pending is not None and bool(pending[1]):
+            self.set_extra_state(pending[0])
+
+    def state_dict(self, *args, **kwargs):
+        self._resolve_pending_restore()
+        return super().state_dict(*args, **kwargs)
 
     def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """(the total's value, its derivatives w_i = d total / d L_i) at the detached losses
@@ -96,7 +139,12 @@ def weighted_total(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     return (weights * values).sum(), weights
 
 
-def _grads_finite(total: Tensor) -> bool:
-    """Whether every leaf ``total`` reaches has a finite .grad (what GradScaler checks)."""
+def _grads_nonfinite(total: Tensor) -> Tensor | None:
+    """Whether a leaf ``total`` reaches has a non-finite .grad (what GradScaler checks): a 0-dim
+    bool tensor on the gradients' device, no host read; None if no leaf has a .grad."""
     grads = [leaf.grad for leaf in reachable_leaves(total, set())[0] if leaf.grad is not None]
-    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    if not grads:
+        return None
+    devices = {g.device for g in grads}
+    norms = [torch.stack(torch._foreach_norm([g for g in grads if g.device == d])) for d in devices]
+    return ~torch.cat([n.to(grads[0].device) for n in norms]).isfinite().all()

@@ -32,6 +32,7 @@ class Alternating(LossWeighting):
     """
 
     has_step_state = True  # restored when GradScaler skips the step
+    has_host_step_state = True
 
     def __init__(self, tasks, order: str = "cyclic", seed: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)

@@ -58,6 +58,11 @@ class DBMTL(GradientWeighting):
         norms = gramian.diagonal().clamp_min(0).sqrt()
         return norms.max() / norms.clamp_min(self.eps)
 
+    def _loss_weights(self, coeffs: Tensor, values: Tensor) -> Tensor:
+        # Between refreshes (refresh_every > 1) c applies to this step's g_i / L_i: the gradient
+        # of c_i / L_i * L_i, with the running averages neither read nor updated.
+        return coeffs / values.to(coeffs).clamp_min(self.eps)
+
     def _task_table(self, shared, values, scale, representation, owned):
         if representation and self.beta > 0:
             raise ValueError(
@@ -132,7 +137,7 @@ class DBMTL(GradientWeighting):
                 if self.beta > 0:
                     for i, row in enumerate(table):
                         for p, h in enumerate(row):
-                            average = getattr(self, f"grad_ema_{i}_{p}")
+                            average = fsdp.local(getattr(self, f"grad_ema_{i}_{p}"))
                             average.copy_(torch.where(finite.to(h.device), h, average))
             return
         self.steps_done += 1

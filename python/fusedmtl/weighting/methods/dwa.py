@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from fusedmtl.weighting.loss_based import LossWeighting, weighted_total
 
@@ -37,21 +38,26 @@ class DWA(LossWeighting):
 
     def end_period(self) -> None:
         """Closes the current period: its mean losses enter the history, the weights update."""
-        if int(self.period_count) == 0:
-            return
-        self.history[0] = self.history[1]
-        self.history[1] = self.period_sum / self.period_count
-        self.period_sum.zero_()
-        self.period_count.zero_()
-        self.periods_done += 1
-        if int(self.periods_done) >= 2:
-            rates = self.history[1] / self.history[0]
-            self.weights.copy_(self.num_tasks * torch.softmax(rates / self.temperature, 0))
+        self._end_period_where(torch.ones((), dtype=torch.bool, device=self.period_count.device))
+
+    def _end_period_where(self, close: Tensor) -> None:
+        """end_period where ``close`` (a 0-dim bool tensor) holds, else nothing: masked on the
+        device, so a step reads no device value."""
+        close = close & (self.period_count > 0)
+        means = self.period_sum / self.period_count.clamp_min(1)
+        self.history.copy_(torch.where(close, torch.stack([self.history[1], means]), self.history))
+        self.period_sum.copy_(torch.where(close, 0.0, self.period_sum))
+        self.period_count.copy_(torch.where(close, 0, self.period_count))
+        self.periods_done += close
+        rates = self.history[1] / self.history[0]  # (inf or NaN where unused)
+        update = close & (self.periods_done >= 2)
+        weights = self.num_tasks * torch.softmax(rates / self.temperature, 0)
+        self.weights.copy_(torch.where(update, weights, self.weights))
 
     def total(self, values):
         result = weighted_total(values, self.weights.clone())  # end_period below updates the buffer
         self.period_sum += values.to(self.period_sum)
         self.period_count += 1
-        if self.period_steps is not None and int(self.period_count) >= self.period_steps:
-            self.end_period()
+        if self.period_steps is not None:
+            self._end_period_where(self.period_count >= self.period_steps)
         return result

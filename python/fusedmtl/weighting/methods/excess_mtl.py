@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl.weighting import fsdp
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -26,9 +27,10 @@ class ExcessMTL(GradientWeighting):
     torchjd's K x G state), and E is one multi-tensor-style pass per step over the gradients
     (per parameter, no K x G temporary; unscaled from a GradScaler's loss scale). S, w, E0, the
     warm-up sum and the step count are in the state_dict, and are updated only on steps with
-    finite gradients. ``coefficients(gramian)`` alone is not available (E is not a function of
-    the Gramian), nor is representation mode (S would be of the features). The paper
-    recommends a warm-up of three epochs.
+    finite gradients (under on_nonfinite='ignore', the step count and phase advance).
+    ``coefficients(gramian)`` alone is not available (E is not a function of the Gramian), nor
+    is representation mode (S would be of the features). Under FSDP2, S is sharded like the
+    parameters and E summed over the shards. The paper recommends a warm-up of three epochs.
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
@@ -38,6 +40,8 @@ class ExcessMTL(GradientWeighting):
     """
 
     needs_full_gramian = False
+    _host_state = True  # (its step counter and warm-up phase: Python values)
+    representation_mode = False  # (the running sums are of the parameters' gradients)
 
     def __init__(
         self,
@@ -68,10 +72,6 @@ class ExcessMTL(GradientWeighting):
         self._pending: tuple[Tensor, float] | None = None
 
     def _task_table(self, shared, values, scale, representation, owned):
-        if representation:
-            raise ValueError(
-                "ExcessMTL: no representation mode (its running sums are of the parameters)"
-            )
         inverse = 1.0 / scale
         excess = []
         for i, row in enumerate(shared):
@@ -79,13 +79,17 @@ class ExcessMTL(GradientWeighting):
             for p, g in enumerate(row):
                 if g is None:
                     continue
-                total = getattr(self, f"sq_grad_sum_{i}_{p}")
+                # (under FSDP2 the sums are DTensors like the parameters: their local shards)
+                total = fsdp.local(getattr(self, f"sq_grad_sum_{i}_{p}"))
                 sq = (g * inverse).square() if scale != 1.0 else g.square()
                 terms.append((sq / (total + sq + 1e-7).sqrt()).sum(dtype=torch.float64))
             excess.append(torch.stack(terms).sum() if terms else None)
         device = next((e.device for e in excess if e is not None), self.weights.device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        self._pending = (torch.stack([zero if e is None else e for e in excess]), scale)
+        excess = torch.stack([zero if e is None else e for e in excess])
+        if self._sharding is not None:  # the sums over this rank's shards: add them up
+            excess = self._sharding.sum_over_shards(excess)
+        self._pending = (excess, scale)
         return shared, scale
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
@@ -117,11 +121,17 @@ class ExcessMTL(GradientWeighting):
 
     def _commit(self, table) -> None:
         inverse = 1.0 / self._pending[1]
+        finite = self._step_finite  # a tensor when the host did not read it: mask the update
         for i, row in enumerate(table):
             for p, g in enumerate(row):
-                if g is not None:
-                    total = getattr(self, f"sq_grad_sum_{i}_{p}")
+                if g is None:
+                    continue
+                total = fsdp.local(getattr(self, f"sq_grad_sum_{i}_{p}"))
+                if finite is None:
                     total.addcmul_(g, g, value=inverse * inverse)
+                else:
+                    updated = total.addcmul(g, g, value=inverse * inverse)
+                    total.copy_(torch.where(finite.to(total.device), updated, total))
         self._pending = None
 
     def get_extra_state(self) -> dict:

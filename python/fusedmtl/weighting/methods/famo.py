@@ -30,6 +30,7 @@ class FAMO(LossWeighting):
     """
 
     has_step_state = True
+    has_host_step_state = True
 
     def __init__(
         self,
@@ -44,6 +45,9 @@ class FAMO(LossWeighting):
         k = self.num_tasks
         self.register_buffer("logits", torch.zeros(k))
         self.register_buffer("previous_losses", torch.full((k,), float("nan")))
+        # Whether previous_losses holds a step's losses, on the host: the step reads no device
+        # value to decide whether the logits move (None: read the buffer once).
+        self._has_previous: bool | None = None
         self._optimizer = BufferOptimizer(
             self,
             "logits",
@@ -53,11 +57,14 @@ class FAMO(LossWeighting):
 
     def total(self, values):
         log_values = (values + self.eps).log().to(self.logits)
-        if not bool(self.previous_losses.isnan().any()):
+        if self._has_previous is None:  # after construction or a load: one read, not per step
+            self._has_previous = not bool(self.previous_losses.isnan().any())
+        if self._has_previous:
             decrease = (self.previous_losses + self.eps).log() - log_values
             z = torch.softmax(self.logits, 0)
             self._optimizer.step(z * (decrease - (z * decrease).sum()))  # J_softmax^T delta
         self.previous_losses.copy_(values)
+        self._has_previous = True
         z = torch.softmax(self.logits, 0).to(values)
         norm = (z / (values + self.eps)).sum()
         return (z * (values + self.eps).log()).sum() / norm, z / (norm * (values + self.eps))
@@ -68,3 +75,4 @@ class FAMO(LossWeighting):
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
         self._optimizer.load_state_dict(state["optimizer"])
+        self._has_previous = None  # (the buffers may be loaded after this: read on next use)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from fusedmtl.weighting import distributed
+from fusedmtl.weighting import distributed, fsdp
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -36,7 +36,8 @@ class GradDrop(GradientWeighting):
     The uniforms of step t come from a generator on the gradients' device seeded by (seed, t):
     the same draws on every rank, no host synchronisation, and the state is two integers, the
     seed and the number of steps taken, both in the state_dict. A skipped step (non-finite
-    gradients) does not count, so the next step draws what it would have drawn.
+    gradients) does not count, so the next step draws what it would have drawn (with a
+    GradScaler this reads the step's finiteness on the host; under 'ignore' the count advances).
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
@@ -48,6 +49,7 @@ class GradDrop(GradientWeighting):
     """
 
     needs_full_gramian = False
+    _host_state = True  # (its step counter, which picks the step's stream: a Python int)
 
     def __init__(
         self,
@@ -89,7 +91,14 @@ class GradDrop(GradientWeighting):
         if self._seed is None:
             self._seed = distributed.shared_seed(self._given_seed)
         return (
-            sign_dropout_table(shared, self.leak, self.f, self._step_seed(self.steps_done), owned),
+            sign_dropout_table(
+                shared,
+                self.leak,
+                self.f,
+                self._step_seed(self.steps_done),
+                owned,
+                self._shared if self._sharding is not None else None,
+            ),
             scale,
         )
 
@@ -116,6 +125,7 @@ def sign_dropout_table(
     f: Callable[[Tensor], Tensor],
     seed: int,
     owned: bool,
+    sharded_params: Sequence[Tensor] | None = None,
 ) -> list[list[Tensor | None]]:
     """The K task gradients after GradDrop's sign dropout, tensor by tensor.
 
@@ -127,6 +137,10 @@ def sign_dropout_table(
         seed: the seed of this step's uniforms (one generator per device, tensors in order).
         owned: whether the gradients are this step's temporaries (then masked in place where
             contiguous).
+        sharded_params: under FSDP2, the P shared parameters (DTensors) whose shards the table
+            holds: the uniforms are drawn at each parameter's whole shape and this rank's part
+            kept, so every rank's generator draws the same stream and a sharded run masks what
+            one process would (at the cost of one parameter's uniforms at a time).
 
     Returns:
         K rows of P tensors, (l_i + (1 - l_i) M_i) g_i, of the gradients' shapes and dtypes
@@ -147,9 +161,12 @@ def sign_dropout_table(
         del total, magnitude
         if like.device not in generators:
             generators[like.device] = torch.Generator(device=like.device).manual_seed(seed)
+        whole = like.shape if sharded_params is None else sharded_params[p].shape
         uniform = torch.rand(
-            like.shape, generator=generators[like.device], dtype=like.dtype, device=like.device
+            whole, generator=generators[like.device], dtype=like.dtype, device=like.device
         )
+        if sharded_params is not None:
+            uniform = fsdp.local_part(uniform, sharded_params[p])
         positive, negative = purity > uniform, purity < uniform
         del purity, uniform
         leaks = leak.to(device=like.device, dtype=like.dtype)

@@ -49,9 +49,10 @@ class InitialLoss(LossWeighting):
         self.register_buffer("steps_seen", torch.tensor(1 if given else 0))
 
     def total(self, values):
-        if int(self.steps_seen) < self.steps:
-            self.loss_sum += values.to(self.loss_sum)
-            self.steps_seen += 1
+        # masked on the device rather than branched on the host: no sync
+        counting = self.steps_seen < self.steps
+        self.loss_sum += torch.where(counting, values.to(self.loss_sum), 0.0)
+        self.steps_seen += counting
         initial = self.loss_sum / self.steps_seen.clamp_min(1)
         return weighted_total(values, 1.0 / (initial + self.eps))
 

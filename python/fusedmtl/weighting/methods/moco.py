@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl import multi_tensor
+from fusedmtl.weighting import fsdp
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -25,8 +26,9 @@ class MoCo(GradientWeighting):
     this step's own gradients (``backward``) or into a second set of buffers (``step``, as
     DB-MTL does), after one pass for the norms; the coefficients come from the Gramian of the
     new y and apply to them. A step with non-finite gradients leaves y, lambda and the step
-    count as they were. No representation mode (y would be of the features), and the losses
-    are needed (``step(task_grads, losses)``).
+    count as they were (under on_nonfinite='ignore', y and lambda; the count advances). No
+    representation mode (y would be of the features), and the losses are needed
+    (``step(task_grads, losses)``). Under FSDP2, y is sharded like the parameters.
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
@@ -35,6 +37,9 @@ class MoCo(GradientWeighting):
         rho: the l2 regularisation of the weights' step, >= 0 (0).
         **kwargs: the options of :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
     """
+
+    _host_state = True  # (its step counter, which sets beta_t and gamma_t: a Python int)
+    representation_mode = False  # (the tracked gradients are the parameters')
 
     def __init__(
         self,
@@ -78,17 +83,18 @@ class MoCo(GradientWeighting):
         return self.weights.to(gramian.dtype)
 
     def _task_table(self, shared, values, scale, representation, owned):
-        if representation:
-            raise ValueError("MoCo: no representation mode (its tracked gradients are parameters')")
         if values is None:
             raise ValueError("MoCo.step: needs the losses (Tensor[K]): g_i is rescaled to L_i")
-        norms = multi_tensor.gramian(shared, diagonal_only=True).clamp_min(0).sqrt()
+        squared_norms = multi_tensor.gramian(shared, diagonal_only=True)
+        if self._sharding is not None:  # FSDP2: the rows are this rank's shards
+            squared_norms = self._sharding.sum_over_shards(squared_norms)
+        norms = squared_norms.clamp_min(0).sqrt()
         beta_t = self.beta / (self.steps_done + 1) ** self.beta_sigma
         # the table carries the loss scale: norm(g_i) / scale + 1e-8 is the unscaled norm's
         factors = beta_t * values.to(norms) / (norms + 1e-8 * scale)
         table = []
         for i, row in enumerate(shared):
-            tracked = [getattr(self, f"tracked_{i}_{p}") for p in range(len(self._shared))]
+            tracked = self._tracked(i)
             if owned:  # overwrite this step's gradients (a parameter not reached gets a tensor)
                 out = [
                     g if g is not None and g.is_contiguous() else torch.empty_like(y)
@@ -101,10 +107,15 @@ class MoCo(GradientWeighting):
             table.append(out)
         return table, 1.0
 
+    def _tracked(self, task: int) -> list[Tensor]:
+        """Task ``task``'s y, one per shared parameter (under FSDP2 DTensors like the parameters:
+        their local shards)."""
+        return [fsdp.local(getattr(self, f"tracked_{task}_{p}")) for p in range(len(self._shared))]
+
     def _spare_tracked(self, task: int) -> list[Tensor]:
         """The second set of buffers step() writes into (not module state, so made again after
         the module moved to another device or dtype)."""
-        tracked = [getattr(self, f"tracked_{task}_{p}") for p in range(len(self._shared))]
+        tracked = self._tracked(task)
         spare = self._spare[task]
         if spare is None or any(
             s.device != y.device or s.dtype != y.dtype for s, y in zip(spare, tracked)
@@ -114,13 +125,23 @@ class MoCo(GradientWeighting):
 
     def _commit(self, table) -> None:
         self.steps_done += 1
+        finite = self._step_finite
+        if finite is not None:
+            # Finiteness not read on the host ('ignore', GradScaler): the table goes to .grad as
+            # it is, so the new y are copied into the buffers where the step is finite.
+            with torch.no_grad():
+                for i, row in enumerate(table):
+                    for p, y in enumerate(row):
+                        tracked = fsdp.local(getattr(self, f"tracked_{i}_{p}"))
+                        tracked.copy_(torch.where(finite.to(y.device), y, tracked))
+            return
         for i, row in enumerate(table):  # the new y become the buffers; step()'s old its spares
             spare = self._spare[i]
             previous = [getattr(self, f"tracked_{i}_{p}") for p in range(len(row))]
             for p, y in enumerate(row):
-                setattr(self, f"tracked_{i}_{p}", y)
+                setattr(self, f"tracked_{i}_{p}", fsdp.like(previous[p], y))
             if spare is not None and row is spare:
-                self._spare[i] = previous
+                self._spare[i] = [fsdp.local(y) for y in previous]
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "steps_done": self.steps_done}

@@ -15,6 +15,7 @@ class RLW(LossWeighting):
     draws the same weights; its state is part of the state_dict."""
 
     has_step_state = True
+    has_host_step_state = True
 
     def __init__(self, tasks, seed: int | None = None, **kwargs) -> None:
         super().__init__(tasks, **kwargs)

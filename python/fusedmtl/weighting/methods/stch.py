@@ -34,6 +34,7 @@ class STCH(LossWeighting):
     """
 
     has_step_state = True  # restored when GradScaler skips the step
+    has_host_step_state = True
 
     def __init__(
         self,
