@@ -16,10 +16,16 @@ allocator events; CUDA's peak statistics).
   gramian         <g_i, g_j>: foreach = torch.dot per (i <= j, tensor), summed; flatten = M M^T
   combine         out = sum_i c_i g_i: foreach = _foreach_mul by c_i (a tensor) then add;
                   foreach_sync with coeffs.tolist(); flatten = coeffs @ matrix, split, copy
+  trim            TrimmedMean's masks in place (trim 1: the K - 2 middle values kept per
+                  coordinate): foreach = per tensor, a stable argsort of the K x numel stack and a
+                  scattered mask (fusedmtl's reference); flatten = the same on the K x G matrix,
+                  split and copied back. In place, so the timed calls trim already trimmed
+                  gradients (no contender's cost depends on the values); the check starts each
+                  contender from the same gradients.
 
 Least traffic (float32): normalized_sum (2K + 1) G 4 bytes (the gradients read twice, out
-written), gramian K G 4, combine (K + 1) G 4. Read-mostly ops can pass 100 % of the copy bound
-(the copy's stores also cost a read of the destination line).
+written), gramian K G 4, combine (K + 1) G 4, trim 2 K G 4 (read and written). Read-mostly ops
+can pass 100 % of the copy bound (the copy's stores also cost a read of the destination line).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from bench.sweep import Common, Row, Sweep, check_targets, cosine_and_diff, targ
 from bench.tables import fmt_bytes, fmt_ms, fmt_percent, fmt_ratio, render_table
 from bench.timing import Clock, CopyBandwidth, num_threads, peak_extra_bytes, time_contenders
 from bench.workload import flatten_rows, make_task_grads, resnet18_shapes, split_like
+from fusedmtl.multi_tensor import reference
 
-OPS = ("normalized_sum", "gramian", "combine")
+OPS = ("normalized_sum", "gramian", "combine", "trim")
+TRIM = 1
 EPS = 1e-8
 # A wrong result is off by O(1); a float32 matmul over G = 11.7M products is not exact either
 # (MKL's sgemm on an AMD EPYC: 2.6e-3 off the float64 Gramian, fused 3e-8).
@@ -85,6 +93,14 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
     def gram(flat: torch.Tensor) -> torch.Tensor:
         return flat @ flat.T
 
+    def trim_flattened() -> None:
+        flat = flatten_rows(task_grads)
+        order = flat.argsort(dim=0, stable=True)
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, order[TRIM : k - TRIM], True)
+        flat.mul_(keep)
+        for grads, row in zip(task_grads, flat):
+            torch._foreach_copy_(list(grads), split_like(row, grads))
+
     return {
         "normalized_sum": {
             "fused": lambda: mt.normalized_sum(task_grads, eps=EPS, out=out),
@@ -103,11 +119,24 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
             "foreach_sync": lambda: sync_into(coeffs.tolist()),
             "flatten": lambda: flatten_into(lambda flat: coeffs),
         },
+        "trim": {
+            "fused": lambda: mt.trim_(task_grads, TRIM),
+            "foreach": lambda: reference.trim_(task_grads, TRIM),
+            "flatten": trim_flattened,
+        },
     }[op]
 
 
-def result_of(op: str, fn, out) -> torch.Tensor:
-    """One call's result as a vector: the Gramian, or the outputs it wrote."""
+def result_of(op: str, fn, out, task_grads) -> torch.Tensor:
+    """One call's result as a vector: the Gramian, the outputs it wrote, or (trim) the gradients
+    it masked, after which they are put back as they were."""
+    if op == "trim":
+        saved = [[t.clone() for t in grads] for grads in task_grads]
+        fn()
+        result = torch.cat([t.reshape(-1) for grads in task_grads for t in grads])
+        for grads, copies in zip(task_grads, saved):
+            torch._foreach_copy_(list(grads), copies)
+        return result
     value = fn()
     return (
         value.detach().clone().reshape(-1)
@@ -137,6 +166,10 @@ class MultiTensor(Sweep):
         ops = tuple(op.strip() for op in args.ops.split(","))
         if set(ops) - set(OPS) or args.tasks < 1:
             raise ValueError(f"--ops from {OPS} and --tasks >= 1, got {args.ops}, {args.tasks}")
+        if "trim" in ops and args.tasks < 2 * TRIM + 1:  # (nothing to trim from 1 or 2 tasks)
+            if args.ops != ",".join(OPS):
+                raise ValueError(f"--ops trim needs --tasks >= {2 * TRIM + 1}")
+            ops = tuple(op for op in ops if op != "trim")
         return Config(**vars(common), ops=ops, tasks=args.tasks, shape_divisor=args.shape_divisor)
 
     def planned_rows(self, c: Config) -> int:
@@ -147,18 +180,21 @@ class MultiTensor(Sweep):
         clock, copy = Clock(device), CopyBandwidth(device)
         shapes = resnet18_shapes(c.shape_divisor)
         task_grads = make_task_grads(shapes, c.tasks, device)
+        trimmed = [[t.clone() for t in grads] for grads in task_grads] if "trim" in c.ops else None
         out = [torch.zeros(s, device=device) for s in shapes]  # touched, like .grad
         coeffs = torch.softmax(
             torch.randn(c.tasks, generator=torch.Generator().manual_seed(1)), 0
         ).to(device)
         k, g = c.tasks, sum(t.numel() for t in out)
-        traffic = {"normalized_sum": 2 * k + 1, "gramian": k, "combine": k + 1}
+        traffic = {"normalized_sum": 2 * k + 1, "gramian": k, "combine": k + 1, "trim": 2 * k}
         rows, checked = [], {}
         for threads in c.threads:
             with num_threads(threads):
                 for op in c.ops:
                     progress.row(f"{op} K={k} t{threads}")
-                    fns = contenders(op, task_grads, out, coeffs)
+                    # (trim masks in place: its own copy, so the other ops see the same data)
+                    grads = trimmed if op == "trim" else task_grads
+                    fns = contenders(op, grads, out, coeffs)
                     row = Row(
                         self.name,
                         {
@@ -174,11 +210,12 @@ class MultiTensor(Sweep):
                         bandwidth_gbs=copy.measure_gbs(c.repeats),
                     )
                     if op not in checked:  # once per op: results and memory
-                        fused = result_of(op, fns["fused"], out)
+                        fused = result_of(op, fns["fused"], out, grads)
                         for name, fn in fns.items():
                             row.cosine[name], row.max_rel_diff[name] = cosine_and_diff(
-                                result_of(op, fn, out), fused
+                                result_of(op, fn, out, grads), fused
                             )
+                        for name, fn in fns.items():  # (after the checks: trim's runs mask)
                             row.peak_bytes[name] = peak_extra_bytes(fn, device)
                         bad = {n: d for n, d in row.max_rel_diff.items() if d > AGREEMENT_TOLERANCE}
                         if bad:

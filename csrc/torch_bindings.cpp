@@ -51,6 +51,11 @@ TORCH_LIBRARY(fusedmtl, m) {
   m.def(
       "multi_tensor_add_l1_l2_penalty(Tensor[] params, Tensor(a!)[] grads, bool overwrite,"
       " float l1, float l2) -> Tensor");
+  // TrimmedMean's masks, in place: each gradient element kept where its value ranks in
+  // [trim, K - trim) among the K tasks' values at its coordinate, zeroed (times 0) elsewhere.
+  // Every one of the K * P gradients is given (a mutable list of optional tensors is not
+  // functionalized by torch.compile): the caller passes zeros for a task that does not reach p.
+  m.def("multi_tensor_trim_(Tensor(a!)[] grads, int num_tasks, int trim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
@@ -65,6 +70,7 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cpu);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cpu);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
+  m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, AutogradCPU, m) {
@@ -83,5 +89,6 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("multi_tensor_combine", &fusedmtl::multi_tensor::combine_cuda);
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cuda);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cuda);
+  m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cuda);
 }
 #endif

@@ -21,6 +21,7 @@ OPS = (
     "multi_tensor_combine",
     "multi_tensor_normalized_sum",
     "multi_tensor_add_l1_l2_penalty",
+    "multi_tensor_trim_",
 )
 CUDA_OPS = OPS
 

@@ -30,6 +30,11 @@ at::Tensor normalized_sum_cpu(const TaskGrads& grads, int64_t num_tasks, double 
 at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool overwrite, double l1,
                              double l2);
 
+// Masks every gradient in place to the coordinates where its value ranks in [trim, K - trim)
+// among the K tasks' values there (a stable ascending sort, NaN last): the coordinate-wise
+// trimmed mean is then their sum / (K - 2 trim). grads: all K * P of them, contiguous.
+void trim_cpu(at::TensorList grads, int64_t num_tasks, int64_t trim);
+
 #ifdef FUSEDMTL_WITH_CUDA
 at::Tensor gramian_cuda(const TaskGrads& grads, int64_t num_tasks, bool diagonal_only);
 void combine_cuda(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& coeffs,
@@ -38,6 +43,7 @@ at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double
                                at::TensorList out, bool accumulate);
 at::Tensor l1_l2_penalty_cuda(at::TensorList params, at::TensorList grads, bool overwrite,
                               double l1, double l2);
+void trim_cuda(at::TensorList grads, int64_t num_tasks, int64_t trim);
 #endif
 
 }  // namespace fusedmtl::multi_tensor

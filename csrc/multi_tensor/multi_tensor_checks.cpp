@@ -49,4 +49,19 @@ TaskGradTable check_task_grads(const char* op, const TaskGrads& grads, int64_t n
   return table;
 }
 
+TaskGradTable check_trim(const char* op, at::TensorList grads, int64_t num_tasks, int64_t trim) {
+  TaskGrads entries;
+  entries.reserve(grads.size());
+  for (const at::Tensor& g : grads) entries.push_back(g);
+  TaskGradTable table = check_task_grads(op, entries, num_tasks);
+  TORCH_CHECK(num_tasks <= 64, op, ": at most 64 tasks, got ", num_tasks);
+  TORCH_CHECK(trim >= 0 && 2 * trim < num_tasks, op,
+              ": needs 0 <= trim < num_tasks / 2, got trim=", trim, " for ", num_tasks, " tasks");
+  for (int64_t q = 0; q < static_cast<int64_t>(grads.size()); ++q) {
+    TORCH_CHECK(grads[q].is_contiguous(), op, ": task ", q / table.num_params, " parameter ",
+                q % table.num_params, " must be contiguous (it is masked in place)");
+  }
+  return table;
+}
+
 }  // namespace fusedmtl::multi_tensor

@@ -27,6 +27,10 @@ struct TaskGradTable {
 // tasks, non-floating dtypes, or a list whose length is not a multiple of num_tasks.
 TaskGradTable check_task_grads(const char* op, const TaskGrads& grads, int64_t num_tasks);
 
+// check_task_grads for trim_: also at most 64 tasks, 0 <= trim and 2 * trim < num_tasks, and every
+// gradient contiguous (it is written in place, not through a contiguous copy).
+TaskGradTable check_trim(const char* op, at::TensorList grads, int64_t num_tasks, int64_t trim);
+
 // The dtype norms, Gramians and penalties are returned in.
 at::ScalarType accumulate_dtype(at::ScalarType dtype);
 

@@ -32,6 +32,15 @@ FUSEDMTL_HOST_DEVICE V penalty_gradient(V w, V sign, C l1, C two_l2) {
   return add_rn(mul_rn(l1, sign), mul_rn(two_l2, w));
 }
 
+// Whether a comes before b in torch.sort's ascending order: NaN after every number, NaNs tied
+// (as are -0 and +0). V: a scalar (the result is 0 or 1) or a vector of lanes (a lane mask).
+// TrimmedMean's rank of task i's value v_i at a coordinate is the number of j that a stable sort
+// puts before it: j < i with !sorts_before(v_i, v_j), or j > i with sorts_before(v_j, v_i).
+template <typename V>
+FUSEDMTL_HOST_DEVICE auto sorts_before(V a, V b) {
+  return (a < b) | ((b != b) & (a == a));
+}
+
 // One term of a combination: sum + c * g, rounded twice.
 template <typename V, typename C>
 FUSEDMTL_HOST_DEVICE V add_scaled(V sum, C c, V g) {

@@ -199,6 +199,19 @@ def _op_cases():
             0.1,
             0.2,
         ),
+        # three tasks, two parameters, the median kept
+        "multi_tensor_trim_": lambda: (
+            [
+                torch.randn(5, 3, generator=g),
+                torch.randn(4, generator=g),
+                torch.randn(5, 3, generator=g),
+                torch.zeros(4),
+                torch.randn(5, 3, generator=g),
+                torch.randn(4, generator=g),
+            ],
+            3,
+            1,
+        ),
     }
 
 

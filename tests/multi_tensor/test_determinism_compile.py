@@ -44,6 +44,9 @@ def _run_everything(prob, params_fn):
     params = params_fn()
     results.append(mt.l1_l2_penalty_(params, l1=0.01, l2=0.02))
     results += [w.grad for w in params]
+    trimmed = [[g.clone() if g is not None else None for g in grads] for grads in prob.lists()]
+    mt.trim_(trimmed, (prob.K - 1) // 2)
+    results += [g for grads in trimmed for g in grads if g is not None]
     return results
 
 

@@ -71,11 +71,6 @@ STEP_NAMES = _names(
             for n in HOST_ORDERS
         },
         "graddrop": "its sign draws come from a torch.Generator, which dynamo cannot trace",
-        **{
-            n: "multi_tensor.combine(out=) checks that its outputs' storages are distinct "
-            "(Storage.data_ptr, which dynamo cannot trace)"
-            for n in ("db_mtl", "moco")
-        },
     }
 )
 

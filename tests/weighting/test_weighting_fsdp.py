@@ -106,6 +106,17 @@ CASES = {
     "upgrad_scaler": (lambda p: weighting.UPGrad(p, K), True, False, True),
     # (torch's GradScaler needs every gradient sharded or none: the heads are sharded too)
     "db_mtl_scaler": (lambda p: weighting.DBMTL(p, K), True, False, True),
+    # refresh_every=2: the second of the STEPS steps reuses the first's coefficients (two FSDP
+    # backward passes), with the heads sharded or not, in representation mode, under a scaler
+    "mgda_refresh": (lambda p: weighting.MGDA(p, K, refresh_every=2), True, False, False),
+    "upgrad_refresh_plain_heads": (
+        lambda p: weighting.UPGrad(p, K, refresh_every=2),
+        False,
+        False,
+        False,
+    ),
+    "mgda_ub_refresh": (lambda p: weighting.MGDA(p, K, refresh_every=2), True, True, False),
+    "db_mtl_refresh_scaler": (lambda p: weighting.DBMTL(p, K, refresh_every=2), True, False, True),
     "uncertainty": (lambda p: weighting.Uncertainty(K), True, False, False),
     "rlw": (lambda p: weighting.RLW(K), True, False, False),
     "famo": (lambda p: weighting.FAMO(K), True, False, False),

@@ -22,6 +22,8 @@ FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, combine_block,
                     ::fusedmtl::multi_tensor::cpu::CombineBlockFn)
 FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, penalty_block,
                     ::fusedmtl::multi_tensor::cpu::PenaltyBlockFn)
+FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, trim_block,
+                    ::fusedmtl::multi_tensor::cpu::TrimBlockFn)
 
 namespace fusedmtl::multi_tensor {
 namespace {
@@ -207,6 +209,27 @@ at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool o
   double sum = 0.0;
   for (double s : partial) sum += s;
   return at::scalar_tensor(sum, at::TensorOptions().dtype(accumulate_dtype(dtype)));
+}
+
+void trim_cpu(at::TensorList grads, int64_t num_tasks, int64_t trim) {
+  const char* op = "fusedmtl::multi_tensor_trim_";
+  const TaskGradTable table = check_trim(op, grads, num_tasks, trim);
+  if (!table.any_defined) return;
+  check_supported_dtype(op, table.dtype);
+  int64_t total = 0;
+  const std::vector<WorkItem> items = work_items(table.numel, &total);
+  auto* kernel = cpu::trim_block_kernel.get();
+  for_each_item(items, total, [&](int64_t, const WorkItem& item) {
+    void* ptrs[kMaxTasks];
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      const at::Tensor& g = table.at(i, item.param);
+      ptrs[i] = g.defined()
+                    ? static_cast<char*>(g.mutable_data_ptr()) + item.begin * g.element_size()
+                    : nullptr;
+    }
+    kernel(scalar_kind(table.dtype), ptrs, static_cast<int>(num_tasks), item.length,
+           static_cast<int>(trim));
+  });
 }
 
 }  // namespace fusedmtl::multi_tensor

@@ -117,6 +117,28 @@ double penalty_range(const void* w_, void* grad_, int64_t n, double l1_, double 
          l2_ * static_cast<double>(pairwise_sum(sq_acc));
 }
 
+// k values per lane in registers (a block of kLanes coordinates at a time), each ranked against
+// the other k - 1 with lane masks (-1 where true, so subtracting a mask counts), then every
+// present gradient multiplied by its 0/1 keep factor: exact in every dtype (a dropped inf or NaN
+// becomes NaN, as in the reference).
+template <typename S>
+void trim_range(void* const* grads, int k, int64_t n, int trim) {
+  S* g[kMaxTasks];
+  for (int i = 0; i < k; ++i) g[i] = static_cast<S*>(grads[i]);
+  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    Vec<S> v[kMaxTasks];
+    for (int i = 0; i < k; ++i) v[i] = load_block(g[i] + e, lanes);
+    for (int i = 0; i < k; ++i) {
+      using Mask = decltype(v[0] < v[0]);
+      Mask rank{};
+      for (int j = 0; j < i; ++j) rank -= ~sorts_before(v[i], v[j]);
+      for (int j = i + 1; j < k; ++j) rank -= sorts_before(v[j], v[i]);
+      const Mask keep = (rank >= Mask{} + trim) & (rank < Mask{} + (k - trim));
+      store_block(g[i] + e, v[i] * __builtin_convertvector(keep & 1, Vec<S>), lanes);
+    }
+  });
+}
+
 template <typename Visitor>
 auto with_flag(bool flag, Visitor&& visit) {
   return flag ? visit(std::true_type{}) : visit(std::false_type{});
@@ -189,6 +211,10 @@ double penalty_block(ScalarKind dtype, const void* w, void* grad, bool overwrite
       return penalty_range<decltype(overwriting)::value, decltype(tag)>(w, grad, n, l1, l2);
     });
   });
+}
+
+void trim_block(ScalarKind dtype, void* const* grads, int k, int64_t n, int trim) {
+  with_dtype(dtype, [&](auto tag) { trim_range<decltype(tag)>(grads, k, n, trim); });
 }
 
 }  // namespace fusedmtl::multi_tensor::cpu::FUSEDMTL_CPU_NS

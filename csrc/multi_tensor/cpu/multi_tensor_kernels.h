@@ -25,4 +25,8 @@ using CombineBlockFn = void(ScalarKind dtype, const void* const* grads, const do
 using PenaltyBlockFn = double(ScalarKind dtype, const void* w, void* grad, bool overwrite,
                               int64_t n, double l1, double l2);
 
+// Masks grads[i][0:n] in place (i < k) to the elements whose value ranks in [trim, k - trim)
+// among the k values of their coordinate (multi_tensor_math.h, sorts_before), times 0 elsewhere.
+using TrimBlockFn = void(ScalarKind dtype, void* const* grads, int k, int64_t n, int trim);
+
 }  // namespace fusedmtl::multi_tensor::cpu

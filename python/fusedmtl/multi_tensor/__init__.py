@@ -20,7 +20,15 @@ from torch import Tensor
 from fusedmtl import backend
 from fusedmtl.multi_tensor import reference
 
-__all__ = ["combine", "combine_into_grad_", "gramian", "l1_l2_penalty_", "normalized_sum", "norms"]
+__all__ = [
+    "combine",
+    "combine_into_grad_",
+    "gramian",
+    "l1_l2_penalty_",
+    "normalized_sum",
+    "norms",
+    "trim_",
+]
 
 TaskGrads = Sequence[Sequence["Tensor | None"]]
 
@@ -119,6 +127,63 @@ def normalized_sum(
     task_norms = _gramian(table, dtype, device, diagonal_only=True).sqrt()
     _combine_into(columns, 1.0 / (task_norms + eps), targets, accumulate)
     return result, task_norms
+
+
+def trim_(task_grads: TaskGrads, trim: int) -> None:
+    """Masks every task gradient in place to the coordinates where its value is neither among the
+    ``trim`` smallest nor the ``trim`` largest of the K tasks' values there: afterwards
+    sum_i g_i / (K - 2 trim) is the coordinate-wise trimmed mean (Yin et al., "Byzantine-Robust
+    Distributed Learning", ICML 2018; docs/METHODS.md, section 4), and the masked gradients are
+    what its update is made of. One pass over the gradients, no K x numel temporary.
+
+    Ranks are those of a stable ascending sort of the K values at each coordinate (ties in task
+    order, NaN after every number, as ``torch.sort``); a None gradient counts as zeros there and
+    stays None. Dropped values are multiplied by 0, not replaced: a dropped inf or NaN becomes
+    NaN, so a non-finite step stays visible.
+
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring;
+            written in place, so no two may share memory (a non-contiguous one is masked through
+            a contiguous copy, copied back).
+        trim: t >= 0 values dropped at each end of every coordinate, 2 t < K.
+
+    Returns:
+        None; the gradients hold the result.
+    """
+    table, dtype, device = _validated(task_grads)
+    k = len(table)
+    if trim < 0 or 2 * trim >= k:
+        raise ValueError(f"trim_: needs 0 <= trim < K / 2, got trim={trim} for {k} tasks")
+    present = [g for grads in table for g in grads if g is not None]
+    _check_distinct(present, "trim_", "gradient")
+    if trim == 0 or not present:
+        return
+    # The kernels take all K gradients of each parameter some task reaches, contiguous: zeros
+    # stand for a task that does not reach it (the ops' schema has no optional mutable tensors).
+    reached = [p for p in range(len(table[0])) if _shape_of(table, p) is not None]
+    direct = []
+    for grads in table:
+        row = []
+        for p in reached:
+            g = grads[p]
+            if g is None:
+                g = torch.zeros(_shape_of(table, p), dtype=dtype, device=device)
+            row.append(g if g.is_contiguous() else g.contiguous())
+        direct.append(row)
+    with torch.no_grad():
+        chosen = _backend(device, dtype)
+        if chosen == "native":
+            torch.ops.fusedmtl.multi_tensor_trim_(_flat(direct), k, trim)
+        elif chosen == "triton":
+            from fusedmtl.multi_tensor import triton as triton_kernels
+
+            triton_kernels.trim_(direct, trim)
+        else:
+            reference.trim_(direct, trim)
+        for grads, copies in zip(table, direct):
+            for p, d in zip(reached, copies):
+                if grads[p] is not None and d is not grads[p]:
+                    grads[p].copy_(d)
 
 
 def l1_l2_penalty_(params: Sequence[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
@@ -331,7 +396,10 @@ def _outputs(table, dtype, device, out):
 
 def _check_distinct(tensors: Sequence[Tensor], op: str, what: str) -> None:
     """Rejects a tensor given twice (or two views of the same memory): written once per
-    occurrence, it would be counted twice, or raced over by two threads."""
+    occurrence, it would be counted twice, or raced over by two threads. Skipped while
+    torch.compile traces (storage addresses are not traceable; the same call in eager checks)."""
+    if torch.compiler.is_compiling():
+        return
     seen = {}
     for p, t in enumerate(tensors):
         if t.numel() == 0:

@@ -34,6 +34,11 @@ def _normalized_sum_fake(grads, num_tasks, eps, out, accumulate):
     return _gramian_fake(grads, num_tasks, True)
 
 
+@torch.library.register_fake("fusedmtl::multi_tensor_trim_")
+def _trim_fake(grads, num_tasks, trim):
+    return None
+
+
 @torch.library.register_fake("fusedmtl::multi_tensor_add_l1_l2_penalty")
 def _penalty_fake(params, grads, overwrite, l1, l2):
     dtype = accumulate_dtype(params[0].dtype) if params else torch.float32

@@ -63,6 +63,21 @@ def combine(table: TaskGrads, coeffs: Tensor, out: Sequence[Tensor], accumulate:
         target.copy_(total)
 
 
+def trim_(table: TaskGrads, trim: int) -> None:
+    """Masks every gradient (all K of each parameter given) in place to the coordinates where its
+    value ranks in [trim, K - trim) among the K tasks' values (a stable ascending sort, NaN last),
+    by a stable argsort of the K x numel stack of each parameter."""
+    k = len(table)
+    for p in range(len(table[0])):
+        stack = torch.stack([row[p] for row in table])
+        order = stack.argsort(dim=0, stable=True)
+        keep = torch.zeros_like(stack, dtype=torch.bool)
+        keep.scatter_(0, order[trim : k - trim], True)
+        for i, row in enumerate(table):
+            # a multiplication, not a selection: 0 * inf is NaN, so a dropped overflow is seen
+            row[p].mul_(keep[i])
+
+
 def l1_l2_penalty(
     params: Sequence[Tensor], grads: Sequence[Tensor], overwrite: bool, l1: float, l2: float
 ) -> Tensor:

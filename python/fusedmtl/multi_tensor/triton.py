@@ -185,6 +185,43 @@ def _penalty_kernel(
     tl.store(partials_ptr + item * 2 + 1, tl.sum(square_sum).to(tl.float64))
 
 
+@triton.jit
+def _trim_kernel(
+    table_ptr,
+    K: tl.constexpr,
+    KP2: tl.constexpr,
+    TRIM: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """TrimmedMean's masks in place (csrc/multi_tensor/multi_tensor_math.h, sorts_before): the
+    item's K x BLOCK tile, each task j's row compared with the whole tile (the rank of x[i] counts
+    the j a stable ascending sort puts before it), then the tile times its 0/1 keep mask stored
+    back. Table rows [length, K addresses]."""
+    item = tl.program_id(0).to(tl.int64)
+    row = table_ptr + item * (K + 1)
+    n = tl.load(row)
+    tasks = tl.arange(0, KP2)
+    bases = tl.load(row + 1 + tasks, mask=tasks < K, other=0)
+    for start in range(0, n, BLOCK):
+        x = _load_tile(row, start, n, 1, K, KP2, DTYPE, ACC, BLOCK)
+        offsets = start + tl.arange(0, BLOCK)
+        rank = tl.zeros((KP2, BLOCK), dtype=tl.int32)
+        for j in range(K):
+            base = tl.load(row + 1 + j)
+            v = tl.load(base.to(tl.pointer_type(DTYPE)) + offsets, mask=offsets < n, other=0.0)
+            v = v.to(ACC)[None, :]
+            v_first = (v < x) | ((x != x) & (v == v))  # v sorts before x
+            x_first = (x < v) | ((v != v) & (x == x))
+            counted = tl.where(tasks[:, None] > j, ~x_first, v_first) & (tasks[:, None] != j)
+            rank += counted.to(tl.int32)
+        keep = (rank >= TRIM) & (rank < K - TRIM)
+        pointers = bases.to(tl.pointer_type(DTYPE))[:, None] + offsets[None, :]
+        mask = (tasks < K)[:, None] & (offsets < n)[None, :]
+        tl.store(pointers, (x * keep.to(ACC)).to(DTYPE), mask=mask)
+
+
 def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
     cpu = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":  # pinned, so the copy does not wait for the host
@@ -385,6 +422,60 @@ def _(params, grads, overwrite, l1, l2):
     return torch.empty((), dtype=dtype, device=params[0].device if params else None)
 
 
+@torch.library.custom_op("fusedmtl::triton_multi_tensor_trim_", mutates_args=("grads",))
+def trim_op(grads: list[Tensor], num_tasks: int, trim: int) -> None:
+    """Same contract as ``torch.ops.fusedmtl.multi_tensor_trim_``, run by Triton: every gradient
+    (contiguous) masked in place to the coordinates where its value ranks in [trim, K - trim)."""
+    table = _task_table(grads, num_tasks)
+    if trim < 0 or 2 * trim >= num_tasks:
+        raise ValueError(
+            f"fusedmtl triton trim_: needs 0 <= trim < num_tasks / 2, got trim={trim} for "
+            f"{num_tasks} tasks"
+        )
+    for q, g in enumerate(grads):
+        if not g.is_contiguous():
+            raise ValueError(
+                f"fusedmtl triton trim_: task {q // len(table[0])} parameter {q % len(table[0])} "
+                "must be contiguous (it is masked in place)"
+            )
+    first = _first(grads)
+    if first is None:
+        return
+    work, items = _work_table(table, None, first.device)
+    if items == 0:
+        return
+    kp2 = padded_tasks(num_tasks, True)
+    block = trim_block(kp2)
+    if INTERPRETED:  # (its cost is per element of the tile: no larger than the longest item)
+        longest = max(min(CHUNK, g.numel()) for g in grads if g is not None)
+        block = min(block, triton.next_power_of_2(max(longest, 16)))
+    _trim_kernel[(items,)](
+        work,
+        K=num_tasks,
+        KP2=kp2,
+        TRIM=trim,
+        DTYPE=_TL_DTYPES[first.dtype],
+        ACC=_TL_DTYPES[accumulate_dtype(first.dtype)],
+        BLOCK=block,
+    )
+
+
+@trim_op.register_fake
+def _(grads, num_tasks, trim):
+    return None
+
+
+def trim_block(kp2: int) -> int:
+    """Elements per tile of the trim kernel: its tile, a rank tile and the comparisons of one row
+    live together (K x BLOCK each), so half the combine's tile on a GPU."""
+    return tile_block(kp2) if INTERPRETED else max(16, min(BLOCK, 4096 // kp2))
+
+
+def trim_(table, trim: int) -> None:
+    """Masks the (contiguous) gradients in place for a trimmed mean, in one launch."""
+    trim_op([g for grads in table for g in grads], len(table), trim)
+
+
 def gramian(table, dtype: torch.dtype, device: torch.device, diagonal_only: bool) -> Tensor:
     """K x K inner products (diagonal_only: the K squared norms) in one launch."""
     return gramian_op([g for grads in table for g in grads], len(table), diagonal_only)
@@ -442,6 +533,20 @@ def _compile_cases():
                         "ACCUMULATE": True,
                         **common,
                         "BLOCK": tile_block(padded_tasks(k, True)),
+                    },
+                )
+            )
+            cases.append(
+                (
+                    _trim_kernel,
+                    {"table_ptr": "*i64"},
+                    {
+                        "K": k,
+                        "KP2": padded_tasks(k, True),
+                        "TRIM": (k - 1) // 2,
+                        "DTYPE": tl_dtype,
+                        "ACC": _TL_DTYPES[acc],
+                        "BLOCK": trim_block(padded_tasks(k, True)),
                     },
                 )
             )

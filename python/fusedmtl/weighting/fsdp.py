@@ -26,6 +26,12 @@ passes, reduce-scattered by FSDP; heads left unsharded (only the trunk wrapped) 
 across ranks here, in coalesced buckets, like the DDP path. ``grad_mode`` does not apply: the
 per-task passes are FSDP's backward, one per task.
 
+Amortized coefficients (``refresh_every > 1``): a step between refreshes is two backward passes
+through FSDP, of sum_i c_i L_i and of sum_i (1 - c_i) L_i (:meth:`Sharding.reuse_backward`): the
+shared shards keep the first's gradient, every other parameter receives both, the unweighted
+gradient of its own losses (c_i may be 0: nothing is divided by it). The trunk's backward runs
+twice, against once without FSDP (there a pruned autograd.grad gives the heads their part).
+
 Not covered: FSDP's gradient sync turned off (``set_requires_gradient_sync(False)``: no sharded
 gradient is produced); the gradients of sharded heads, which FSDP writes into their .grad during
 the per-task passes, are not seen by the non-finite check, and stay accumulated on a step skipped
@@ -241,6 +247,59 @@ class Sharding:
             else:
                 out = [local(shared[p].grad) for p in chosen]
                 multi_tensor.combine(columns, coeffs, out=out, accumulate=True)
+
+    def reuse_backward(
+        self,
+        losses: Sequence[Tensor],
+        weighted: Tensor,
+        rest: Tensor,
+        shared: Sequence[Tensor],
+        retain_graph: bool,
+    ) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor]]]:
+        """A step between refreshes: the shared shards of the gradient of sum_i w_i L_i, and the
+        unweighted gradient of the losses for every other parameter, in two FSDP backward passes
+        (``weighted``, then ``rest``, whose shared part is dropped).
+
+        Args:
+            losses: K scalar tensors (already scaled by a GradScaler if any).
+            weighted, rest: sum_i w_i L_i and sum_i (1 - w_i) L_i over the losses that require
+                grad (their sum is the unweighted sum of the losses).
+            shared: the P sharded shared parameters (DTensors).
+            retain_graph: keep the graph after the second pass.
+
+        Returns:
+            (shards, specific): shards[p] is this rank's shard of the shared update for
+            parameter p (None where no loss reaches it); specific lists (leaf, gradient) for the
+            unsharded task-specific leaves, averaged across ranks. Every shared .grad is as it was
+            before; FSDP accumulated the sharded task-specific parameters' gradients into .grad.
+        """
+        shared = list(shared)
+        plain = {
+            id(leaf): leaf
+            for loss in losses
+            if loss.requires_grad
+            for leaf in reachable_leaves(loss, set())[0]
+            if not is_dtensor(leaf)
+        }
+        plain = list(plain.values())
+        saved_shared = [p.grad for p in shared]
+        saved_plain = [leaf.grad for leaf in plain]
+        for t in [*shared, *plain]:
+            t.grad = None
+        try:
+            weighted.backward(retain_graph=True)
+            shards = [local(p.grad) for p in shared]
+            for p in shared:
+                p.grad = None
+            rest.backward(retain_graph=retain_graph)
+        finally:
+            for p, g in zip(shared, saved_shared):
+                p.grad = g
+            fresh = [(leaf, leaf.grad) for leaf in plain if leaf.grad is not None]
+            for leaf, g in zip(plain, saved_plain):
+                leaf.grad = g
+        distributed.mean_([g for _, g in fresh])
+        return shards, fresh
 
     def backward_through_trunk(
         self,

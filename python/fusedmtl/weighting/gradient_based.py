@@ -67,7 +67,9 @@ class GradientWeighting(Weighting):
             ``last_cosine`` stay those of the last refresh step. The step counter and c are in
             the state dict, so a resumed run refreshes on the same steps; a step that is
             skipped, or whose gradients are non-finite (the GradScaler then skips it), does not
-            count. :meth:`step` (gradients given) always computes the coefficients.
+            count. :meth:`step` (gradients given) always computes the coefficients. Under
+            FSDP2 a step between refreshes is two backward passes (see
+            :mod:`fusedmtl.weighting.fsdp`).
 
     Subclasses implement :meth:`coefficients` and set ``needs_full_gramian``.
     """
@@ -136,13 +138,6 @@ class GradientWeighting(Weighting):
         self.eps = float(eps)
         self._warned_zero: set[str] = set()
         self._sharding = fsdp.sharding(params, sharded)  # None: not FSDP2
-        if self._sharding is not None and refresh_every > 1:
-            # The steps between refreshes would need FSDP's own backward of sum_i c_i L_i, with
-            # the heads apart: not built (and not tested) yet.
-            raise ValueError(
-                f"{type(self).__name__}: refresh_every > 1 is not supported on FSDP2-sharded "
-                "parameters"
-            )
         self._step_finite: Tensor | None = None  # see _coefficients_or_passthrough
 
     @classmethod
@@ -203,9 +198,12 @@ class GradientWeighting(Weighting):
         if self._refresh_coeffs is not None and self._refresh_steps % self.refresh_every != 0:
             return self._reuse_coefficients(losses, values, features, grad_scaler, retain_graph)
         if self._sharding is not None:  # FSDP2: per-task gradients through FSDP's backward
-            return fsdp.sharded_backward(
+            coeffs = fsdp.sharded_backward(
                 self, losses, values, scale, grad_scaler, features, retain_graph
             )
+            if coeffs is not None and self.refresh_every > 1:
+                self._keep_for_refresh(coeffs)
+            return coeffs
         grads = task_gradients(
             losses,
             features if features is not None else self._shared,
@@ -258,37 +256,51 @@ class GradientWeighting(Weighting):
         """A step between refreshes: one backward pass, sum_i c_i L_i for the shared parameters
         (features or not: the trunk's gradient is the same), the unweighted sum of the losses for
         every other leaf they reach before the features, if given (``losses`` are already scaled
-        by the GradScaler). Returns c, or None if the step was skipped."""
+        by the GradScaler); under FSDP2, two passes (:meth:`fsdp.Sharding.reuse_backward`).
+        Returns c, or None if the step was skipped."""
         coeffs = self._refresh_coeffs
         present = [loss for loss in losses if loss.requires_grad]
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses))
         stacked = torch.stack([loss.to(dtype) for loss in losses])
         weights = self._loss_weights(coeffs, values).to(device=stacked.device, dtype=dtype)
         weighted = (weights * stacked).sum()
-        plain = functools.reduce(torch.add, present)
-        stops = {z.grad_fn for z in features or () if z.grad_fn is not None}
-        shared_ids = {id(p) for p in self._shared}
-        specific_leaves = [
-            leaf for leaf in reachable_leaves(plain, stops)[0] if id(leaf) not in shared_ids
-        ]
-        # The heads' backward twice (once per sum), the trunk's once: autograd prunes the first
-        # call to the nodes that lead to the task-specific leaves.
-        specific = (
-            torch.autograd.grad(plain, specific_leaves, retain_graph=True, allow_unused=True)
-            if specific_leaves
-            else ()
-        )
-        shared = torch.autograd.grad(
-            weighted, self._shared, retain_graph=retain_graph, allow_unused=True
-        )
-        pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
-        pairs += [(p, g) for p, g in zip(specific_leaves, specific) if g is not None]
-        distributed.mean_([g for _, g in pairs])
+        shards: list[tuple[Tensor, Tensor]] = []  # FSDP2: (parameter, this rank's shard)
+        if self._sharding is not None:
+            reaching = torch.tensor([loss.requires_grad for loss in losses], device=stacked.device)
+            rest = torch.where(reaching, (1 - weights) * stacked, 0).sum()
+            local_shards, pairs = self._sharding.reuse_backward(
+                losses, weighted, rest, self._shared, retain_graph
+            )
+            shards = [(p, g) for p, g in zip(self._shared, local_shards) if g is not None]
+        else:
+            plain = functools.reduce(torch.add, present)
+            stops = {z.grad_fn for z in features or () if z.grad_fn is not None}
+            shared_ids = {id(p) for p in self._shared}
+            specific_leaves = [
+                leaf for leaf in reachable_leaves(plain, stops)[0] if id(leaf) not in shared_ids
+            ]
+            # The heads' backward twice (once per sum), the trunk's once: autograd prunes the
+            # first call to the nodes that lead to the task-specific leaves.
+            specific = (
+                torch.autograd.grad(plain, specific_leaves, retain_graph=True, allow_unused=True)
+                if specific_leaves
+                else ()
+            )
+            shared = torch.autograd.grad(
+                weighted, self._shared, retain_graph=retain_graph, allow_unused=True
+            )
+            pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
+            pairs += [(p, g) for p, g in zip(specific_leaves, specific) if g is not None]
+            distributed.mean_([g for _, g in pairs])
         finite = True
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
-        if pairs and (scaling or self.on_nonfinite != "ignore"):
-            # one host read, as on a refresh step
-            finite = bool(torch.stack(torch._foreach_norm([g for _, g in pairs])).isfinite().all())
+        grads = [g for _, g in [*shards, *pairs]]
+        if grads and (scaling or self.on_nonfinite != "ignore"):
+            # one host read, as on a refresh step (under FSDP2 of a count every rank agrees on)
+            bad = (~torch.stack(torch._foreach_norm(grads)).isfinite()).sum()
+            if self._sharding is not None:
+                bad = self._sharding.sum_over_shards(bad)
+            finite = not bool(bad)
         if not finite and not scaling:
             message = f"{type(self).__name__}: non-finite gradients"
             if self.on_nonfinite == "raise":
@@ -296,6 +308,12 @@ class GradientWeighting(Weighting):
             warnings.warn(message + "; skipping this step", stacklevel=3)
             return None
         _accumulate_grad(pairs)
+        with torch.no_grad():
+            for p, g in shards:  # (already averaged by FSDP's reduce-scatter)
+                if p.grad is None:
+                    p.grad = fsdp.like(p, g)
+                else:
+                    fsdp.local(p.grad).add_(g)
         if finite:
             self._refresh_steps += 1
         self.last_weights = coeffs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import multi_tensor
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -18,13 +19,14 @@ class TrimmedMean(GradientWeighting):
     where g_i's rank is in [t, K - t). t = 0 is the mean gradient; K = 2t + 1 the coordinate-wise
     median.
 
-    Not Gramian-based: the masks are taken per parameter, from a K x numel(p) stack of that
-    parameter's task gradients (never a K x G copy of all of them), and the masked gradients
-    become the table the coefficients apply to; the coefficients are then 1 / (K - 2t) for
-    every task, and the logged norms and cosines are those of the kept parts. A task gradient
-    that is None counts as zeros in the ranking. The masks multiply the gradients (rather than
-    select), so a dropped inf or NaN still makes the step non-finite. ``coefficients(gramian)``
-    alone returns the constant 1 / (K - 2t): the method is in the masks.
+    Not Gramian-based: the masks come from one multi-tensor pass over the gradients
+    (:func:`fusedmtl.multi_tensor.trim_`, no K x G copy nor K x numel(p) stack), and the
+    masked gradients become the table the coefficients apply to; the coefficients are then
+    1 / (K - 2t) for every task, and the logged norms and cosines are those of the kept parts.
+    A task gradient that is None counts as zeros in the ranking. The masks multiply the
+    gradients (rather than select), so a dropped inf or NaN still makes the step non-finite.
+    ``coefficients(gramian)`` alone returns the constant 1 / (K - 2t): the method is in the
+    masks.
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`;
@@ -72,36 +74,26 @@ def trimmed_table(
     table: list[list[Tensor | None]], trim: int, owned: bool
 ) -> list[list[Tensor | None]]:
     """Every task gradient masked to the coordinates where its rank among the K is in
-    [trim, K - trim).
+    [trim, K - trim), by :func:`fusedmtl.multi_tensor.trim_` (one pass, no K x numel stack).
 
     Args:
         table: K rows of P tensors (None: the task does not reach that tensor, taken as zeros).
         trim: the number of values dropped at each end, 2 * trim < K.
         owned: whether the gradients are this step's temporaries (then masked in place where
-            contiguous).
+            contiguous; the others are copied first).
 
     Returns:
         K rows of P tensors of the gradients' shapes and dtypes (None where the input was None:
         zeros masked are zeros).
     """
-    k = len(table)
-    out = [list(row) for row in table]
-    for p in range(len(table[0]) if table else 0):
-        grads = [row[p] for row in table]
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            continue
-        like = grads[present[0]]
-        stack = torch.stack([g if g is not None else torch.zeros_like(like) for g in grads])
-        order = stack.argsort(dim=0, stable=True)
-        keep = torch.zeros_like(stack, dtype=torch.bool)
-        keep.scatter_(0, order[trim : k - trim], True)
-        del order
-        for i in present:
-            g = grads[i]
-            # a multiplication, not a selection: 0 * inf is NaN, so a dropped overflow is seen
-            if owned and g.is_contiguous():
-                out[i][p] = g.mul_(keep[i])
-            else:
-                out[i][p] = stack[i].mul_(keep[i])
+    out = [
+        [
+            g
+            if g is None or (owned and g.is_contiguous())
+            else g.clone(memory_format=torch.contiguous_format)
+            for g in row
+        ]
+        for row in table
+    ]
+    multi_tensor.trim_(out, trim)
     return out
