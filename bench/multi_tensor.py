@@ -22,9 +22,13 @@ allocator events; CUDA's peak statistics).
                   split and copied back. In place, so the timed calls trim already trimmed
                   gradients (no contender's cost depends on the values); the check starts each
                   contender from the same gradients.
+  sign_dropout    GradDrop's masks in place (f the identity, leak 0, given uniforms): foreach =
+                  per tensor with torch operations (fusedmtl's reference); flatten = the same on
+                  the K x G matrix, split and copied back. In place, as trim.
 
 Least traffic (float32): normalized_sum (2K + 1) G 4 bytes (the gradients read twice, out
-written), gramian K G 4, combine (K + 1) G 4, trim 2 K G 4 (read and written). Read-mostly ops
+written), gramian K G 4, combine (K + 1) G 4, trim 2 K G 4 (read and written), sign_dropout
+(2 K + 1) G 4 (and the uniforms read). Read-mostly ops
 can pass 100 % of the copy bound (the copy's stores also cost a read of the destination line).
 """
 
@@ -41,7 +45,8 @@ from bench.timing import Clock, CopyBandwidth, num_threads, peak_extra_bytes, ti
 from bench.workload import flatten_rows, make_task_grads, resnet18_shapes, split_like
 from fusedmtl.multi_tensor import reference
 
-OPS = ("normalized_sum", "gramian", "combine", "trim")
+OPS = ("normalized_sum", "gramian", "combine", "trim", "sign_dropout")
+IN_PLACE = ("trim", "sign_dropout")
 TRIM = 1
 EPS = 1e-8
 # A wrong result is off by O(1); a float32 matmul over G = 11.7M products is not exact either
@@ -57,7 +62,7 @@ class Config(Common):
     shape_divisor: int = 1  # > 1 shrinks ResNet-18's shapes (tests)
 
 
-def contenders(op: str, task_grads, out, coeffs) -> dict:
+def contenders(op: str, task_grads, out, coeffs, uniforms=None) -> dict:
     """Zero-argument callables doing one call of ``op`` each way; each returns its result."""
     k, p = len(task_grads), len(task_grads[0])
     every = [t for grads in task_grads for t in grads]
@@ -93,6 +98,21 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
     def gram(flat: torch.Tensor) -> torch.Tensor:
         return flat @ flat.T
 
+    leak = torch.zeros(k, device=coeffs.device)
+
+    def sign_dropout_flattened() -> None:
+        flat = flatten_rows(task_grads)
+        total, magnitude = torch.zeros_like(flat[0]), torch.zeros_like(flat[0])
+        for row in flat:
+            total.add_(row)
+            magnitude.add_(row.abs())
+        purity = 0.5 * (1.0 + total / magnitude)
+        draw = torch.cat([u.reshape(-1) for u in uniforms])
+        up, down = purity > draw, purity < draw
+        flat.mul_((up & (flat > 0)) | (down & (flat < 0)))
+        for grads, row in zip(task_grads, flat):
+            torch._foreach_copy_(list(grads), split_like(row, grads))
+
     def trim_flattened() -> None:
         flat = flatten_rows(task_grads)
         order = flat.argsort(dim=0, stable=True)
@@ -124,13 +144,18 @@ def contenders(op: str, task_grads, out, coeffs) -> dict:
             "foreach": lambda: reference.trim_(task_grads, TRIM),
             "flatten": trim_flattened,
         },
+        "sign_dropout": {
+            "fused": lambda: mt.sign_dropout_(task_grads, uniforms, leak),
+            "foreach": lambda: reference.sign_dropout_(task_grads, uniforms, leak),
+            "flatten": sign_dropout_flattened,
+        },
     }[op]
 
 
 def result_of(op: str, fn, out, task_grads) -> torch.Tensor:
-    """One call's result as a vector: the Gramian, the outputs it wrote, or (trim) the gradients
-    it masked, after which they are put back as they were."""
-    if op == "trim":
+    """One call's result as a vector: the Gramian, the outputs it wrote, or (the in-place ops)
+    the gradients it masked, after which they are put back as they were."""
+    if op in IN_PLACE:
         saved = [[t.clone() for t in grads] for grads in task_grads]
         fn()
         result = torch.cat([t.reshape(-1) for grads in task_grads for t in grads])
@@ -180,21 +205,34 @@ class MultiTensor(Sweep):
         clock, copy = Clock(device), CopyBandwidth(device)
         shapes = resnet18_shapes(c.shape_divisor)
         task_grads = make_task_grads(shapes, c.tasks, device)
-        trimmed = [[t.clone() for t in grads] for grads in task_grads] if "trim" in c.ops else None
+        # (the in-place ops mask their own copy, so the other ops see the same data)
+        masked = {
+            op: [[t.clone() for t in grads] for grads in task_grads]
+            for op in IN_PLACE
+            if op in c.ops
+        }
+        uniforms = None
+        if "sign_dropout" in c.ops:
+            uniforms = [torch.rand(s, device=device) for s in shapes]
         out = [torch.zeros(s, device=device) for s in shapes]  # touched, like .grad
         coeffs = torch.softmax(
             torch.randn(c.tasks, generator=torch.Generator().manual_seed(1)), 0
         ).to(device)
         k, g = c.tasks, sum(t.numel() for t in out)
-        traffic = {"normalized_sum": 2 * k + 1, "gramian": k, "combine": k + 1, "trim": 2 * k}
+        traffic = {
+            "normalized_sum": 2 * k + 1,
+            "gramian": k,
+            "combine": k + 1,
+            "trim": 2 * k,
+            "sign_dropout": 2 * k + 1,
+        }
         rows, checked = [], {}
         for threads in c.threads:
             with num_threads(threads):
                 for op in c.ops:
                     progress.row(f"{op} K={k} t{threads}")
-                    # (trim masks in place: its own copy, so the other ops see the same data)
-                    grads = trimmed if op == "trim" else task_grads
-                    fns = contenders(op, grads, out, coeffs)
+                    grads = masked.get(op, task_grads)
+                    fns = contenders(op, grads, out, coeffs, uniforms)
                     row = Row(
                         self.name,
                         {

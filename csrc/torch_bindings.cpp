@@ -56,6 +56,13 @@ TORCH_LIBRARY(fusedmtl, m) {
   // Every one of the K * P gradients is given (a mutable list of optional tensors is not
   // functionalized by torch.compile): the caller passes zeros for a task that does not reach p.
   m.def("multi_tensor_trim_(Tensor(a!)[] grads, int num_tasks, int trim) -> ()");
+  // GradDrop's sign dropout, in place (f the identity): per coordinate, with P the sign purity
+  // and U uniforms[p] there, g_i *= leak_i + (1 - leak_i) [P > U and g_i > 0 or P < U and
+  // g_i < 0]. grads as for trim_; uniforms: P tensors of the gradients' dtype, one per parameter;
+  // leak: K floats.
+  m.def(
+      "multi_tensor_sign_dropout_(Tensor(a!)[] grads, int num_tasks, Tensor[] uniforms,"
+      " Tensor leak) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
@@ -71,6 +78,7 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cpu);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
   m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cpu);
+  m.impl("multi_tensor_sign_dropout_", &fusedmtl::multi_tensor::sign_dropout_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, AutogradCPU, m) {
@@ -90,5 +98,6 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("multi_tensor_normalized_sum", &fusedmtl::multi_tensor::normalized_sum_cuda);
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cuda);
   m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cuda);
+  m.impl("multi_tensor_sign_dropout_", &fusedmtl::multi_tensor::sign_dropout_cuda);
 }
 #endif

@@ -22,6 +22,7 @@ OPS = (
     "multi_tensor_normalized_sum",
     "multi_tensor_add_l1_l2_penalty",
     "multi_tensor_trim_",
+    "multi_tensor_sign_dropout_",
 )
 CUDA_OPS = OPS
 

@@ -89,7 +89,8 @@ def test_triton_kernels_fit_the_gpu_shared_memory(cc):
     cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     kernels = {case["kernel"] for case in cases}
     # every multi-tensor kernel was compiled (the losses' cases join when that module lists them)
-    assert {"_gramian_kernel", "_combine_kernel", "_penalty_kernel", "_trim_kernel"} <= kernels
+    expected = {"_gramian_kernel", "_combine_kernel", "_penalty_kernel", "_trim_kernel"}
+    assert expected | {"_sign_dropout_kernel"} <= kernels, kernels
     over = [case for case in cases if case["shared"] > SHARED_LIMIT[cc]]
     assert not over, f"over the sm_{cc} shared-memory limit of {SHARED_LIMIT[cc]} bytes: {over}"
 

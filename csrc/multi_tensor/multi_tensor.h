@@ -35,6 +35,11 @@ at::Tensor l1_l2_penalty_cpu(at::TensorList params, at::TensorList grads, bool o
 // trimmed mean is then their sum / (K - 2 trim). grads: all K * P of them, contiguous.
 void trim_cpu(at::TensorList grads, int64_t num_tasks, int64_t trim);
 
+// GradDrop's masks with f the identity, in place: g_i *= leak_i + (1 - leak_i) M_i per element
+// (docs/METHODS.md, section 4), U from uniforms[p]. grads: all K * P, contiguous.
+void sign_dropout_cpu(at::TensorList grads, int64_t num_tasks, at::TensorList uniforms,
+                      const at::Tensor& leak);
+
 #ifdef FUSEDMTL_WITH_CUDA
 at::Tensor gramian_cuda(const TaskGrads& grads, int64_t num_tasks, bool diagonal_only);
 void combine_cuda(const TaskGrads& grads, int64_t num_tasks, const at::Tensor& coeffs,
@@ -44,6 +49,8 @@ at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double
 at::Tensor l1_l2_penalty_cuda(at::TensorList params, at::TensorList grads, bool overwrite,
                               double l1, double l2);
 void trim_cuda(at::TensorList grads, int64_t num_tasks, int64_t trim);
+void sign_dropout_cuda(at::TensorList grads, int64_t num_tasks, at::TensorList uniforms,
+                       const at::Tensor& leak);
 #endif
 
 }  // namespace fusedmtl::multi_tensor

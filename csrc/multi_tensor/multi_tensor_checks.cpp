@@ -49,18 +49,41 @@ TaskGradTable check_task_grads(const char* op, const TaskGrads& grads, int64_t n
   return table;
 }
 
-TaskGradTable check_trim(const char* op, at::TensorList grads, int64_t num_tasks, int64_t trim) {
+TaskGradTable check_in_place(const char* op, at::TensorList grads, int64_t num_tasks) {
   TaskGrads entries;
   entries.reserve(grads.size());
   for (const at::Tensor& g : grads) entries.push_back(g);
   TaskGradTable table = check_task_grads(op, entries, num_tasks);
   TORCH_CHECK(num_tasks <= 64, op, ": at most 64 tasks, got ", num_tasks);
-  TORCH_CHECK(trim >= 0 && 2 * trim < num_tasks, op,
-              ": needs 0 <= trim < num_tasks / 2, got trim=", trim, " for ", num_tasks, " tasks");
   for (int64_t q = 0; q < static_cast<int64_t>(grads.size()); ++q) {
     TORCH_CHECK(grads[q].is_contiguous(), op, ": task ", q / table.num_params, " parameter ",
                 q % table.num_params, " must be contiguous (it is masked in place)");
   }
+  return table;
+}
+
+TaskGradTable check_trim(const char* op, at::TensorList grads, int64_t num_tasks, int64_t trim) {
+  TaskGradTable table = check_in_place(op, grads, num_tasks);
+  TORCH_CHECK(trim >= 0 && 2 * trim < num_tasks, op,
+              ": needs 0 <= trim < num_tasks / 2, got trim=", trim, " for ", num_tasks, " tasks");
+  return table;
+}
+
+TaskGradTable check_sign_dropout(const char* op, at::TensorList grads, int64_t num_tasks,
+                                 at::TensorList uniforms, const at::Tensor& leak) {
+  TaskGradTable table = check_in_place(op, grads, num_tasks);
+  TORCH_CHECK(static_cast<int64_t>(uniforms.size()) == table.num_params, op, ": ", uniforms.size(),
+              " uniform tensors for ", table.num_params, " parameters");
+  for (int64_t p = 0; p < table.num_params; ++p) {
+    const at::Tensor& u = uniforms[p];
+    TORCH_CHECK(
+        u.is_contiguous() && u.numel() == table.numel[p] &&
+            (!table.any_defined || (u.scalar_type() == table.dtype && u.device() == table.device)),
+        op, ": uniforms ", p, " must be a contiguous ", table.dtype, " tensor on ", table.device,
+        " of ", table.numel[p], " elements");
+  }
+  TORCH_CHECK(leak.numel() == num_tasks, op, ": expected ", num_tasks, " leaks, got ",
+              leak.numel());
   return table;
 }
 

@@ -27,9 +27,17 @@ struct TaskGradTable {
 // tasks, non-floating dtypes, or a list whose length is not a multiple of num_tasks.
 TaskGradTable check_task_grads(const char* op, const TaskGrads& grads, int64_t num_tasks);
 
-// check_task_grads for trim_: also at most 64 tasks, 0 <= trim and 2 * trim < num_tasks, and every
-// gradient contiguous (it is written in place, not through a contiguous copy).
+// check_in_place for trim_: also 0 <= trim and 2 * trim < num_tasks.
 TaskGradTable check_trim(const char* op, at::TensorList grads, int64_t num_tasks, int64_t trim);
+
+// check_task_grads for the in-place ops (trim_, sign_dropout_): every one of the K * P gradients
+// given, contiguous (written in place, not through a copy), at most 64 tasks.
+TaskGradTable check_in_place(const char* op, at::TensorList grads, int64_t num_tasks);
+
+// check_in_place for sign_dropout_: also P contiguous uniforms of the gradients' dtype, device and
+// element counts, and K leaks.
+TaskGradTable check_sign_dropout(const char* op, at::TensorList grads, int64_t num_tasks,
+                                 at::TensorList uniforms, const at::Tensor& leak);
 
 // The dtype norms, Gramians and penalties are returned in.
 at::ScalarType accumulate_dtype(at::ScalarType dtype);

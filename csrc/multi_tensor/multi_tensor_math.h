@@ -13,6 +13,8 @@ FUSEDMTL_HOST_DEVICE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 FUSEDMTL_HOST_DEVICE double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 FUSEDMTL_HOST_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }
 FUSEDMTL_HOST_DEVICE double add_rn(double a, double b) { return __dadd_rn(a, b); }
+FUSEDMTL_HOST_DEVICE float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+FUSEDMTL_HOST_DEVICE double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 #else
 template <typename A, typename B>
 FUSEDMTL_HOST_DEVICE auto mul_rn(A a, B b) {
@@ -21,6 +23,10 @@ FUSEDMTL_HOST_DEVICE auto mul_rn(A a, B b) {
 template <typename A, typename B>
 FUSEDMTL_HOST_DEVICE auto add_rn(A a, B b) {
   return a + b;
+}
+template <typename A, typename B>
+FUSEDMTL_HOST_DEVICE auto div_rn(A a, B b) {
+  return a / b;
 }
 #endif
 
@@ -39,6 +45,19 @@ FUSEDMTL_HOST_DEVICE V penalty_gradient(V w, V sign, C l1, C two_l2) {
 template <typename V>
 FUSEDMTL_HOST_DEVICE auto sorts_before(V a, V b) {
   return (a < b) | ((b != b) & (a == a));
+}
+
+// GradDrop's positive sign purity (1 + total / magnitude) / 2 of a coordinate, total = sum_i g_i
+// and magnitude = sum_i |g_i| added in task order (NaN where every g_i is 0). C: the compute type.
+template <typename V, typename C>
+FUSEDMTL_HOST_DEVICE V sign_purity(V total, V magnitude) {
+  return mul_rn(C(0.5), add_rn(C(1), div_rn(total, magnitude)));
+}
+
+// GradDrop's factor of one value: leak + (1 - leak) * kept, kept 0 or 1 (one_minus_leak given).
+template <typename V, typename C>
+FUSEDMTL_HOST_DEVICE V sign_dropout_factor(C leak, C one_minus_leak, V kept) {
+  return add_rn(leak, mul_rn(one_minus_leak, kept));
 }
 
 // One term of a combination: sum + c * g, rounded twice.

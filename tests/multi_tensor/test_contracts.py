@@ -212,6 +212,17 @@ def _op_cases():
             3,
             1,
         ),
+        "multi_tensor_sign_dropout_": lambda: (
+            [
+                torch.randn(5, 3, generator=g),
+                torch.randn(4, generator=g),
+                torch.randn(5, 3, generator=g),
+                torch.randn(4, generator=g),
+            ],
+            2,
+            [torch.rand(5, 3, generator=g), torch.rand(4, generator=g)],
+            torch.tensor([0.0, 0.25]),
+        ),
     }
 
 

@@ -47,6 +47,11 @@ def _run_everything(prob, params_fn):
     trimmed = [[g.clone() if g is not None else None for g in grads] for grads in prob.lists()]
     mt.trim_(trimmed, (prob.K - 1) // 2)
     results += [g for grads in trimmed for g in grads if g is not None]
+    dropped = [[g.clone() if g is not None else None for g in grads] for grads in prob.lists()]
+    generator = torch.Generator().manual_seed(73)
+    uniforms = [torch.rand(s, generator=generator, dtype=prob.dtype) for s in prob.shapes]
+    mt.sign_dropout_(dropped, uniforms, torch.linspace(0, 0.5, prob.K))
+    results += [g for grads in dropped for g in grads if g is not None]
     return results
 
 

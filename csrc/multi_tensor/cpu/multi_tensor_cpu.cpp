@@ -24,6 +24,8 @@ FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, penalty_block,
                     ::fusedmtl::multi_tensor::cpu::PenaltyBlockFn)
 FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, trim_block,
                     ::fusedmtl::multi_tensor::cpu::TrimBlockFn)
+FUSEDMTL_CPU_KERNEL(fusedmtl::multi_tensor::cpu, sign_dropout_block,
+                    ::fusedmtl::multi_tensor::cpu::SignDropoutBlockFn)
 
 namespace fusedmtl::multi_tensor {
 namespace {
@@ -229,6 +231,29 @@ void trim_cpu(at::TensorList grads, int64_t num_tasks, int64_t trim) {
     }
     kernel(scalar_kind(table.dtype), ptrs, static_cast<int>(num_tasks), item.length,
            static_cast<int>(trim));
+  });
+}
+
+void sign_dropout_cpu(at::TensorList grads, int64_t num_tasks, at::TensorList uniforms,
+                      const at::Tensor& leak) {
+  const char* op = "fusedmtl::multi_tensor_sign_dropout_";
+  const TaskGradTable table = check_sign_dropout(op, grads, num_tasks, uniforms, leak);
+  if (!table.any_defined) return;
+  check_supported_dtype(op, table.dtype);
+  const at::Tensor leaks = leak.to(at::kCPU, at::kDouble).contiguous();
+  int64_t total = 0;
+  const std::vector<WorkItem> items = work_items(table.numel, &total);
+  auto* kernel = cpu::sign_dropout_block_kernel.get();
+  for_each_item(items, total, [&](int64_t, const WorkItem& item) {
+    void* ptrs[kMaxTasks];
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      const at::Tensor& g = table.at(i, item.param);
+      ptrs[i] = static_cast<char*>(g.mutable_data_ptr()) + item.begin * g.element_size();
+    }
+    const at::Tensor& u = uniforms[item.param];
+    kernel(scalar_kind(table.dtype), ptrs, static_cast<int>(num_tasks), item.length,
+           static_cast<const char*>(u.const_data_ptr()) + item.begin * u.element_size(),
+           leaks.const_data_ptr<double>());
   });
 }
 

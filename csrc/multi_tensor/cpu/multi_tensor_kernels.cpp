@@ -139,6 +139,42 @@ void trim_range(void* const* grads, int k, int64_t n, int trim) {
   });
 }
 
+// The k values per lane loaded once; the purity from their sums in task order, then each value
+// times its factor (compute-type arithmetic, each operation rounded: the reference's bits).
+template <typename S>
+void sign_dropout_range(void* const* grads, int k, int64_t n, const void* uniform_,
+                        const double* leak) {
+  using C = compute_t<S>;
+  S* g[kMaxTasks];
+  C keep_leak[kMaxTasks], drop_rest[kMaxTasks];
+  for (int i = 0; i < k; ++i) {
+    g[i] = static_cast<S*>(grads[i]);
+    keep_leak[i] = static_cast<C>(leak[i]);
+    drop_rest[i] = C(1) - keep_leak[i];
+  }
+  const S* uniform = static_cast<const S*>(uniform_);
+  const Vec<S> zero{};
+  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    Vec<S> v[kMaxTasks];
+    Vec<S> total{}, magnitude{};
+    for (int i = 0; i < k; ++i) {
+      v[i] = load_block(g[i] + e, lanes);
+      total += v[i];
+      magnitude += v[i] < zero ? -v[i] : v[i];
+    }
+    const Vec<S> purity = sign_purity<Vec<S>, C>(total, magnitude);
+    const Vec<S> draw = load_block(uniform + e, lanes);
+    const auto up = purity > draw;
+    const auto down = purity < draw;
+    for (int i = 0; i < k; ++i) {
+      const auto kept = (up & (v[i] > zero)) | (down & (v[i] < zero));
+      const Vec<S> factor = sign_dropout_factor(keep_leak[i], drop_rest[i],
+                                                __builtin_convertvector(kept & 1, Vec<S>));
+      store_block(g[i] + e, v[i] * factor, lanes);
+    }
+  });
+}
+
 template <typename Visitor>
 auto with_flag(bool flag, Visitor&& visit) {
   return flag ? visit(std::true_type{}) : visit(std::false_type{});
@@ -215,6 +251,12 @@ double penalty_block(ScalarKind dtype, const void* w, void* grad, bool overwrite
 
 void trim_block(ScalarKind dtype, void* const* grads, int k, int64_t n, int trim) {
   with_dtype(dtype, [&](auto tag) { trim_range<decltype(tag)>(grads, k, n, trim); });
+}
+
+void sign_dropout_block(ScalarKind dtype, void* const* grads, int k, int64_t n, const void* uniform,
+                        const double* leak) {
+  with_dtype(dtype,
+             [&](auto tag) { sign_dropout_range<decltype(tag)>(grads, k, n, uniform, leak); });
 }
 
 }  // namespace fusedmtl::multi_tensor::cpu::FUSEDMTL_CPU_NS

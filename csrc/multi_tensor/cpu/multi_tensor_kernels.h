@@ -29,4 +29,9 @@ using PenaltyBlockFn = double(ScalarKind dtype, const void* w, void* grad, bool 
 // among the k values of their coordinate (multi_tensor_math.h, sorts_before), times 0 elsewhere.
 using TrimBlockFn = void(ScalarKind dtype, void* const* grads, int k, int64_t n, int trim);
 
+// GradDrop's masks in place over grads[i][0:n] (i < k), with uniform[0:n] (the gradients' dtype)
+// and the k leaks: g_i *= leak_i + (1 - leak_i) M_i (multi_tensor_math.h, sign_purity).
+using SignDropoutBlockFn = void(ScalarKind dtype, void* const* grads, int k, int64_t n,
+                                const void* uniform, const double* leak);
+
 }  // namespace fusedmtl::multi_tensor::cpu

@@ -441,6 +441,40 @@ __global__ void __launch_bounds__(kThreads) trim_kernel(Table table, int trim) {
   }
 }
 
+// GradDrop's masks in place (multi_tensor_math.h, sign_purity), one element per thread: the sums
+// in task order, then each value times its factor, re-reading the K values (no per-thread array).
+// Table rows [length, uniforms, grads...]; loops rolled, 32-bit element index, as trim_kernel.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) sign_dropout_kernel(Table table, const double* leak) {
+  using C = at::opmath_type<S>;
+  const int k = table.num_tasks;
+  for (int64_t item = blockIdx.x; item < table.num_items; item += gridDim.x) {
+    const int64_t* row = table.rows + item * table.row_size();
+    const int n = static_cast<int>(row[0]);
+    const S* uniform = reinterpret_cast<const S*>(row[1]);
+    for (int e = threadIdx.x; e < n; e += kThreads) {
+      C total = C(0), magnitude = C(0);
+#pragma unroll 1
+      for (int i = 0; i < k; ++i) {
+        const C v = static_cast<C>(grad_of<S>(row, i)[e]);
+        total = add_rn(total, v);
+        magnitude = add_rn(magnitude, v < C(0) ? -v : v);
+      }
+      const C purity = sign_purity<C, C>(total, magnitude);
+      const C draw = static_cast<C>(uniform[e]);
+#pragma unroll 1
+      for (int i = 0; i < k; ++i) {
+        S* g = const_cast<S*>(grad_of<S>(row, i));
+        const C v = static_cast<C>(g[e]);
+        const bool kept = (purity > draw && v > C(0)) || (purity < draw && v < C(0));
+        const C keep_leak = static_cast<C>(leak[i]);
+        const C factor = sign_dropout_factor(keep_leak, C(1) - keep_leak, C(kept));
+        g[e] = static_cast<S>(mul_rn(v, factor));
+      }
+    }
+  }
+}
+
 int grid_for(int64_t items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, kMaxBlocks)));
 }
@@ -684,6 +718,25 @@ void trim_cuda(at::TensorList grads, int64_t num_tasks, int64_t trim) {
       at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_trim_cuda", [&] {
         trim_kernel<scalar_t><<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
             device_table, static_cast<int>(trim));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void sign_dropout_cuda(at::TensorList grads, int64_t num_tasks, at::TensorList uniforms,
+                       const at::Tensor& leak) {
+  const char* op = "fusedmtl::multi_tensor_sign_dropout_";
+  const TaskGradTable table = check_sign_dropout(op, grads, num_tasks, uniforms, leak);
+  if (!table.any_defined) return;
+  const c10::cuda::CUDAGuard guard(table.device);
+  const at::Tensor leaks = leak.to(table.device, at::kDouble).contiguous();
+  at::Tensor storage;
+  const Table device_table = upload_table(table, uniforms, &storage);
+  if (device_table.num_items == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, table.dtype, "multi_tensor_sign_dropout_cuda", [&] {
+        sign_dropout_kernel<scalar_t><<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
+            device_table, leaks.const_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

@@ -27,6 +27,7 @@ __all__ = [
     "l1_l2_penalty_",
     "normalized_sum",
     "norms",
+    "sign_dropout_",
     "trim_",
 ]
 
@@ -154,12 +155,91 @@ def trim_(task_grads: TaskGrads, trim: int) -> None:
     k = len(table)
     if trim < 0 or 2 * trim >= k:
         raise ValueError(f"trim_: needs 0 <= trim < K / 2, got trim={trim} for {k} tasks")
-    present = [g for grads in table for g in grads if g is not None]
-    _check_distinct(present, "trim_", "gradient")
-    if trim == 0 or not present:
+    if trim == 0:
+        _check_distinct([g for grads in table for g in grads if g is not None], "trim_", "gradient")
         return
-    # The kernels take all K gradients of each parameter some task reaches, contiguous: zeros
-    # stand for a task that does not reach it (the ops' schema has no optional mutable tensors).
+    _in_place(
+        "trim_",
+        table,
+        dtype,
+        device,
+        lambda grads, reached: torch.ops.fusedmtl.multi_tensor_trim_(_flat(grads), k, trim),
+        lambda grads, reached: _triton().trim_(grads, trim),
+        lambda grads, reached: reference.trim_(grads, trim),
+    )
+
+
+def sign_dropout_(task_grads: TaskGrads, uniforms: Sequence[Tensor | None], leak: Tensor) -> None:
+    """GradDrop's sign dropout in place (Chen et al., "Just Pick a Sign", NeurIPS 2020; f the
+    identity; docs/METHODS.md, section 4): at every coordinate, with total = sum_i g_i and
+    magnitude = sum_i |g_i| (added in task order), P = (1 + total / magnitude) / 2 and U the
+    coordinate's uniform, g_i *= l_i + (1 - l_i) M_i, M_i = 1 where P > U and g_i > 0 or P < U and
+    g_i < 0 (one sign survives; a coordinate of zeros has P = NaN and keeps nothing). Computed in
+    float32 (float64 for float64 gradients), each operation rounded: the same bits on every
+    backend. One pass over the gradients. Dropped values are multiplied by 0 (a dropped inf or
+    NaN becomes NaN); a None gradient counts as zeros and stays None.
+
+    Args:
+        task_grads: K sequences of P tensors (or None), as described in the module docstring;
+            written in place, so no two may share memory.
+        uniforms: P tensors of the parameters' shapes and the gradients' dtype (e.g. from
+            ``torch.rand``), or None for a parameter no task reaches.
+        leak: ``Tensor[K]``, the leaks l_i in [0, 1] (any float dtype and device).
+
+    Returns:
+        None; the gradients hold the result.
+    """
+    table, dtype, device = _validated(task_grads)
+    uniforms = list(uniforms)
+    if len(uniforms) != len(table[0]) or leak.numel() != len(table):
+        raise ValueError(
+            f"sign_dropout_: {len(uniforms)} uniform tensors and {leak.numel()} leaks for "
+            f"{len(table[0])} parameters and {len(table)} tasks"
+        )
+    for p, u in enumerate(uniforms):
+        shape = _shape_of(table, p)
+        if shape is not None and (
+            u is None or u.shape != shape or u.dtype != dtype or u.device != device
+        ):
+            raise ValueError(
+                f"sign_dropout_: uniforms {p} must be a {dtype} tensor of shape {tuple(shape)} on "
+                f"{device}, got {None if u is None else (u.dtype, tuple(u.shape), u.device)}"
+            )
+    leak = leak.detach().reshape(-1)
+    k = len(table)
+
+    def draws(reached):
+        return [uniforms[p].contiguous() for p in reached]
+
+    _in_place(
+        "sign_dropout_",
+        table,
+        dtype,
+        device,
+        lambda grads, reached: torch.ops.fusedmtl.multi_tensor_sign_dropout_(
+            _flat(grads), k, draws(reached), leak
+        ),
+        lambda grads, reached: _triton().sign_dropout_(grads, draws(reached), leak),
+        lambda grads, reached: reference.sign_dropout_(grads, draws(reached), leak),
+    )
+
+
+def _triton():
+    from fusedmtl.multi_tensor import triton as triton_kernels
+
+    return triton_kernels
+
+
+def _in_place(op: str, table, dtype, device, native, triton, fallback) -> None:
+    """Runs an in-place op on the task gradients by the backend's kernel, each called with
+    (grads, reached): all K gradients of each parameter some task reaches, contiguous (zeros for
+    a task that does not reach it: the ops' schemas have no optional mutable tensors), and those
+    parameters' indices; the results land in the caller's tensors (copied back into a
+    non-contiguous one)."""
+    present = [g for grads in table for g in grads if g is not None]
+    _check_distinct(present, op, "gradient")
+    if not present:
+        return
     reached = [p for p in range(len(table[0])) if _shape_of(table, p) is not None]
     direct = []
     for grads in table:
@@ -171,15 +251,8 @@ def trim_(task_grads: TaskGrads, trim: int) -> None:
             row.append(g if g.is_contiguous() else g.contiguous())
         direct.append(row)
     with torch.no_grad():
-        chosen = _backend(device, dtype)
-        if chosen == "native":
-            torch.ops.fusedmtl.multi_tensor_trim_(_flat(direct), k, trim)
-        elif chosen == "triton":
-            from fusedmtl.multi_tensor import triton as triton_kernels
-
-            triton_kernels.trim_(direct, trim)
-        else:
-            reference.trim_(direct, trim)
+        kernel = {"native": native, "triton": triton}.get(_backend(device, dtype), fallback)
+        kernel(direct, reached)
         for grads, copies in zip(table, direct):
             for p, d in zip(reached, copies):
                 if grads[p] is not None and d is not grads[p]:

@@ -39,6 +39,11 @@ def _trim_fake(grads, num_tasks, trim):
     return None
 
 
+@torch.library.register_fake("fusedmtl::multi_tensor_sign_dropout_")
+def _sign_dropout_fake(grads, num_tasks, uniforms, leak):
+    return None
+
+
 @torch.library.register_fake("fusedmtl::multi_tensor_add_l1_l2_penalty")
 def _penalty_fake(params, grads, overwrite, l1, l2):
     dtype = accumulate_dtype(params[0].dtype) if params else torch.float32

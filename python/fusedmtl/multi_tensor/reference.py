@@ -78,6 +78,32 @@ def trim_(table: TaskGrads, trim: int) -> None:
             row[p].mul_(keep[i])
 
 
+def sign_dropout_(table: TaskGrads, uniforms: Sequence[Tensor], leak: Tensor, f=None) -> None:
+    """GradDrop's masks in place (every gradient given): with total = sum_i g_i and
+    magnitude = sum_i |g_i| added in task order, P = f((1 + total / magnitude) / 2) and U the
+    parameter's uniforms, g_i *= l_i + (1 - l_i) [P > U and g_i > 0, or P < U and g_i < 0], all in
+    the accumulation dtype (f: the identity when None)."""
+    for p, uniform in enumerate(uniforms):
+        grads = [row[p] for row in table]
+        acc = accumulate_dtype(grads[0].dtype)
+        total = torch.zeros(grads[0].shape, dtype=acc, device=grads[0].device)
+        magnitude = torch.zeros_like(total)
+        for g in grads:
+            total.add_(g)
+            magnitude.add_(g.abs())
+        purity = 0.5 * (1.0 + total / magnitude)
+        if f is not None:
+            purity = f(purity)
+        draw = uniform.to(acc)
+        up, down = purity > draw, purity < draw
+        del total, magnitude, purity, draw
+        leaks = leak.to(device=grads[0].device, dtype=acc)
+        for g, keep_leak in zip(grads, leaks):
+            kept = (up & (g > 0)) | (down & (g < 0))
+            # a multiplication, not a selection: 0 * inf is NaN, so a dropped overflow is seen
+            g.mul_(keep_leak + (1 - keep_leak) * kept)
+
+
 def l1_l2_penalty(
     params: Sequence[Tensor], grads: Sequence[Tensor], overwrite: bool, l1: float, l2: float
 ) -> Tensor:

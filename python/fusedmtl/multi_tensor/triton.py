@@ -222,6 +222,49 @@ def _trim_kernel(
         tl.store(pointers, (x * keep.to(ACC)).to(DTYPE), mask=mask)
 
 
+@triton.jit
+def _sign_dropout_kernel(
+    table_ptr,
+    leak_ptr,
+    K: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """GradDrop's masks in place (csrc/multi_tensor/multi_tensor_math.h, sign_purity): the sums
+    over the K rows in task order (a loop, not tl.sum's tree: the CPU's bits), then each row
+    times leak + (1 - leak) * kept. Table rows [uniforms, length, K addresses]; leak: K floats
+    in ACC."""
+    item = tl.program_id(0).to(tl.int64)
+    row = table_ptr + item * (K + 2)
+    uniform = tl.load(row).to(tl.pointer_type(DTYPE))
+    n = tl.load(row + 1)
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        total = tl.zeros((BLOCK,), dtype=ACC)
+        magnitude = tl.zeros((BLOCK,), dtype=ACC)
+        for i in range(K):
+            g = tl.load(row + 2 + i).to(tl.pointer_type(DTYPE))
+            v = tl.load(g + offsets, mask=mask, other=0.0).to(ACC)
+            total += v
+            magnitude += tl.abs(v)
+        if ACC == tl.float64:  # (IEEE division; div_rn is fp32 only)
+            ratio = total / magnitude
+        else:
+            ratio = tl.math.div_rn(total, magnitude)
+        purity = 0.5 * (1.0 + ratio)
+        draw = tl.load(uniform + offsets, mask=mask, other=0.0).to(ACC)
+        for i in range(K):
+            g = tl.load(row + 2 + i).to(tl.pointer_type(DTYPE))
+            v = tl.load(g + offsets, mask=mask, other=0.0).to(ACC)
+            kept = ((purity > draw) & (v > 0)) | ((purity < draw) & (v < 0))
+            keep_leak = tl.load(leak_ptr + i)
+            factor = keep_leak + (1.0 - keep_leak) * kept.to(ACC)
+            # (rtne said explicitly: the interpreter truncates to bf16 otherwise)
+            tl.store(g + offsets, (v * factor).to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+
+
 def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
     cpu = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":  # pinned, so the copy does not wait for the host
@@ -432,12 +475,7 @@ def trim_op(grads: list[Tensor], num_tasks: int, trim: int) -> None:
             f"fusedmtl triton trim_: needs 0 <= trim < num_tasks / 2, got trim={trim} for "
             f"{num_tasks} tasks"
         )
-    for q, g in enumerate(grads):
-        if not g.is_contiguous():
-            raise ValueError(
-                f"fusedmtl triton trim_: task {q // len(table[0])} parameter {q % len(table[0])} "
-                "must be contiguous (it is masked in place)"
-            )
+    _check_contiguous("trim_", table)
     first = _first(grads)
     if first is None:
         return
@@ -445,10 +483,6 @@ def trim_op(grads: list[Tensor], num_tasks: int, trim: int) -> None:
     if items == 0:
         return
     kp2 = padded_tasks(num_tasks, True)
-    block = trim_block(kp2)
-    if INTERPRETED:  # (its cost is per element of the tile: no larger than the longest item)
-        longest = max(min(CHUNK, g.numel()) for g in grads if g is not None)
-        block = min(block, triton.next_power_of_2(max(longest, 16)))
     _trim_kernel[(items,)](
         work,
         K=num_tasks,
@@ -456,13 +490,75 @@ def trim_op(grads: list[Tensor], num_tasks: int, trim: int) -> None:
         TRIM=trim,
         DTYPE=_TL_DTYPES[first.dtype],
         ACC=_TL_DTYPES[accumulate_dtype(first.dtype)],
-        BLOCK=block,
+        BLOCK=_in_place_block(trim_block(kp2), grads),
     )
+
+
+def _check_contiguous(op: str, table) -> None:
+    for i, row in enumerate(table):
+        for p, g in enumerate(row):
+            if not g.is_contiguous():
+                raise ValueError(
+                    f"fusedmtl triton {op}: task {i} parameter {p} must be contiguous (it is "
+                    "masked in place)"
+                )
+
+
+def _in_place_block(block: int, grads: list[Tensor]) -> int:
+    """``block``, or under the interpreter (whose cost is per element of the block, used or not)
+    no more than the longest item."""
+    if not INTERPRETED:
+        return block
+    longest = max(min(CHUNK, g.numel()) for g in grads)
+    return min(block, triton.next_power_of_2(max(longest, 16)))
 
 
 @trim_op.register_fake
 def _(grads, num_tasks, trim):
     return None
+
+
+@torch.library.custom_op("fusedmtl::triton_multi_tensor_sign_dropout_", mutates_args=("grads",))
+def sign_dropout_op(
+    grads: list[Tensor], num_tasks: int, uniforms: list[Tensor], leak: Tensor
+) -> None:
+    """Same contract as ``torch.ops.fusedmtl.multi_tensor_sign_dropout_``, run by Triton."""
+    table = _task_table(grads, num_tasks)
+    if len(uniforms) != len(table[0]) or leak.numel() != num_tasks:
+        raise ValueError(
+            f"fusedmtl triton sign_dropout_: {len(uniforms)} uniform tensors and {leak.numel()} "
+            f"leaks for {len(table[0])} parameters and {num_tasks} tasks"
+        )
+    _check_contiguous("sign_dropout_", table)
+    first = _first(grads)
+    for p, u in enumerate(uniforms):
+        if not u.is_contiguous() or u.dtype != first.dtype or u.numel() != table[0][p].numel():
+            raise ValueError(
+                f"fusedmtl triton sign_dropout_: uniforms {p} must be a contiguous {first.dtype} "
+                f"tensor of {table[0][p].numel()} elements"
+            )
+    work, items = _work_table(table, uniforms, first.device)
+    if items == 0:
+        return
+    acc = accumulate_dtype(first.dtype)
+    _sign_dropout_kernel[(items,)](
+        work,
+        leak.to(torch.float64).to(device=first.device, dtype=acc).contiguous(),
+        K=num_tasks,
+        DTYPE=_TL_DTYPES[first.dtype],
+        ACC=_TL_DTYPES[acc],
+        BLOCK=_in_place_block(BLOCK, grads),
+    )
+
+
+@sign_dropout_op.register_fake
+def _(grads, num_tasks, uniforms, leak):
+    return None
+
+
+def sign_dropout_(table, uniforms: list[Tensor], leak: Tensor) -> None:
+    """GradDrop's masks on the (contiguous) gradients in place, in one launch."""
+    sign_dropout_op([g for grads in table for g in grads], len(table), uniforms, leak)
 
 
 def trim_block(kp2: int) -> int:
@@ -548,6 +644,13 @@ def _compile_cases():
                         "ACC": _TL_DTYPES[acc],
                         "BLOCK": trim_block(padded_tasks(k, True)),
                     },
+                )
+            )
+            cases.append(
+                (
+                    _sign_dropout_kernel,
+                    {"table_ptr": "*i64", "leak_ptr": f"*{names[acc]}"},
+                    {"K": k, "DTYPE": tl_dtype, "ACC": _TL_DTYPES[acc], "BLOCK": BLOCK},
                 )
             )
         for overwrite in (False, True):

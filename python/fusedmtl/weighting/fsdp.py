@@ -85,6 +85,19 @@ def like(reference: Tensor, shard: Tensor) -> Tensor:
     )
 
 
+def _unsharded_leaves(losses: Sequence[Tensor]) -> list[Tensor]:
+    """The unsharded leaves the losses reach (heads outside FSDP; the unsharded parameters FSDP
+    all-gathers are leaves too, but FSDP clears their .grad after each reduce-scatter)."""
+    plain = {
+        id(leaf): leaf
+        for loss in losses
+        if loss.requires_grad
+        for leaf in reachable_leaves(loss, set())[0]
+        if not is_dtensor(leaf)
+    }
+    return list(plain.values())
+
+
 def local_part(whole: Tensor, reference: Tensor) -> Tensor:
     """This rank's part of ``whole``, a tensor every rank holds entirely (the same values, e.g.
     drawn from equally seeded generators), as ``reference``'s shard is the rank's part of it:
@@ -156,15 +169,7 @@ class Sharding:
             their gradients accumulated into .grad by FSDP.
         """
         shared = list(shared)
-        # Unsharded leaves the losses reach (heads outside FSDP; the unsharded parameters FSDP
-        # all-gathers are leaves too, but FSDP clears their .grad after each reduce-scatter).
-        plain = {
-            id(leaf): leaf
-            for loss in losses
-            for leaf in reachable_leaves(loss, set())[0]
-            if not is_dtensor(leaf)
-        }
-        plain = list(plain.values())
+        plain = _unsharded_leaves(losses)
         saved_shared = [p.grad for p in shared]
         saved_plain = [leaf.grad for leaf in plain]
         for t in [*shared, *plain]:
@@ -274,14 +279,7 @@ class Sharding:
             before; FSDP accumulated the sharded task-specific parameters' gradients into .grad.
         """
         shared = list(shared)
-        plain = {
-            id(leaf): leaf
-            for loss in losses
-            if loss.requires_grad
-            for leaf in reachable_leaves(loss, set())[0]
-            if not is_dtensor(leaf)
-        }
-        plain = list(plain.values())
+        plain = _unsharded_leaves(losses)
         saved_shared = [p.grad for p in shared]
         saved_plain = [leaf.grad for leaf in plain]
         for t in [*shared, *plain]:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fusedmtl import multi_tensor
+from fusedmtl.multi_tensor import reference
 from fusedmtl.weighting import distributed, fsdp
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
@@ -27,11 +29,13 @@ class GradDrop(GradientWeighting):
     d = sum_i (l_i + (1 - l_i) M_i) g_i, l the leak (0: no leak; 1: the plain sum). A coordinate
     where every task's value is 0 has P undefined (NaN) and contributes 0.
 
-    Not Gramian-based: P and the masks are computed per parameter from its K gradients (no K x G
-    copy), the masked gradients (l_i + (1 - l_i) M_i) g_i become the table the coefficients
-    apply to, and the coefficients are ones; the logged norms and cosines are the masked
-    gradients'. The masks multiply the gradients (rather than select), so a dropped inf or NaN
-    still makes the step non-finite. A task gradient that is None counts as zeros.
+    Not Gramian-based: P and the masks come from one multi-tensor pass over the K gradients
+    (:func:`fusedmtl.multi_tensor.sign_dropout_`; torch operations per parameter for another f;
+    no K x G copy), computed in float32 (float64 for float64 gradients); the masked gradients
+    (l_i + (1 - l_i) M_i) g_i become the table the coefficients apply to, and the coefficients
+    are ones; the logged norms and cosines are the masked gradients'. The masks multiply the
+    gradients (rather than select), so a dropped inf or NaN still makes the step non-finite. A
+    task gradient that is None counts as zeros.
 
     The uniforms of step t come from a generator on the gradients' device seeded by (seed, t):
     the same draws on every rank, no host synchronisation, and the state is two integers, the
@@ -127,52 +131,58 @@ def sign_dropout_table(
     owned: bool,
     sharded_params: Sequence[Tensor] | None = None,
 ) -> list[list[Tensor | None]]:
-    """The K task gradients after GradDrop's sign dropout, tensor by tensor.
+    """The K task gradients after GradDrop's sign dropout: by the multi-tensor kernel
+    :func:`fusedmtl.multi_tensor.sign_dropout_` for the identity f (one pass; the P tensors of
+    uniforms, as many numbers as one task gradient, alive during it), else parameter by
+    parameter with torch operations (the same formulas in the same order: the same bits).
 
     Args:
         table: K rows of P tensors (None: the task does not reach that tensor, taken as zeros).
-        leak: ``Tensor[K]``, the leaks in [0, 1] (any float dtype; moved to each tensor's
-            device).
+        leak: ``Tensor[K]``, the leaks in [0, 1] (any float dtype; moved to the device).
         f: the map of the sign purity, element-wise.
         seed: the seed of this step's uniforms (one generator per device, tensors in order).
         owned: whether the gradients are this step's temporaries (then masked in place where
-            contiguous).
+            contiguous; the others are copied first).
         sharded_params: under FSDP2, the P shared parameters (DTensors) whose shards the table
             holds: the uniforms are drawn at each parameter's whole shape and this rank's part
             kept, so every rank's generator draws the same stream and a sharded run masks what
-            one process would (at the cost of one parameter's uniforms at a time).
+            one process would.
 
     Returns:
         K rows of P tensors, (l_i + (1 - l_i) M_i) g_i, of the gradients' shapes and dtypes
         (None where the input was None).
     """
-    out = [list(row) for row in table]
+    out = [
+        [
+            g
+            if g is None or (owned and g.is_contiguous())
+            else g.clone(memory_format=torch.contiguous_format)
+            for g in row
+        ]
+        for row in table
+    ]
     generators: dict[torch.device, torch.Generator] = {}
-    for p in range(len(table[0]) if table else 0):
-        grads = [(i, row[p]) for i, row in enumerate(table) if row[p] is not None]
-        if not grads:
-            continue
-        like = grads[0][1]
-        total, magnitude = torch.zeros_like(like), torch.zeros_like(like)
-        for _, g in grads:
-            total.add_(g)
-            magnitude.add_(g.abs())
-        purity = f(0.5 * (1.0 + total / magnitude))
-        del total, magnitude
+
+    def uniforms(p: int) -> Tensor | None:
+        like = next((row[p] for row in out if row[p] is not None), None)
+        if like is None:
+            return None
         if like.device not in generators:
             generators[like.device] = torch.Generator(device=like.device).manual_seed(seed)
         whole = like.shape if sharded_params is None else sharded_params[p].shape
-        uniform = torch.rand(
+        draw = torch.rand(
             whole, generator=generators[like.device], dtype=like.dtype, device=like.device
         )
-        if sharded_params is not None:
-            uniform = fsdp.local_part(uniform, sharded_params[p])
-        positive, negative = purity > uniform, purity < uniform
-        del purity, uniform
-        leaks = leak.to(device=like.device, dtype=like.dtype)
-        for i, g in grads:
-            kept = (positive & (g > 0)) | (negative & (g < 0))
-            factor = leaks[i] + (1 - leaks[i]) * kept
-            # a multiplication, not a selection: 0 * inf is NaN, so a dropped overflow is seen
-            out[i][p] = g.mul_(factor) if owned and g.is_contiguous() else g * factor
+        return draw if sharded_params is None else fsdp.local_part(draw, sharded_params[p])
+
+    num_params = len(table[0]) if table else 0
+    if f is _identity:
+        multi_tensor.sign_dropout_(out, [uniforms(p) for p in range(num_params)], leak)
+        return out
+    for p in range(num_params):  # any f: torch operations, one parameter at a time
+        draw = uniforms(p)
+        if draw is None:
+            continue
+        column = [[row[p] if row[p] is not None else torch.zeros_like(draw)] for row in out]
+        reference.sign_dropout_(column, [draw], leak, f)
     return out
