@@ -3,8 +3,9 @@
 `make gpu-check` runs this under compute-sanitizer's memcheck, racecheck, synccheck and initcheck:
 each op of the schema list in csrc/torch_bindings.cpp at least once per dtype family, the Gramian
 at K = 2, 8, 9, 40 and 64 (the register-resident, tiled and largest task counts), normalized_sum
-through the cooperative launch and through the two-launch fallback, and the Triton kernels of
-both layers. It checks no values (the test suite does that); it only has to touch every kernel.
+through the cooperative launch and through the two-launch fallback, the in-place trim_ and
+sign_dropout_, and the Triton kernels of both layers. It checks no values (the test suite does
+that); it only has to touch every kernel.
 
     python tests/gpu/launch_kernels.py --device cuda     # what gpu-check runs
     python tests/gpu/launch_kernels.py --device cpu      # CI: the same calls on the CPU kernels
@@ -85,6 +86,13 @@ def launch_multi_tensor(device: str) -> int:
                 ops.multi_tensor_normalized_sum(flat, k, 1e-8, out, True)
                 launches += 2
             os.environ.pop("FUSEDMTL_NO_COOPERATIVE")
+        for k in (3, 64):  # the in-place ops: a median of 3, and 64 tasks
+            flat = [g for task in _task_grads(k, shapes, device, dtype) for g in task]
+            ops.multi_tensor_trim_(flat, k, (k - 1) // 2)
+            uniforms = [torch.rand(shape, device=device, dtype=dtype) for shape in shapes]
+            leak = torch.linspace(0, 0.5, k, device=device)
+            ops.multi_tensor_sign_dropout_(flat, k, uniforms, leak)
+            launches += 2
         params = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
         grads = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
         ops.multi_tensor_add_l1_l2_penalty(params, grads, False, 1e-3, 1e-2)
@@ -120,7 +128,9 @@ def launch_triton(device: str, n: int) -> int:
                 out = [torch.zeros_like(g) for g in grads[0]]
                 mt.combine(grads, torch.rand(k, device=device), out=out)
                 mt.normalized_sum(grads, out=out)
-                launches += 3
+                mt.trim_(grads, (k - 1) // 2)
+                mt.sign_dropout_(grads, [torch.rand_like(g) for g in grads[0]], torch.zeros(k))
+                launches += 5
     return launches
 
 
