@@ -14,12 +14,14 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from weighting_cases import (
     EPS,
     GRAD_MODES,
     GRADIENT_NAMES,
     LOSS_NAMES,
     METHOD_NAMES,
+    METHODS,
     K,
     SharedTrunkNet,
     assert_close64,
@@ -36,6 +38,8 @@ from weighting_cases import (
     task_grads64,
 )
 
+import fusedmtl
+import fusedmtl.nn
 from fusedmtl import weighting as W
 
 # -- accumulation -------------------------------------------------------------------------------
@@ -389,28 +393,48 @@ def _prelude():
 
 @pytest.mark.parametrize("beta", [0.0, 0.9])
 def test_db_mtl_detached_and_expanded_gradient_losses(beta):
-    """Point 3: a loss without a path warns and counts as zero; p.sum() (an expanded gradient)
-    is not written in place."""
+    """Point 3: a loss without a path warns and counts as a zero gradient; p.sum() (autograd
+    hands back an expanded gradient) is not written in place. The oracle: DB-MTL's step() on the
+    same gradients made explicit (zeros, a dense copy), over two steps so the averages count."""
     trunk, _, losses = _prelude()
-    method = W.DBMTL(trunk.parameters(), 2, beta=beta)
-    first, second = losses()
-    with pytest.warns(UserWarning, match="no path"):
-        method.backward([first, second.detach()])
-    assert all(bool(p.grad.isfinite().all()) for p in trunk.parameters())
-    trunk.zero_grad()
-    method.backward([first.detach() * 0 + trunk.weight.sum(), losses()[1]])
-    assert all(bool(p.grad.isfinite().all()) for p in trunk.parameters())
+    params = list(trunk.parameters())
+    method, oracle = (
+        W.DBMTL(params, 2, beta=beta),
+        W.DBMTL([p.detach().clone().requires_grad_() for p in params], 2, beta=beta),
+    )
+    for step in range(2):
+        first, second = losses()
+        if step == 0:  # task 1 does not reach the trunk
+            given = [first, second.detach()]
+            rows = [torch.autograd.grad(first, params, retain_graph=True), [None, None]]
+        else:  # task 0's gradient is an expanded tensor of ones (and none for the bias)
+            given = [first.detach() * 0 + trunk.weight.sum(), second]
+            rows = [[torch.ones_like(trunk.weight), None]]
+            rows.append(torch.autograd.grad(second, params, retain_graph=True))
+        values = torch.stack([loss.detach() for loss in given])
+        trunk.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            method.backward(given)
+        assert any("no path" in str(w.message) for w in caught) == (step == 0)
+        oracle.step([[g.clone() if g is not None else None for g in row] for row in rows], values)
+        for p, q in zip(params, oracle._shared):
+            assert_close64(p.grad, q.grad, rtol=1e-6, atol=1e-7, what=f"step {step}")
+            q.grad = None
 
 
-def test_all_losses_detached_raise_and_one_detached_warns_on_both_sides():
-    """Point 6."""
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_all_losses_detached_raise_and_one_detached_warns_on_both_sides(name):
+    """Point 6: every method, loss- or gradient-based, raises like torch when no loss requires
+    grad, and warns naming the task when one does not."""
     trunk, _, losses = _prelude()
-    for method in (W.RealTime(2), W.MGDA(trunk.parameters(), 2)):
-        with pytest.raises(RuntimeError, match="requires grad"):
-            method.backward([loss.detach() for loss in losses()])
+    method = METHODS[name].example(2, list(trunk.parameters()))
+    with pytest.raises(RuntimeError, match="requires grad"):
+        method.backward([loss.detach() for loss in losses()])
+    assert all(p.grad is None for p in trunk.parameters())
     first, second = losses()
     with pytest.warns(UserWarning, match="'1'"):
-        W.RealTime(2).backward([first, second.detach()])
+        method.backward([first, second.detach()])
 
 
 def test_step_checks_the_losses():
@@ -480,3 +504,79 @@ def test_coefficients_alone_without_shared_params_or_tasks(name):
         alone.coefficients(torch.eye(2, dtype=torch.float64), losses[:2])
     with pytest.raises(ValueError, match="only computes coefficients"):
         alone.step(split_rows(jacobian), losses)
+
+
+# -- issue 19's reproductions, continued ------------------------------------------------------
+
+
+def _fused_losses(outputs, targets):
+    """SharedTrunkNet's three tasks on fusedmtl's own losses (functional and nn forms), whose
+    gradients must also pass through vmap (grad_mode="batched")."""
+    (o0, o1, o2), (y0, y1, _) = outputs, targets
+    return [
+        fusedmtl.nn.SmoothL1Loss(beta=0.5)(o0, y0),
+        fusedmtl.huber_loss(o1, y1, delta=0.7),
+        fusedmtl.heteroscedastic_loss(o2[:, :1], y1, o2[:, 1:2]),
+    ]
+
+
+def _torch_losses(outputs, targets):
+    """The same three losses from torch.nn.functional (the heteroscedastic one by its formula)."""
+    (o0, o1, o2), (y0, y1, _) = outputs, targets
+    s = o2[:, 1:2]
+    return [
+        F.smooth_l1_loss(o0, y0, beta=0.5),
+        F.huber_loss(o1, y1, delta=0.7),
+        (0.5 * torch.exp(-s) * (o2[:, :1] - y1) ** 2 + 0.5 * s).mean(),
+    ]
+
+
+@pytest.mark.parametrize("representation", [False, True], ids=["params", "features"])
+@pytest.mark.parametrize("name", GRADIENT_NAMES)
+def test_batched_grad_mode_through_fusedmtl_losses(name, representation, batch):
+    """Point 2: vmap over fusedmtl's losses (no host read of grad_output) gives what the loop
+    mode gives on torch's losses."""
+    if representation and not W.GRADIENT_BASED[name].representation_mode:
+        pytest.skip(f"{name} has no representation mode")
+    overrides = {"beta": 0.0} if representation and name == "db_mtl" else {}  # (it needs it)
+    results = []
+    for losses_of, mode in ((_torch_losses, "loop"), (_fused_losses, "batched")):
+        model = SharedTrunkNet(seed=7)
+        z, outputs = model(batch[0])
+        features = {"features": z} if representation else {}
+        method = build(name, model, grad_mode=mode, **overrides)
+        results.append((method.backward(losses_of(outputs, batch[1]), **features), _grads(model)))
+    (c_torch, torch_grads), (c_fused, fused_grads) = results
+    assert_close64(c_fused, c_torch, rtol=1e-9, atol=1e-12, what="coefficients")
+    for i, (a, b) in enumerate(zip(fused_grads, torch_grads)):
+        assert_close64(a, b, rtol=1e-9, atol=1e-13, what=f"param {i}")
+
+
+@pytest.mark.parametrize("name", GRADIENT_NAMES)
+def test_step_rejects_a_misshapen_gradient_before_any_state_moves(name):
+    """Point 7: a (4, 3) gradient for a (3, 4) parameter (same element count) raises, and the
+    method's state and .grad stay as they were."""
+    params = jacobian_params()
+    method = W.GRADIENT_BASED[name].example(2, params)
+    grads = split_rows(make_jacobian(2, 0))
+    method.step(grads, torch.tensor([1.0, 2.0]))  # a state worth corrupting
+    before, grad_before = snapshot(method), [p.grad.clone() for p in params]
+    grads[1][0] = grads[1][0].reshape(4, 3)
+    with pytest.raises(ValueError, match=r"task 1's gradient of shared parameter 0 has shape"):
+        method.step(grads, torch.tensor([1.0, 2.0]))
+    assert snapshot(method) == before
+    for p, g in zip(params, grad_before):
+        assert torch.equal(p.grad, g)
+
+
+def test_duplicate_shared_parameters_are_rejected_at_construction():
+    """Point 8: the same parameter twice, or two overlapping views, would count twice in the norms
+    and be added twice into .grad; disjoint views of one storage are distinct parameters."""
+    trunk, _, _ = _prelude()
+    for name in GRADIENT_NAMES:
+        with pytest.raises(ValueError, match="share memory"):
+            W.GRADIENT_BASED[name].example(2, [*trunk.parameters(), trunk.weight])
+    flat = torch.zeros(10, requires_grad=True)
+    with pytest.raises(ValueError, match="shared parameters 0 and 1 share memory"):
+        W.GradNormalization([flat[:6], flat[4:]], 2)
+    W.GradNormalization([flat[:6], flat[6:]], 2)

@@ -40,6 +40,7 @@ for non-finite trunk gradients (``on_nonfinite='skip'``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -169,26 +170,15 @@ class Sharding:
             their gradients accumulated into .grad by FSDP.
         """
         shared = list(shared)
-        plain = _unsharded_leaves(losses)
-        saved_shared = [p.grad for p in shared]
-        saved_plain = [leaf.grad for leaf in plain]
-        for t in [*shared, *plain]:
-            t.grad = None
         last = max((i for i, loss in enumerate(losses) if loss.requires_grad), default=-1)
         table = []
-        try:
+        with _set_aside_grads(shared, _unsharded_leaves(losses)) as fresh:
             for i, loss in enumerate(losses):
                 if loss.requires_grad:
                     loss.backward(retain_graph=retain_graph or i < last)
                 table.append([local(p.grad) for p in shared])
                 for p in shared:
                     p.grad = None
-        finally:
-            for p, g in zip(shared, saved_shared):
-                p.grad = g
-            fresh = [(leaf, leaf.grad) for leaf in plain if leaf.grad is not None]
-            for leaf, g in zip(plain, saved_plain):
-                leaf.grad = g
         for name, row in zip(names, table):
             if all(g is None for g in row):
                 warnings.warn(
@@ -196,7 +186,6 @@ class Sharding:
                     "gradient is taken as zero",
                     stacklevel=5,
                 )
-        distributed.mean_([g for _, g in fresh])
         return table, fresh
 
     # -- the Gramian and the update ------------------------------------------------------------
@@ -279,24 +268,12 @@ class Sharding:
             before; FSDP accumulated the sharded task-specific parameters' gradients into .grad.
         """
         shared = list(shared)
-        plain = _unsharded_leaves(losses)
-        saved_shared = [p.grad for p in shared]
-        saved_plain = [leaf.grad for leaf in plain]
-        for t in [*shared, *plain]:
-            t.grad = None
-        try:
+        with _set_aside_grads(shared, _unsharded_leaves(losses)) as fresh:
             weighted.backward(retain_graph=True)
             shards = [local(p.grad) for p in shared]
             for p in shared:
                 p.grad = None
             rest.backward(retain_graph=retain_graph)
-        finally:
-            for p, g in zip(shared, saved_shared):
-                p.grad = g
-            fresh = [(leaf, leaf.grad) for leaf in plain if leaf.grad is not None]
-            for leaf, g in zip(plain, saved_plain):
-                leaf.grad = g
-        distributed.mean_([g for _, g in fresh])
         return shards, fresh
 
     def backward_through_trunk(
@@ -341,17 +318,8 @@ class Sharding:
         plain = {
             id(leaf): leaf for leaf in reachable_leaves(roots[0], set())[0] if not is_dtensor(leaf)
         }
-        plain = list(plain.values())
-        saved = [leaf.grad for leaf in plain]
-        for leaf in plain:
-            leaf.grad = None
-        try:
+        with _set_aside_grads([], list(plain.values())) as fresh:
             torch.autograd.backward(roots, seeds, retain_graph=retain_graph)
-        finally:
-            fresh = [(leaf, leaf.grad) for leaf in plain if leaf.grad is not None]
-            for leaf, g in zip(plain, saved):
-                leaf.grad = g
-        distributed.mean_([g for _, g in fresh])
         with torch.no_grad():
             for leaf, g in fresh:
                 if leaf.grad is None:
@@ -359,6 +327,26 @@ class Sharding:
                 else:
                     leaf.grad.add_(g)
         return fresh
+
+
+@contextlib.contextmanager
+def _set_aside_grads(shared: Sequence[Tensor], plain: Sequence[Tensor]):
+    """FSDP backward passes on cleared .grad (FSDP accumulates into .grad, and the passes must see
+    only their own gradients): every .grad of ``shared`` and ``plain`` is set aside, then put back
+    on exit. Yields a list that receives, on exit, (leaf, gradient) for the ``plain`` leaves (the
+    unsharded ones, outside FSDP's reduce-scatter) the passes reached, their gradients averaged
+    across ranks."""
+    saved = [t.grad for t in [*shared, *plain]]
+    for t in [*shared, *plain]:
+        t.grad = None
+    fresh: list[tuple[Tensor, Tensor]] = []
+    try:
+        yield fresh
+    finally:
+        fresh.extend((leaf, leaf.grad) for leaf in plain if leaf.grad is not None)
+        for t, g in zip([*shared, *plain], saved):
+            t.grad = g
+    distributed.mean_([g for _, g in fresh])
 
 
 def sharding(params: Sequence[Tensor] | None, flag: bool | None) -> Sharding | None:

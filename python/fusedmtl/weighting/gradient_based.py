@@ -131,6 +131,10 @@ class GradientWeighting(Weighting):
             raise ValueError(
                 f"{type(self).__name__}: shared parameters must be tensors that require grad"
             )
+        if params is not None:  # counted twice in the norms, added twice (or raced) into .grad
+            multi_tensor._check_distinct(
+                [fsdp.local(p) for p in params], type(self).__name__, "shared parameter"
+            )
         # Kept out of the module's parameters: they belong to the model, not the weighting.
         self._shared = params
         self.grad_mode = grad_mode
@@ -361,8 +365,18 @@ class GradientWeighting(Weighting):
                 f"{len(self._shared)} shared "
                 f"parameters of gradients, got {len(table)} x {[len(row) for row in table]}"
             )
+        params = self._shared
         if self._sharding is not None:  # FSDP2: the kernels read the local shards
             table = [[fsdp.local(g) for g in row] for row in table]
+            params = [fsdp.local(p) for p in params]
+        # Checked before any state moves (combine_into_grad_ checks too, after the state update).
+        for i, row in enumerate(table):
+            for p, (grad, param) in enumerate(zip(row, params)):
+                if grad is not None and grad.shape != param.shape:
+                    raise ValueError(
+                        f"{type(self).__name__}.step: task {i}'s gradient of shared parameter "
+                        f"{p} has shape {tuple(grad.shape)}, the parameter {tuple(param.shape)}"
+                    )
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         if values is not None and values.numel() != self.num_tasks:
             raise ValueError(

@@ -83,11 +83,14 @@ class LossWeighting(Weighting):
         self._resolve_pending_restore()
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         saved = self._step_snapshot() if scaling and self.has_step_state else None
-        total = self(losses)
-        if not total.requires_grad:
+        losses = self._checked_losses(losses)
+        # (checked on the losses, not the total: a method's own learned weights would make the
+        # total require grad with no loss reaching the model)
+        if not any(loss.requires_grad for loss in losses):
             raise RuntimeError(
                 f"{type(self).__name__}.backward: no loss requires grad (all are detached)"
             )
+        total = self(losses)
         if total.grad_fn is None:  # the step was skipped
             return None
         if scaling:
