@@ -172,3 +172,10 @@ def _warn_missing_extension() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def device_guard(device: torch.device):
+    """``device`` made the current CUDA device for a launch that runs on the current one (Triton's
+    launches: without it cuda:1 tensors would run on cuda:0's device and stream); nothing for a CPU
+    device (the Triton interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

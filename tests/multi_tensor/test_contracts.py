@@ -128,6 +128,41 @@ def test_triton_combine_rejects_outputs_of_another_dtype_than_the_gradients():
         triton_mt.combine_op(grads, 1, torch.ones(1), [torch.zeros(4)], False)
 
 
+@pytest.mark.skipif(not TRITON, reason="Triton does not run here")
+def test_triton_ops_reject_gradients_of_mixed_dtypes():
+    """Every kernel reads all gradients as the first one's dtype: a float64 one among float32
+    would be read as garbage."""
+    from fusedmtl.multi_tensor import triton as triton_mt
+
+    grads = [torch.ones(4), torch.ones(4, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="gradient 1 is torch.float64"):
+        triton_mt.combine_op(grads, 2, torch.ones(2), [torch.zeros(4)], False)
+    with pytest.raises(ValueError, match="gradient 1 is torch.float64"):
+        triton_mt.gramian_op(grads, 2, False)
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton does not run here")
+def test_triton_launches_make_the_tensors_device_current(monkeypatch):
+    """Issue 12 defect 6: Triton launches on the current CUDA device, so each op enters the
+    guard of its tensors' device (recorded here; on CPU tensors it is a no-op)."""
+    import contextlib
+
+    from fusedmtl.multi_tensor import triton as triton_mt
+
+    entered = []
+    monkeypatch.setattr(
+        triton_mt, "device_guard", lambda d: entered.append(d) or contextlib.nullcontext()
+    )
+    grads = [torch.randn(5), torch.randn(5), torch.randn(5), torch.randn(5)]
+    triton_mt.gramian_op(grads, 4, False)
+    triton_mt.combine_op(grads, 4, torch.ones(4), [torch.zeros(5)], False)
+    triton_mt.penalty_op([torch.randn(5)], [torch.zeros(5)], False, 0.1, 0.1)
+    triton_mt.trim_op([g.clone() for g in grads], 4, 1)
+    leak = torch.zeros(4)
+    triton_mt.sign_dropout_op([g.clone() for g in grads], 4, [torch.rand(5)], leak)
+    assert entered == [torch.device("cpu")] * 5
+
+
 # -- issue 12 defect 1: the penalty on every backend ------------------------------------------
 
 
@@ -250,6 +285,7 @@ def test_opcheck(op, make):
     not (torch.cuda.is_available() and fusedmtl.backend.native_available("cuda")),
     reason="needs a GPU and the CUDA build",
 )
+@pytest.mark.cuda  # (no device parameter: gpu-check's `-m cuda` selects it by this mark)
 @pytest.mark.parametrize("k", [2, 9, 40, 64])
 def test_normalized_sum_cooperative_and_fallback_agree_bitwise(k, monkeypatch):
     g = torch.Generator().manual_seed(k)

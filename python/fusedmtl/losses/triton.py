@@ -19,7 +19,6 @@ memory: nothing synchronises with the host.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedmtl.backend import device_guard
 from fusedmtl.losses.autograd import register_loss_op
 from fusedmtl.losses.kinds import (
     HETEROSCEDASTIC_KINDS,
@@ -285,11 +285,6 @@ def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
 
-def _device_guard(t: Tensor):
-    """The CUDA device of t made current for the launch (the interpreter runs on CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch(
     operands: tuple[Tensor, ...],
     kind: str,
@@ -349,7 +344,7 @@ def _launch(
             L1_MEAN=code == _L1 and reduction == 1,
         )
     norm = factor / n if reduction == 1 and n > 0 else factor
-    with _device_guard(input):
+    with device_guard(input.device):
         kernel[(num_programs,)](
             *pointers,
             n,
@@ -379,7 +374,7 @@ def _forward(op: str, operands: tuple[Tensor, ...], kind: str, param: float, red
         loss = torch.empty_like(input)
         _launch(operands, kind, param, reduction, loss=loss)
         return loss
-    with _device_guard(input):
+    with device_guard(input.device):
         total = _launch(operands, kind, param, reduction).sum()
         # mean of nothing: 0 / 0 = nan
         return (total / input.numel() if reduction == 1 else total).to(input.dtype)

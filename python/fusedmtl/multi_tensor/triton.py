@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedmtl.backend import device_guard
 from fusedmtl.multi_tensor.reference import accumulate_dtype
 
 # The interpreter costs about 1 ms per program whatever its size: give it large items in one tile.
@@ -298,6 +299,13 @@ def _task_table(grads: list[Optional[Tensor]], num_tasks: int):
             f"fusedmtl triton multi_tensor: {len(grads)} gradients for {num_tasks} tasks (1 to "
             f"{MAX_TASKS} tasks, the same number of gradients each)"
         )
+    first = _first(grads)
+    for n, g in enumerate(grads):  # the kernels read every gradient as the first one's dtype
+        if g is not None and (g.dtype != first.dtype or g.device != first.device):
+            raise ValueError(
+                f"fusedmtl triton multi_tensor: gradient {n} is {g.dtype} on {g.device} but "
+                f"the first is {first.dtype} on {first.device}"
+            )
     p = len(grads) // num_tasks
     return [
         [g.contiguous() if g is not None else None for g in grads[i * p : (i + 1) * p]]
@@ -325,17 +333,18 @@ def gramian_op(grads: list[Optional[Tensor]], num_tasks: int, diagonal_only: boo
     partials = torch.empty(
         (items, kp2) if diagonal_only else (items, kp2, kp2), dtype=acc, device=device
     )
-    _gramian_kernel[(items,)](
-        work,
-        partials,
-        K=k,
-        KP2=kp2,
-        DIAGONAL=diagonal_only,
-        DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[acc],
-        CHUNK=CHUNK,
-        BLOCK=gramian_block(kp2, acc, diagonal_only),
-    )
+    with device_guard(device):
+        _gramian_kernel[(items,)](
+            work,
+            partials,
+            K=k,
+            KP2=kp2,
+            DIAGONAL=diagonal_only,
+            DTYPE=_TL_DTYPES[dtype],
+            ACC=_TL_DTYPES[acc],
+            CHUNK=CHUNK,
+            BLOCK=gramian_block(kp2, acc, diagonal_only),
+        )
     total = partials.sum(0, dtype=torch.float64).to(acc)
     if diagonal_only:
         return total[:k]
@@ -392,17 +401,18 @@ def combine_op(
     acc = accumulate_dtype(dtype)
     # A CPU or float64 coefficient tensor: rounded once to the accumulation dtype, on the device.
     c = coeffs.reshape(num_tasks).to(torch.float64).to(device=device, dtype=acc).contiguous()
-    _combine_kernel[(items,)](
-        work,
-        c,
-        K=num_tasks,
-        KP2=padded_tasks(num_tasks, True),
-        ACCUMULATE=accumulate,
-        DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[acc],
-        CHUNK=CHUNK,
-        BLOCK=tile_block(padded_tasks(num_tasks, True)),
-    )
+    with device_guard(device):
+        _combine_kernel[(items,)](
+            work,
+            c,
+            K=num_tasks,
+            KP2=padded_tasks(num_tasks, True),
+            ACCUMULATE=accumulate,
+            DTYPE=_TL_DTYPES[dtype],
+            ACC=_TL_DTYPES[acc],
+            CHUNK=CHUNK,
+            BLOCK=tile_block(padded_tasks(num_tasks, True)),
+        )
 
 
 @combine_op.register_fake
@@ -445,16 +455,17 @@ def penalty_op(
     if device.type == "cuda":
         constants = constants.pin_memory().to(device, non_blocking=True)
     partials = torch.empty((len(rows), 2), dtype=torch.float64, device=device)
-    _penalty_kernel[(len(rows),)](
-        _device_table(rows, device),
-        constants,
-        partials,
-        OVERWRITE=overwrite,
-        DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[acc],
-        CHUNK=CHUNK,
-        BLOCK=BLOCK,
-    )
+    with device_guard(device):
+        _penalty_kernel[(len(rows),)](
+            _device_table(rows, device),
+            constants,
+            partials,
+            OVERWRITE=overwrite,
+            DTYPE=_TL_DTYPES[dtype],
+            ACC=_TL_DTYPES[acc],
+            CHUNK=CHUNK,
+            BLOCK=BLOCK,
+        )
     sums = partials.sum(0)
     return (float(l1) * sums[0] + float(l2) * sums[1]).to(acc)
 
@@ -483,15 +494,16 @@ def trim_op(grads: list[Tensor], num_tasks: int, trim: int) -> None:
     if items == 0:
         return
     kp2 = padded_tasks(num_tasks, True)
-    _trim_kernel[(items,)](
-        work,
-        K=num_tasks,
-        KP2=kp2,
-        TRIM=trim,
-        DTYPE=_TL_DTYPES[first.dtype],
-        ACC=_TL_DTYPES[accumulate_dtype(first.dtype)],
-        BLOCK=_in_place_block(trim_block(kp2), grads),
-    )
+    with device_guard(first.device):
+        _trim_kernel[(items,)](
+            work,
+            K=num_tasks,
+            KP2=kp2,
+            TRIM=trim,
+            DTYPE=_TL_DTYPES[first.dtype],
+            ACC=_TL_DTYPES[accumulate_dtype(first.dtype)],
+            BLOCK=_in_place_block(trim_block(kp2), grads),
+        )
 
 
 def _check_contiguous(op: str, table) -> None:
@@ -541,14 +553,15 @@ def sign_dropout_op(
     if items == 0:
         return
     acc = accumulate_dtype(first.dtype)
-    _sign_dropout_kernel[(items,)](
-        work,
-        leak.to(torch.float64).to(device=first.device, dtype=acc).contiguous(),
-        K=num_tasks,
-        DTYPE=_TL_DTYPES[first.dtype],
-        ACC=_TL_DTYPES[acc],
-        BLOCK=_in_place_block(BLOCK, grads),
-    )
+    with device_guard(first.device):
+        _sign_dropout_kernel[(items,)](
+            work,
+            leak.to(torch.float64).to(device=first.device, dtype=acc).contiguous(),
+            K=num_tasks,
+            DTYPE=_TL_DTYPES[first.dtype],
+            ACC=_TL_DTYPES[acc],
+            BLOCK=_in_place_block(BLOCK, grads),
+        )
 
 
 @sign_dropout_op.register_fake
