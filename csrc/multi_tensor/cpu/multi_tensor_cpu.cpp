@@ -74,6 +74,16 @@ int reaching_tasks(const TaskGradTable& table, const WorkItem& item, const void*
   return k;
 }
 
+// Every task's writable pointer to element `begin` of `param` (nullptr where the task has no
+// gradient): the in-place kernels take all K rows.
+void task_pointers(const TaskGradTable& table, const WorkItem& item, void** ptrs) {
+  for (int64_t i = 0; i < table.num_tasks; ++i) {
+    const at::Tensor& g = table.at(i, item.param);
+    ptrs[i] = g.defined() ? static_cast<char*>(g.mutable_data_ptr()) + item.begin * g.element_size()
+                          : nullptr;
+  }
+}
+
 void check_supported_dtype(const char* op, at::ScalarType dtype) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -223,12 +233,7 @@ void trim_cpu(at::TensorList grads, int64_t num_tasks, int64_t trim) {
   auto* kernel = cpu::trim_block_kernel.get();
   for_each_item(items, total, [&](int64_t, const WorkItem& item) {
     void* ptrs[kMaxTasks];
-    for (int64_t i = 0; i < num_tasks; ++i) {
-      const at::Tensor& g = table.at(i, item.param);
-      ptrs[i] = g.defined()
-                    ? static_cast<char*>(g.mutable_data_ptr()) + item.begin * g.element_size()
-                    : nullptr;
-    }
+    task_pointers(table, item, ptrs);
     kernel(scalar_kind(table.dtype), ptrs, static_cast<int>(num_tasks), item.length,
            static_cast<int>(trim));
   });
@@ -246,10 +251,7 @@ void sign_dropout_cpu(at::TensorList grads, int64_t num_tasks, at::TensorList un
   auto* kernel = cpu::sign_dropout_block_kernel.get();
   for_each_item(items, total, [&](int64_t, const WorkItem& item) {
     void* ptrs[kMaxTasks];
-    for (int64_t i = 0; i < num_tasks; ++i) {
-      const at::Tensor& g = table.at(i, item.param);
-      ptrs[i] = static_cast<char*>(g.mutable_data_ptr()) + item.begin * g.element_size();
-    }
+    task_pointers(table, item, ptrs);
     const at::Tensor& u = uniforms[item.param];
     kernel(scalar_kind(table.dtype), ptrs, static_cast<int>(num_tasks), item.length,
            static_cast<const char*>(u.const_data_ptr()) + item.begin * u.element_size(),
