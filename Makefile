@@ -62,7 +62,7 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	FUSEDMTL_REQUIRE_PEERS=$(PEERS) $(PY) -m pytest $(PYTEST_ARGS)
 
 # House rules: ruff (pyproject.toml: line length 100, pycodestyle, pyflakes, import order, the
 # formatter) and clang-format (.clang-format) over csrc/.

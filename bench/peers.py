@@ -8,9 +8,11 @@ K x G Jacobian matrix concatenated, aggregated, split into ``.grad``). The weigh
 shape). Loss-based methods run a ``torchjd.scalarization`` scalarizer on the stacked losses, then
 ``.backward()``.
 
-torchjd 0.18 has no GradNormalization, GradNorm, DB-MTL, InitialLoss, PriorLoss, RealTime or
-AnchorToMain, and no representation-level (MGDA-UB) form: mtl_backward's ``features`` only splits
-the graph, its Jacobian is still taken with respect to the shared parameters.
+torchjd 0.18 has no GradNormalization, GradNorm, DB-MTL, IMTL (IMTL-L with IMTL-G), MoCo,
+InitialLoss, PriorLoss, RealTime, AnchorToMain or Alternating, and no representation-level
+(MGDA-UB) form: mtl_backward's ``features`` only splits the graph, its Jacobian is still taken with
+respect to the shared parameters. Every other method of torchjd is in the tables below (a test
+holds the tables to torchjd's public classes); DIFFERS says where agreement is not expected.
 """
 
 from __future__ import annotations
@@ -22,34 +24,78 @@ import torch
 
 PINNED = "0.18.0"  # the version the adapters are written for (Makefile: PEER_REQUIREMENTS)
 
-# fusedmtl method -> (torchjd.aggregation class, its keyword arguments for K tasks, the fusedmtl
-# options, beyond its defaults, that make it the same method). torchjd's MGDA works on the raw
-# gradients; the other defaults agree (CAGrad c = 0.5, Aligned-MTL scale 'min', Nash-MTL
-# max_norm 1, geometric mean = GeneralizedMean gamma 0, UW = Uncertainty's 'regression' kind).
-AGGREGATORS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
-    "mgda": ("MGDA", lambda k: {}, {"normalization": "none"}),
-    "upgrad": ("UPGrad", lambda k: {}, {}),
-    "pcgrad": ("PCGrad", lambda k: {}, {}),
-    "cagrad": ("CAGrad", lambda k: {"c": 0.5}, {}),
-    "imtl_g": ("IMTLG", lambda k: {}, {}),
-    "aligned_mtl": ("AlignedMTL", lambda k: {}, {}),
-    "nash_mtl": ("NashMTL", lambda k: {"n_tasks": k}, {}),
-    "pcd": ("PCD", lambda k: {}, {}),
-    "excess_mtl": ("ExcessMTL", lambda k: {}, {}),
-    "trimmed_mean": ("TrimmedMean", lambda k: {"trim_number": 1 if k >= 3 else 0}, {}),
+# fusedmtl method -> (its torchjd aggregator for K tasks, from the torchjd.aggregation module; the
+# fusedmtl options, beyond its defaults, that make it the same method). torchjd's MGDA works on the
+# raw gradients; the other defaults agree (CAGrad c = 0.5, Aligned-MTL scale 'min', Nash-MTL
+# max_norm 1, FairGrad alpha 1, Krum without byzantine tasks, CR-MOGM over UPGrad, geometric
+# mean = GeneralizedMean gamma 0, UW = Uncertainty's 'regression' kind). MoDo, SDMGrad and CR-MOGM
+# are weightings of the Gramian in torchjd: its GramianWeightedAggregator makes them aggregators.
+Factory = Callable[[object, int], object]
+AGGREGATORS: dict[str, tuple[Factory, dict]] = {
+    "mgda": (lambda jd, k: jd.MGDA(), {"normalization": "none"}),
+    "upgrad": (lambda jd, k: jd.UPGrad(), {}),
+    "pcgrad": (lambda jd, k: jd.PCGrad(), {}),
+    "cagrad": (lambda jd, k: jd.CAGrad(c=0.5), {}),
+    "imtl_g": (lambda jd, k: jd.IMTLG(), {}),
+    "aligned_mtl": (lambda jd, k: jd.AlignedMTL(), {}),
+    "nash_mtl": (lambda jd, k: jd.NashMTL(n_tasks=k), {}),
+    "pcd": (lambda jd, k: jd.PCD(), {}),
+    "excess_mtl": (lambda jd, k: jd.ExcessMTL(), {}),
+    "trimmed_mean": (lambda jd, k: jd.TrimmedMean(trim_number=1 if k >= 3 else 0), {}),
+    "dualproj": (lambda jd, k: jd.DualProj(), {}),
+    "config": (lambda jd, k: jd.ConFIG(), {}),
+    "krum": (lambda jd, k: jd.Krum(n_byzantine=0, n_selected=1), {}),
+    "fairgrad": (lambda jd, k: jd.FairGrad(alpha=1.0), {}),
+    "gradvac": (lambda jd, k: jd.GradVac(), {}),
+    "graddrop": (lambda jd, k: jd.GradDrop(), {}),
+    "modo": (lambda jd, k: jd.GramianWeightedAggregator(jd.MoDoWeighting()), {}),
+    "sdmgrad": (lambda jd, k: jd.GramianWeightedAggregator(jd.SDMGradWeighting()), {}),
+    "crmogm": (
+        lambda jd, k: jd.GramianWeightedAggregator(jd.CRMOGMWeighting(jd.UPGradWeighting())),
+        {},
+    ),
 }
-# fusedmtl method -> (torchjd.scalarization class, its keyword arguments, fusedmtl options).
-SCALARIZERS: dict[str, tuple[str, Callable[[int], dict], dict]] = {
-    "fixed": ("Mean", lambda k: {}, {}),
-    "generalized_mean": ("GeometricMean", lambda k: {}, {}),
-    "uncertainty": ("UW", lambda k: {"shape": k}, {}),
-    "dwa": ("DWA", lambda k: {}, {}),
-    "famo": ("FAMO", lambda k: {"shape": k}, {}),
-    "rlw": ("Random", lambda k: {}, {}),
-    "pbi": ("PBI", lambda k: {"theta": 5.0, "weights": torch.ones(k)}, {}),
-    "cosmos": ("COSMOS", lambda k: {"lambda_": 1.0, "weights": torch.full((k,), 1.0 / k)}, {}),
+# fusedmtl method -> (its torchjd scalarizer for K tasks, from torchjd.scalarization; options).
+SCALARIZERS: dict[str, tuple[Factory, dict]] = {
+    "fixed": (lambda jd, k: jd.Mean(), {}),
+    "generalized_mean": (lambda jd, k: jd.GeometricMean(), {}),
+    "uncertainty": (lambda jd, k: jd.UW(shape=k), {}),
+    "imtl_l": (lambda jd, k: jd.IMTLL(shape=k), {}),
+    "dwa": (lambda jd, k: jd.DWA(), {}),
+    "famo": (lambda jd, k: jd.FAMO(shape=k), {}),
+    "rlw": (lambda jd, k: jd.Random(), {}),
+    "pbi": (lambda jd, k: jd.PBI(theta=5.0, weights=torch.ones(k)), {}),
+    "cosmos": (lambda jd, k: jd.COSMOS(lambda_=1.0, weights=torch.full((k,), 1.0 / k)), {}),
+    "stch": (lambda jd, k: jd.STCH(mu=1.0), {}),
 }
-RANDOM = ("rlw", "pcgrad")  # draw random weights or orders: agreement is not expected to be 1
+# torchjd's public classes the benchmark does not time, and why (a test holds every other public
+# aggregator, weighting and scalarizer of torchjd to an entry of the tables above).
+NOT_MEASURED = {
+    **dict.fromkeys(
+        ["aggregation.Aggregator", "aggregation.Weighting", "aggregation.WeightedAggregator"]
+        + ["scalarization.Scalarizer"],
+        "a base class",
+    ),
+    **dict.fromkeys(
+        [f"aggregation.{n}" for n in ("Mean", "Sum", "Constant", "Random")]
+        + ["aggregation.ConstantWeighting", "aggregation.RandomWeighting"],
+        "fixed or random weights on the Jacobian: the update of the scalarizer on the losses "
+        "(Fixed, RLW), which is timed",
+    ),
+    **dict.fromkeys(
+        ["scalarization.Sum", "scalarization.Constant"],
+        "Fixed with other weights: timed as Mean",
+    ),
+}
+# Methods whose update is not expected to point exactly where fusedmtl's does, and why.
+DIFFERS = {
+    "rlw": "random weights",
+    "pcgrad": "random projection orders",
+    "gradvac": "random projection orders",
+    "graddrop": "random sign masks",
+    "stch": "torchjd's STCH smooths the max of the raw losses (weights 1/K), fusedmtl's (the "
+    "paper's code) that of the log-losses over a nadir point",
+}
 
 
 def torchjd():
@@ -64,7 +110,7 @@ def torchjd():
 
 def matching_options(name: str) -> dict:
     """The fusedmtl options under which ``name`` is the method torchjd implements."""
-    return {**AGGREGATORS, **SCALARIZERS}.get(name, ("", None, {}))[2]
+    return {**AGGREGATORS, **SCALARIZERS}.get(name, (None, {}))[1]
 
 
 def has(name: str) -> bool:
@@ -78,12 +124,10 @@ def _make(name: str, k: int):
     # cvxpy's note on every Nash-MTL problem torchjd builds (its problem is not DPP)
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem")
     if name in AGGREGATORS:
-        class_name, kwargs, _ = AGGREGATORS[name]
-        return getattr(module.aggregation, class_name)(**kwargs(k))
+        return AGGREGATORS[name][0](module.aggregation, k)
     import torchjd.scalarization as scalarization
 
-    class_name, kwargs, _ = SCALARIZERS[name]
-    return getattr(scalarization, class_name)(**kwargs(k))
+    return SCALARIZERS[name][0](scalarization, k)
 
 
 def weighting_step(

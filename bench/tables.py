@@ -7,6 +7,8 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from bench import peers
+
 WIDTH = 120  # every table fits a terminal this wide
 
 
@@ -155,7 +157,8 @@ class Progress:
 
 def memory_and_agreement_table(sweep: str, names, rows) -> None:
     """One line per method: each contender's peak extra memory, the cosine of its update with
-    fused's and the largest relative difference; then why a peer did not run."""
+    fused's and the largest relative difference; then why a peer did not run, and where torchjd's
+    update is not expected to agree."""
     once = list({r.method: r for r in rows}.values())
     others = [n for n in names if n != "fused"]
     columns, cells = drop_empty_columns(
@@ -193,7 +196,15 @@ def memory_and_agreement_table(sweep: str, names, rows) -> None:
         for contender in names
     }
     other = sorted({note for r in once for note in r.notes.values() if " has no " not in note})
-    for line in [f"{c} has no {', '.join(methods)}" for c, methods in lacking.items() if methods]:
-        print(line)
-    if other:
-        print("not run: " + "; ".join(other))
+    differs = [
+        f"{m} ({peers.DIFFERS[m]})" for m in sorted({r.method for r in once} & set(peers.DIFFERS))
+    ]
+    notes = [f"{c} has no {', '.join(methods)}" for c, methods in lacking.items() if methods]
+    notes += ["not run: " + "; ".join(other)] if other else []
+    notes += (
+        ["cos torchjd below 1 by design: " + "; ".join(differs)]
+        if differs and "torchjd" in others
+        else []
+    )
+    for note in notes:
+        print(textwrap.fill(note, WIDTH, subsequent_indent="  "))

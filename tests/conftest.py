@@ -26,6 +26,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "compile: torch.compile tests (a few seconds each)")
     config.addinivalue_line("markers", "slow: tests over millions of elements")
     config.addinivalue_line("markers", "cuda: runs CUDA or Triton kernels on a GPU (`-m cuda`)")
+    if os.environ.get("FUSEDMTL_REQUIRE_PEERS") == "1":
+        # `make test` installs torchjd: its oracle tests must run, not skip on a failed install
+        try:
+            import torchjd.aggregation  # noqa: F401
+            import torchjd.scalarization  # noqa: F401
+        except ImportError as error:
+            raise pytest.UsageError(
+                f"FUSEDMTL_REQUIRE_PEERS=1 but torchjd does not import ({error}); `make test "
+                "PEERS=0` runs without it (its tests skip)"
+            ) from None
 
 
 def pytest_collection_modifyitems(config, items):
