@@ -6,6 +6,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -36,6 +37,22 @@ def peer_version(name: str) -> str | None:
         return None
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with '+changes' when its tracked files differ from it."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", checkout, *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def environment(devices: str) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -43,6 +60,7 @@ def environment(devices: str) -> dict:
         "torch": torch.__version__,
         "fusedmtl": fusedmtl.__version__,
         "fusedmtl_path": os.path.dirname(fusedmtl.__file__),
+        "commit": git_commit(),
         "torchjd": peer_version("torchjd"),
         "backend": fusedmtl.backend.info(),
         "device": devices,

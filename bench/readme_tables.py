@@ -179,7 +179,8 @@ def generate(document: dict, demo: dict | None = None) -> str:
     machine."""
     env = document["environment"]
     parts = [
-        f"Measured {env['date']} (`{' '.join(env['argv'][1:]) or 'python -m bench'}`), "
+        f"Measured {env['date']} at commit {env.get('commit') or 'unknown'} "
+        f"(`{' '.join(env['argv'][1:]) or 'python -m bench'}`), "
         f"{env['cpu_model']} x{env['cpu_count']}, torch {env['torch']}, torchjd "
         f"{env.get('torchjd') or 'not installed'}, load {env['loadavg'][0]:.2f}."
     ]
