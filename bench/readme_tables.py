@@ -130,14 +130,22 @@ def weighting_step_table(document: dict) -> str:
     )
 
 
+def r16_over_sum(row: dict) -> str:
+    """What refresh_every=16 costs over a plain summed step (bench/targets.json: 1.25x at most)."""
+    if "r16" not in row or "sum" not in row:
+        return "-"
+    return fmt_ratio(row["r16"]["median_ms"] / row["sum"]["median_ms"])
+
+
 def training_step_table(document: dict) -> str:
     return table(
         rows_of(document, "training_step", threads=1),
         [
             field("method"),
             field("family", "kind"),
-            *times(("fused", "plain", "torchjd")),
+            *times(("fused", "r16", "repr", "sum", "plain", "torchjd")),
             *ratios(("plain", "torchjd")),
+            ("r16 / sum", r16_over_sum),
             peaks(("fused", "torchjd")),
             COSINE_TORCHJD,
         ],
@@ -199,7 +207,7 @@ def generate_sections(document: dict, demo: dict | None = None) -> dict[str, str
     if demo is not None:
         sections["demo"] = (
             f"{demo['config']['steps']} steps, measured "
-            f"{document['environment']['date'][:10]}:\n\n{demo_table(demo)}\n"
+            f"{demo['environment'].get('date', 'on an undated run')[:10]}:\n\n{demo_table(demo)}\n"
         )
     return sections
 

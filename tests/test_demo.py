@@ -4,6 +4,7 @@ reproducible for a fixed seed, and the generated problem has the property the de
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import math
@@ -61,6 +62,8 @@ def test_tiny_run_writes_outputs_and_is_reproducible(tmp_path):
     assert list(data["methods"]) == ["fixed", "mgda"]
     assert set(data["loss_comparison"]["runs"]) == {"mse", "smooth_l1"}
     assert data["config"]["steps"] == 20 and data["config"]["seed"] == 3
+    measured = datetime.datetime.fromisoformat(data["environment"]["date"])
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - measured).total_seconds() < 3600
     metrics = _metrics(data)
     assert _all_finite(metrics)
     for run in data["methods"].values():

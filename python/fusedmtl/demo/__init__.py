@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,7 @@ def run(
             "description": sys.modules["fusedmtl.demo.data"].__doc__,
         },
         "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "fusedmtl": fusedmtl.__version__,
             "backend": fusedmtl.backend.info().get("selected"),
