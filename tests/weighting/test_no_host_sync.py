@@ -40,12 +40,14 @@ HOST_ALGORITHMS = {
     "cagrad": "bracketed search over t with a face's interval computed on the host",
     "nash_mtl": "damped Newton with Armijo backtracking on Python floats",
     "fairgrad": "damped Newton with pinv and halving line search on Python floats",
-    "gradnorm": "its weight optimizer (torch.optim.Adam) reads its step counter on the host",
     "pcd": "its QP (Goldfarb-Idnani's active set) and its scale run on the host in float64",
 }
 # Drawn on the host from the shared CPU generator (no device value is read; the orders reach the
 # device through pinned memory): the compiled part is everything after the draw.
 HOST_ORDERS = {"pcgrad", "gradvac"}
+# Read nothing on the host (torch's fused Adam), but torch.optim breaks dynamo's graph around
+# every Optimizer.step on purpose (pytorch/pytorch#104053): no full graph with it.
+TORCH_OPTIM = {"gradnorm": "its weight optimizer's step (torch.optim) breaks the graph by design"}
 
 
 def _names(extra=None):
@@ -62,7 +64,10 @@ def _names(extra=None):
 
 NAMES = _names()
 COEFFICIENT_NAMES = _names(
-    {"excess_mtl": "its coefficients need the step's gradients element-wise, not the Gramian"}
+    {
+        "excess_mtl": "its coefficients need the step's gradients element-wise, not the Gramian",
+        **TORCH_OPTIM,
+    }
 )
 STEP_NAMES = _names(
     {
@@ -71,6 +76,7 @@ STEP_NAMES = _names(
             for n in HOST_ORDERS
         },
         "graddrop": "its sign draws come from a torch.Generator, which dynamo cannot trace",
+        **TORCH_OPTIM,
     }
 )
 

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from fusedmtl.weighting import distributed
 
 
+def adam(lr: float, weight_decay: float = 0.0) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """The methods' default weight optimizer: torch.optim.Adam, its fused implementation, whose
+    step counter stays a tensor the kernel increments (the for-loop one reads it on the host
+    every step, a device synchronisation on CUDA); the same update to the bit."""
+    return lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 class BufferOptimizer:
     """An optimizer over one buffer of ``module`` (learned task weights or logits), stepped with
     gradients the method computes in closed form.

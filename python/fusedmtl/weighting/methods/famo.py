@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.loss_based import LossWeighting
-from fusedmtl.weighting.state import BufferOptimizer
+from fusedmtl.weighting.state import BufferOptimizer, adam
 
 
 class FAMO(LossWeighting):
@@ -25,7 +25,7 @@ class FAMO(LossWeighting):
 
     Args:
         weight_optimizer: params -> optimizer for the logits; default Adam(lr=0.025,
-            weight_decay=gamma), as in the paper.
+            weight_decay=gamma), as in the paper (torch's fused Adam: no host read).
         gamma: the logits' weight decay (regularisation towards equal weights).
     """
 
@@ -51,8 +51,7 @@ class FAMO(LossWeighting):
         self._optimizer = BufferOptimizer(
             self,
             "logits",
-            weight_optimizer
-            or (lambda params: torch.optim.Adam(params, lr=0.025, weight_decay=gamma)),
+            weight_optimizer or adam(lr=0.025, weight_decay=gamma),
         )
 
     def total(self, values):

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fusedmtl import multi_tensor
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.state import BufferOptimizer
+from fusedmtl.weighting.state import BufferOptimizer, adam
 
 
 class GradNorm(GradientWeighting):
@@ -29,7 +29,8 @@ class GradNorm(GradientWeighting):
             one of the shared parameters). In representation mode the features play W's part.
         alpha: the restoring-force strength (the paper uses 0.12 to 3; 1.5 by default).
         weight_optimizer: a factory, params -> torch.optim.Optimizer, for the weights; default
-            Adam with lr 0.025. Its state is part of this module's state_dict.
+            Adam with lr 0.025 (torch's fused Adam: no host read). Its state is part of this
+            module's state_dict.
 
     ``coefficients(gramian, losses)`` takes the Gramian of the gradients with respect to W (only
     its diagonal is read) and the losses, returns the current w and updates w.
@@ -68,7 +69,7 @@ class GradNorm(GradientWeighting):
         self._optimizer = BufferOptimizer(
             self,
             "task_weights",
-            weight_optimizer or (lambda params: torch.optim.Adam(params, lr=0.025)),
+            weight_optimizer or adam(lr=0.025),
         )
 
     @classmethod
