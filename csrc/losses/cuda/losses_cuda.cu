@@ -113,42 +113,48 @@ __global__ void __launch_bounds__(kThreads)
   S* const grad_other = kLogVar ? ptr.grad_log_var : ptr.grad_target;
 
   C sum = C(0);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kWidth;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
-       base < n; base += stride) {
-    if (kWidth > 1 && base + kWidth <= n) {
-      using P = Packed<S, kWidth>;
-      const P x = *reinterpret_cast<const P*>(ptr.input + base);
-      const P y = *reinterpret_cast<const P*>(ptr.target + base);
-      P lv, g_in, l_out, g_out, g_oth;
-      if constexpr (kLogVar) lv = *reinterpret_cast<const P*>(ptr.log_var + base);
-      if (ptr.grad_output != nullptr) g_in = *reinterpret_cast<const P*>(ptr.grad_output + base);
+  // Grid-stride over the whole packs of kWidth elements, then the partial last pack (n % kWidth
+  // elements) by the thread whose turn it is next: each thread adds the same elements in the
+  // same order as in one loop over all ceil(n / kWidth) packs. The scalar tail stays out of the
+  // vector loop: with both in one loop body (and a bounds test per pack), ptxas 13.0 held the
+  // 8-wide fp16/bf16 MSE and fp16 Huber kernels at 32 registers on sm_80 and spilled 8-16 B.
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t packs = n / kWidth;
+  int64_t pack = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (; pack < packs; pack += threads) {
+    const int64_t base = pack * kWidth;
+    using P = Packed<S, kWidth>;
+    const P x = *reinterpret_cast<const P*>(ptr.input + base);
+    const P y = *reinterpret_cast<const P*>(ptr.target + base);
+    P lv, g_in, l_out, g_out, g_oth;
+    if constexpr (kLogVar) lv = *reinterpret_cast<const P*>(ptr.log_var + base);
+    if (ptr.grad_output != nullptr) g_in = *reinterpret_cast<const P*>(ptr.grad_output + base);
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        const C g = ptr.grad_output != nullptr ? static_cast<C>(g_in.values[j]) : params.grad_scale;
-        C s = C(0);
-        if constexpr (kLogVar) s = static_cast<C>(lv.values[j]);
-        const Element e =
-            element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), s, g, sum);
-        l_out.values[j] = static_cast<S>(e.value);
-        g_out.values[j] = static_cast<S>(e.grad_input);
-        g_oth.values[j] = static_cast<S>(e.grad_other);
-      }
-      if (ptr.loss) *reinterpret_cast<P*>(ptr.loss + base) = l_out;
-      if (ptr.grad_input) *reinterpret_cast<P*>(ptr.grad_input + base) = g_out;
-      if (grad_other) *reinterpret_cast<P*>(grad_other + base) = g_oth;
-    } else {
-      for (int64_t i = base; i < n && i < base + kWidth; ++i) {
-        const C g =
-            ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
-        C s = C(0);
-        if constexpr (kLogVar) s = static_cast<C>(ptr.log_var[i]);
-        const Element e =
-            element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g, sum);
-        if (ptr.loss) ptr.loss[i] = static_cast<S>(e.value);
-        if (ptr.grad_input) ptr.grad_input[i] = static_cast<S>(e.grad_input);
-        if (grad_other) grad_other[i] = static_cast<S>(e.grad_other);
-      }
+    for (int j = 0; j < kWidth; ++j) {
+      const C g = ptr.grad_output != nullptr ? static_cast<C>(g_in.values[j]) : params.grad_scale;
+      C s = C(0);
+      if constexpr (kLogVar) s = static_cast<C>(lv.values[j]);
+      const Element e =
+          element(static_cast<C>(x.values[j]), static_cast<C>(y.values[j]), s, g, sum);
+      l_out.values[j] = static_cast<S>(e.value);
+      g_out.values[j] = static_cast<S>(e.grad_input);
+      g_oth.values[j] = static_cast<S>(e.grad_other);
+    }
+    if (ptr.loss) *reinterpret_cast<P*>(ptr.loss + base) = l_out;
+    if (ptr.grad_input) *reinterpret_cast<P*>(ptr.grad_input + base) = g_out;
+    if (grad_other) *reinterpret_cast<P*>(grad_other + base) = g_oth;
+  }
+  if (kWidth > 1 && pack == packs) {
+    for (int64_t i = packs * kWidth; i < n; ++i) {
+      const C g =
+          ptr.grad_output != nullptr ? static_cast<C>(ptr.grad_output[i]) : params.grad_scale;
+      C s = C(0);
+      if constexpr (kLogVar) s = static_cast<C>(ptr.log_var[i]);
+      const Element e =
+          element(static_cast<C>(ptr.input[i]), static_cast<C>(ptr.target[i]), s, g, sum);
+      if (ptr.loss) ptr.loss[i] = static_cast<S>(e.value);
+      if (ptr.grad_input) ptr.grad_input[i] = static_cast<S>(e.grad_input);
+      if (grad_other) grad_other[i] = static_cast<S>(e.grad_other);
     }
   }
   if (block_sums != nullptr) {

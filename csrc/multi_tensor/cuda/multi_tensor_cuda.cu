@@ -510,6 +510,22 @@ unsigned int* counter_ptr(at::Tensor& counter) {
   return reinterpret_cast<unsigned int*>(counter.mutable_data_ptr<int>());
 }
 
+// The grid of normalized_sum on both of its paths: one block per work item, at most kMaxBlocks,
+// and at most as many blocks of the one-launch kernel as can be resident at once (occupancy x
+// SMs), which its grid-wide syncs need. The fallback takes the same grid so that its partials
+// have the same rows, added in the same order: the two paths give the same bits. Where not even
+// one block can be resident, *resident is false and the grid is not capped (the cooperative
+// launch is not tried).
+template <typename Kernel>
+int normalized_sum_grid(Kernel* kernel, int device, int64_t items, bool* resident) {
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = per_sm * sms;
+  *resident = blocks >= 1;
+  return *resident ? std::min(grid_for(items), blocks) : grid_for(items);
+}
+
 // The one-launch path of normalized_sum can be switched off (FUSEDMTL_NO_COOPERATIVE=1), so that
 // tests exercise the fallback on a GPU that supports cooperative launches.
 bool cooperative_disabled() {
@@ -612,20 +628,11 @@ at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double
         with_task_bound(num_tasks, [&](auto bound) {
           constexpr int kMaxK = decltype(bound)::value;
           auto* fused = normalized_sum_kernel<scalar_t, kMaxK>;
-          // The same grid on both paths, so that they add the partials alike: at most as many
-          // blocks as can be resident at once where a grid-wide sync is possible.
-          int grid = grid_for(device_table.num_items);
-          if (cooperative) {
-            int per_sm = 0, sms = 0;
-            C10_CUDA_CHECK(
-                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused, kThreads, 0));
-            C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-            if (per_sm * sms >= 1) {
-              grid = std::min(grid, per_sm * sms);
-            } else {
-              cooperative = 0;
-            }
-          }
+          // The same grid on both paths, so that they add the partials alike (whether or not
+          // cooperative launch is available, allowed, or refused below).
+          bool resident = false;
+          const int grid = normalized_sum_grid(fused, device, device_table.num_items, &resident);
+          if (!resident) cooperative = 0;
           at::Tensor partials = at::empty({grid * num_tasks}, options.dtype(at::kDouble));
           double* partials_ptr = partials.mutable_data_ptr<double>();
           C* squared_ptr = squared.mutable_data_ptr<C>();
@@ -649,6 +656,7 @@ at::Tensor normalized_sum_cuda(const TaskGrads& grads, int64_t num_tasks, double
           gramian_kernel<scalar_t, kMaxK, true><<<grid, kThreads, 0, stream>>>(
               device_table, partials_ptr, counter_ptr(counter), squared_ptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          // The combine adds no partials: its grid does not change the result.
           normalized_combine_kernel<scalar_t, kMaxK>
               <<<grid_for(device_table.num_items), kThreads, 0, stream>>>(
                   device_table, squared_ptr, norms_ptr, eps, accumulate);
