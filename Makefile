@@ -84,10 +84,12 @@ cuda-check: $(CUDA_VENV)/.fusedmtl-deps
 		FUSEDMTL_TEST_DEVICES=cpu,cuda \
 		$(CUDA_PY) -m pytest $(PYTEST_ARGS) $(CUDA_CHECK_TESTS)
 
-# On a machine with one NVIDIA GPU and no network (a CUDA build of torch in $(PYTHON), nvcc and
-# compute-sanitizer on PATH; nothing is installed): builds in place for that GPU, runs the CUDA
-# part of the suite, compute-sanitizer over every kernel, and the quick benchmark on cuda; logs and
-# JSON under GPU_CHECK_OUT (tests/gpu/gpu_check.sh).
+# On a machine with one NVIDIA GPU and no network (a CUDA build of torch, triton and pytest in
+# $(PYTHON), nvcc, compute-sanitizer and cmake on PATH; nothing is installed): checks those first
+# and stops with what is missing, builds in place for that GPU only, runs the CUDA part of the
+# suite, the ptxas/Triton resource checks and compute-sanitizer over every kernel side by side, then
+# the quick benchmark on cuda, within 8 minutes (GPU_CHECK_BUDGET_S=480); logs and JSON under
+# GPU_CHECK_OUT (tests/gpu/gpu_check.sh).
 GPU_CHECK_OUT ?= gpu-check-out
 gpu-check:
 	GPU_CHECK_OUT=$(GPU_CHECK_OUT) PYTHON=$(PYTHON) bash tests/gpu/gpu_check.sh

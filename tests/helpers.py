@@ -23,7 +23,17 @@ import fusedmtl
 from fusedmtl.losses import REGRESSION_KINDS
 from fusedmtl.losses.kinds import RegressionKind, regression_kind
 
-BACKENDS = ("native", "reference") + (("triton",) if fusedmtl.backend.triton_runs_on("cpu") else ())
+
+def backends_on(device: str) -> tuple[str, ...]:
+    """The backends the tests run on ``device``: native and reference everywhere, triton where its
+    kernels run: on CUDA wherever Triton is installed (without a GPU those cases skip), on the CPU
+    only under the interpreter (TRITON_INTERPRET=1, which conftest.py sets without a GPU)."""
+    triton = fusedmtl.backend.triton_runs_on(torch.device(device).type)
+    return ("native", "reference") + (("triton",) if triton else ())
+
+
+# The backends of the tests that run on the CPU only (the ``backend`` fixture without ``device``).
+BACKENDS = backends_on("cpu")
 # Devices every device-parametric test runs on: the CPU, and CUDA where there is one (one pytest
 # run on a GPU machine exercises every CUDA and Triton kernel with the same oracles).
 # FUSEDMTL_TEST_DEVICES=cpu,cuda generates the CUDA cases without a GPU too (they skip), so CI
@@ -33,6 +43,22 @@ DEVICES = tuple(
         "FUSEDMTL_TEST_DEVICES", "cpu,cuda" if torch.cuda.is_available() else "cpu"
     ).split(",")
 )
+# The (backend, device) pairs of the tests that take both fixtures: each device with the backends
+# that run there, so that triton x cuda exists on a GPU machine (where Triton does not run on the
+# CPU) and triton x cpu only under the interpreter.
+BACKEND_DEVICES = tuple(
+    (b, d) for b in ("native", "reference", "triton") for d in DEVICES if b in backends_on(d)
+)
+
+
+def skip_without_a_gpu(device: str) -> None:
+    """Skips a case on CUDA where there is no GPU (FUSEDMTL_TEST_DEVICES=cpu,cuda generates such
+    cases so that CI sees them collect): for tests that take ``device`` as a parameter of their
+    own rather than through the ``device`` fixture, which does the same."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -39,6 +39,10 @@ SHAPES = {
 }
 NONCONTIGUOUS = ("transposed", "strided", "strided2d")
 LAYOUTS = tuple(SHAPES) + NONCONTIGUOUS
+# The layouts the parity tests run on CUDA (``cuda_subset``): a 0-dim and an empty tensor (a launch
+# with nothing to do), shorter than a vector, a vector tail, many blocks (the multi-block
+# reduction), and the non-contiguous paths. The others launch the same kernels.
+CUDA_LAYOUTS = ("scalar", "empty", "n7", "n1023", "n2p20p3", "transposed", "strided")
 
 
 @functools.lru_cache(maxsize=None)

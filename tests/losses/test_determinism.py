@@ -169,6 +169,29 @@ def _loss_problems(draw):
     return LossCase(op, param), reduction, backend, x, y
 
 
+def _torch_grad_ulps(case: LossCase) -> int:
+    """How far fusedmtl's gradient may be from torch's: 1 ulp, or 2 for smooth-L1 with a beta
+    that is not a power of two, where torch itself gives results 2 ulp apart for the same
+    element: its vectorized loop computes (d / beta) g, its scalar loop (over the elements after
+    the last whole vectors, and over small tensors entirely) (d g) / beta
+    (test_torch_own_smooth_l1_gradients_differ_by_two_ulps). fusedmtl's is the vectorized one."""
+    if case.op == "smooth_l1" and case.param and math.frexp(case.param)[0] != 0.5:
+        return 2
+    return 1
+
+
+def test_torch_own_smooth_l1_gradients_differ_by_two_ulps():
+    """The same (d, grad_output) at the first element (torch's vectorized loop) and the last (its
+    scalar loop after the last whole vectors, 2 x 8 or 2 x 16 float32 lanes): 2 ulp apart."""
+    n, beta = 33, 1.40625
+    x = torch.full((n,), -0.7040385007858276, requires_grad=True)
+    loss = torch.nn.functional.smooth_l1_loss(x, torch.zeros(n), reduction="none", beta=beta)
+    (grad,) = torch.autograd.grad(loss, x, torch.full((n,), 1.7371441125869751))
+    assert_ulp(grad[:1], grad[-1:], 2, "torch's two loops")
+    with pytest.raises(AssertionError, match="max ulp distance 2"):
+        assert_ulp(grad[:1], grad[-1:], 1, "torch's two loops")
+
+
 @settings(
     max_examples=50,
     deadline=None,
@@ -191,6 +214,6 @@ def test_property_matches_torch(problem):
     g = grad_output_for(expected, "random")
     got = torch.autograd.grad(loss, (xf, yf), g)
     exp = torch.autograd.grad(expected, (xt, yt), g)
-    assert_ulp(got[0], exp[0], 1, "grad input")
-    assert_ulp(got[1], exp[1], 1, "grad target")
+    assert_ulp(got[0], exp[0], _torch_grad_ulps(case), "grad input")
+    assert_ulp(got[1], exp[1], _torch_grad_ulps(case), "grad target")
     assert_bitwise(got[1], -got[0], "grad target vs -grad input")

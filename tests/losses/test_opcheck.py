@@ -2,6 +2,11 @@
 (pytorch/extension-cpp's way): schema, fake (meta) kernel, autograd registration, and
 torch.compile's view of each op. The compiled backend's ops are fusedmtl::regression_loss*,
 fusedmtl::heteroscedastic_loss*; the Triton backend's are their fusedmtl::triton_* twins.
+
+On every device: on CUDA the same schemas with their CUDA kernels (the native ones registered
+for the CUDA dispatch key, the Triton ones launched on the GPU), with one gradient combination per
+sample there: what opcheck checks of the flags (which gradients the fake and the kernel return)
+does not depend on the device, and the native CPU samples take every combination.
 """
 
 from __future__ import annotations
@@ -12,9 +17,19 @@ import pytest
 import torch
 
 import fusedmtl
-from tests.helpers import BACKENDS, REDUCTIONS, LossCase, assert_bitwise, make_pair
+from tests.helpers import (
+    DEVICES,
+    REDUCTIONS,
+    LossCase,
+    assert_bitwise,
+    backends_on,
+    make_pair,
+    skip_without_a_gpu,
+)
 
-if "triton" in BACKENDS:
+# The Triton schemas are sampled (and registered) where Triton runs on some device under test.
+TRITON_SAMPLED = any("triton" in backends_on(d) for d in DEVICES)
+if TRITON_SAMPLED:
     from fusedmtl.losses import triton as _triton  # noqa: F401  (registers the triton ops)
 
 # (kind, param) of each family: every kind, plus smooth-L1 with a beta the kernels divide by.
@@ -61,25 +76,26 @@ class Sample:
         flags = "" if self.flags is None else "-" + "".join("TF"[not f] for f in self.flags)
         return f"{self.op}-{self.kind}{self.param:g}-r{self.reduction}{flags}"
 
-    def args(self) -> tuple:
+    def args(self, device: str = "cpu") -> tuple:
         heteroscedastic = "heteroscedastic" in self.op
         backward = self.op.endswith("_backward")
         x, y = make_pair((5, 7), torch.float32, seed=11)
         operands = [x, y]
         if heteroscedastic:
             operands.append(torch.randn(5, 7, generator=torch.Generator().manual_seed(3)))
+        operands = [t.to(device) for t in operands]
         if not backward and not self.op.endswith("_with_grad"):
             for t in operands:  # the loss ops are differentiable: opcheck checks their autograd
                 t.requires_grad_()
         config = (self.kind, self.param, self.reduction)
         flags = () if self.flags is None else self.flags
         if backward:
-            grad_output = torch.randn(x.shape if self.reduction == 0 else ())
+            grad_output = torch.randn(x.shape if self.reduction == 0 else ()).to(device)
             return (grad_output, *operands, *config, *flags)
         return (*operands, *config, *flags)
 
 
-def samples(backend: str) -> list[Sample]:
+def samples(backend: str, one_flag_set: bool = False) -> list[Sample]:
     out = []
     for op in SCHEMAS[backend]:
         params = HETEROSCEDASTIC_PARAMS if "heteroscedastic" in op else REGRESSION_PARAMS
@@ -88,20 +104,26 @@ def samples(backend: str) -> list[Sample]:
         for kind, param in params:
             for reduction in (1, 2) if reduced_only else (0, 1, 2):
                 # Triton under the interpreter is slow: one gradient combination per sample there
-                flag_sets = (
-                    GRAD_FLAGS if backend == "native" else GRAD_FLAGS[reduction : reduction + 1]
-                )
+                one = one_flag_set or backend != "native"
+                flag_sets = GRAD_FLAGS[reduction : reduction + 1] if one else GRAD_FLAGS
                 for flags in flag_sets if has_flags else (None,):
                     out.append(Sample(op, kind, param, reduction, flags))
     return out
 
 
-SAMPLES = [pytest.param(s, id=s.id) for b in BACKENDS if b in SCHEMAS for s in samples(b)]
+SAMPLES = [
+    pytest.param(s, d, id=f"{d}-{s.id}")
+    for d in DEVICES
+    for b in backends_on(d)
+    if b in SCHEMAS
+    for s in samples(b, one_flag_set=d != "cpu")
+]
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
-def test_opcheck(sample):
-    torch.library.opcheck(getattr(torch.ops.fusedmtl, sample.op).default, sample.args())
+@pytest.mark.parametrize("sample, device", SAMPLES)
+def test_opcheck(sample, device):
+    skip_without_a_gpu(device)
+    torch.library.opcheck(getattr(torch.ops.fusedmtl, sample.op).default, sample.args(device))
 
 
 def test_every_schema_is_checked():
@@ -112,7 +134,7 @@ def test_every_schema_is_checked():
         if name.startswith("fusedmtl::") and "loss" in name
     }
     sampled = {s.op for b in SCHEMAS for s in samples(b)}
-    expected = set(SCHEMAS["native"]) | (set(SCHEMAS["triton"]) if "triton" in BACKENDS else set())
+    expected = set(SCHEMAS["native"]) | (set(SCHEMAS["triton"]) if TRITON_SAMPLED else set())
     assert registered == expected
     assert sampled >= registered
 

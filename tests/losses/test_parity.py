@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from loss_helpers import (
+    CUDA_LAYOUTS,
     EXACT,
     LAYOUTS,
     NONCONTIGUOUS,
@@ -79,9 +80,11 @@ def test_ulp_diff_helper(dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# Forward and backward parity over op x parameter x reduction x dtype x layout x backend
+# Forward and backward parity over op x parameter x reduction x dtype x layout x backend x device
+# (on CUDA the core cases over CUDA_LAYOUTS: every kernel path, a fraction of the CPU's matrix)
 
 
+@pytest.mark.cuda_subset(case=CORE_CASES, layout=CUDA_LAYOUTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -92,6 +95,7 @@ def test_forward_parity(backend, device, case, reduction, dtype, layout):
     check_loss(case, reduction, x, y, got, case.torch(x, y, reduction))
 
 
+@pytest.mark.cuda_subset(case=CORE_CASES, layout=CUDA_LAYOUTS)
 @pytest.mark.parametrize("grad_kind", ["random", "one"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", dtype_params())
@@ -182,9 +186,9 @@ def test_second_backward_retain_graph(backend, case, reduction, dtype, grad_kind
 @pytest.mark.parametrize("dtype", dtype_params(EXACT))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", case_params(CORE_CASES))
-def test_gradient_of_one_argument(backend, case, reduction, dtype, which):
-    """Only one of input and target requires grad."""
-    x, y = make_layout("n1023", dtype)
+def test_gradient_of_one_argument(backend, device, case, reduction, dtype, which):
+    """Only one of input and target requires grad (the kernels that compute one gradient)."""
+    x, y = (t.to(device) for t in make_layout("n1023", dtype))
     xf, yf = (
         (x.detach().requires_grad_(), y) if which == "input" else (x, y.detach().requires_grad_())
     )
@@ -235,6 +239,10 @@ def test_gradient_buffers_are_not_shared(backend):
 
 
 # --------------------------------------------------------------------------------------------
+# Edge cases, on every device (on CUDA the core cases: the other parameter values take the same
+# kernel paths): special values, signed zeros, the branch boundaries, broadcasting, beta == 0,
+# empty tensors
+
 # Special values: |d| == beta, d == 0, NaN and +-inf, in input and target
 
 
@@ -275,12 +283,13 @@ def special_pairs(param: float, dtype: torch.dtype):
     return torch.cat([x, pad, x]), torch.cat([y, pad * 0.25, y])
 
 
+@pytest.mark.cuda_subset(case=CORE_CASES)
 @pytest.mark.parametrize("grad_kind", ["random", "one"])
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", case_params(ALL_CASES))
-def test_special_values(backend, case, reduction, dtype, grad_kind):
-    x, y = special_pairs(case.param if case.param else 1.0, dtype)
+def test_special_values(backend, device, case, reduction, dtype, grad_kind):
+    x, y = (t.to(device) for t in special_pairs(case.param if case.param else 1.0, dtype))
     xf, yf = leaves(x, y)
     xt, yt = leaves(x, y)
     loss = case.fused(xf, yf, reduction)
@@ -316,10 +325,10 @@ def test_special_values(backend, case, reduction, dtype, grad_kind):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", dtype_params(EXACT))
-def test_l1_of_negative_zero_difference(backend, dtype, reduction):
+def test_l1_of_negative_zero_difference(backend, device, dtype, reduction):
     """d = -0.0 - 0.0 = -0.0: torch's abs gives +0.0, so the loss (and e.g. 1 / loss) is +0."""
-    x = torch.tensor([-0.0, 0.0, -0.0] * 11, dtype=dtype)
-    y = torch.tensor([0.0, -0.0, -0.0] * 11, dtype=dtype)
+    x = torch.tensor([-0.0, 0.0, -0.0] * 11, dtype=dtype, device=device)
+    y = torch.tensor([0.0, -0.0, -0.0] * 11, dtype=dtype, device=device)
     for loss in (
         fusedmtl.l1_loss(x, y, reduction=reduction),
         fusedmtl.smooth_l1_loss(x, y, reduction=reduction, beta=0.0),
@@ -333,12 +342,12 @@ def test_l1_of_negative_zero_difference(backend, dtype, reduction):
 
 @pytest.mark.parametrize("dtype", dtype_params(EXACT))
 @pytest.mark.parametrize("case", case_params(CORE_CASES))
-def test_boundary_points_exact(backend, case, dtype):
+def test_boundary_points_exact(backend, device, case, dtype):
     """At |d| == beta (delta) the linear branch and its gradient are taken, at d == 0 the loss and
     the gradient are 0, as in torch, with values checked explicitly."""
     p = case.param if case.param else 1.0
-    x = torch.tensor([p, -p, 0.0, 3.0 + p, 3.0], dtype=dtype, requires_grad=True)
-    y = torch.tensor([0.0, 0.0, 0.0, 3.0, 3.0 + p], dtype=dtype)
+    x = torch.tensor([p, -p, 0.0, 3.0 + p, 3.0], dtype=dtype, device=device, requires_grad=True)
+    y = torch.tensor([0.0, 0.0, 0.0, 3.0, 3.0 + p], dtype=dtype, device=device)
     loss = case.fused(x, y, "none")
     (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
     expected_loss = {
@@ -371,13 +380,15 @@ BROADCAST_SHAPES = [
 ]
 
 
+# (broadcasting happens in Python, before the kernels: on CUDA one pair of shapes, default cases)
+@pytest.mark.cuda_subset(case=DEFAULT_CASES, shapes=BROADCAST_SHAPES[0].values)
 @pytest.mark.parametrize("shapes", BROADCAST_SHAPES)
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", case_params(CORE_CASES))
-def test_broadcast(backend, case, reduction, dtype, shapes):
-    x, _ = make_pair(shapes[0], dtype, seed=3)
-    _, y = make_pair(shapes[1], dtype, seed=4)
+def test_broadcast(backend, device, case, reduction, dtype, shapes):
+    x = make_pair(shapes[0], dtype, seed=3)[0].to(device)
+    y = make_pair(shapes[1], dtype, seed=4)[1].to(device)
     xf, yf = leaves(x, y)
     xt, yt = leaves(x, y)
     fused_fn = getattr(fusedmtl, f"{case.op}_loss")
@@ -417,8 +428,8 @@ def test_no_warning_for_equal_shapes(backend, case):
 
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_smooth_l1_beta_zero_is_l1(backend, reduction, dtype):
-    x, y = make_layout("n1023", dtype)
+def test_smooth_l1_beta_zero_is_l1(backend, device, reduction, dtype):
+    x, y = (t.to(device) for t in make_layout("n1023", dtype))
     x1, y1 = leaves(x, y)
     x2, y2 = leaves(x, y)
     a = fusedmtl.smooth_l1_loss(x1, y1, reduction=reduction, beta=0.0)
@@ -431,11 +442,14 @@ def test_smooth_l1_beta_zero_is_l1(backend, reduction, dtype):
     assert_bitwise(y1.grad, y2.grad, "grad target")
 
 
+@pytest.mark.cuda_subset(case=CORE_CASES)
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4, 2)], ids=str)
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", case_params(ALL_CASES))
-def test_empty(backend, case, dtype, shape):
-    x, y = leaves(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+def test_empty(backend, device, case, dtype, shape):
+    """Nothing to compute: on CUDA a launch over no element (a grid of 0 blocks is an error)."""
+    empty = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+    x, y = leaves(*empty)
     none = case.fused(x, y, "none")
     assert none.shape == shape and none.dtype == dtype
     mean = case.fused(x, y, "mean")

@@ -212,8 +212,15 @@ TINY_P = 300
 TINY_P_TRITON = 12
 
 
-def problem_for(layout: str, dtype: torch.dtype, backend: str | None = None) -> Problem:
-    return layout_problem(layout, dtype, backend == "triton")
+def _interpreted(backend: str | None, device: str) -> bool:
+    """Triton on the CPU runs under the interpreter; on CUDA it runs compiled, at full size."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def problem_for(
+    layout: str, dtype: torch.dtype, backend: str | None = None, device: str = "cpu"
+) -> Problem:
+    return layout_problem(layout, dtype, _interpreted(backend, device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,8 +254,8 @@ def layout_problem(layout: str, dtype: torch.dtype, interpreted: bool = False) -
     raise ValueError(layout)
 
 
-def skip_slow_for_triton(backend, layout):
-    if backend == "triton" and layout in TRITON_TOO_SLOW:
+def skip_slow_for_triton(backend, layout, device="cpu"):
+    if _interpreted(backend, device) and layout in TRITON_TOO_SLOW:
         pytest.skip("2**20 elements under the Triton interpreter")
 
 

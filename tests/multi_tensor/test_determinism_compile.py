@@ -27,7 +27,7 @@ from multi_tensor_oracle import (
 import fusedmtl
 import fusedmtl._C
 import fusedmtl.multi_tensor as mt
-from tests.helpers import BACKENDS, assert_bitwise
+from tests.helpers import BACKENDS, DEVICES, assert_bitwise, backends_on, skip_without_a_gpu
 
 # Determinism: thread count and CPU capability (native backend)
 
@@ -107,9 +107,22 @@ def test_cpu_capability_parity(capability, layout, restore_cpu_capability):
 # torch.compile
 
 
+# The CPU's native kernels; on CUDA the native and the Triton ones (the ops' fake kernels and their
+# CUDA registrations are what the compiled graph calls; the reference is plain torch there).
+COMPILE_CASES = [
+    pytest.param(b, d, id=f"{b}-{d}")
+    for d in DEVICES
+    for b in (("native",) if d == "cpu" else ("native", "triton"))
+    if b in backends_on(d)
+]
+
+
 @pytest.mark.compile
-def test_torch_compile():
-    """gramian and combine inside a fullgraph-compiled function (gradient normalisation)."""
+@pytest.mark.parametrize("backend_name, device", COMPILE_CASES)
+def test_torch_compile(backend_name, device, no_host_sync):
+    """gramian and combine inside a fullgraph-compiled function (gradient normalisation); on CUDA
+    the compiled function runs again without a host synchronisation."""
+    skip_without_a_gpu(device)
     torch._dynamo.reset()
     try:
 
@@ -120,10 +133,14 @@ def test_torch_compile():
             return m, mt.combine(task_grads, c)
 
         prob = build_problem([(5, 3), (11,)], 2, torch.float32, seed=80)
-        args = [t for row in prob.grads for t in row]
-        compiled = torch.compile(fn, fullgraph=True)
-        m_c, outs_c = compiled(*args)
-        m_e, outs_e = fn(*args)
+        args = [t for row in prob.lists(device=device) for t in row]
+        with fusedmtl.backend.use(backend_name):
+            compiled = torch.compile(fn, fullgraph=True)
+            m_c, outs_c = compiled(*args)
+            m_e, outs_e = fn(*args)
+            if device != "cpu":
+                with no_host_sync():
+                    compiled(*args)
         check_gramian(prob, m_c, "compiled gramian")
         assert_bitwise(m_c, m_e, "compiled gramian vs eager")
         assert len(outs_c) == 2

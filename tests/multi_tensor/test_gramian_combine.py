@@ -59,8 +59,8 @@ def test_oracle_helpers():
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_norms_and_gramian(backend, device, layout, dtype):
-    skip_slow_for_triton(backend, layout)
-    prob = problem_for(layout, dtype, backend)
+    skip_slow_for_triton(backend, layout, device)
+    prob = problem_for(layout, dtype, backend, device)
     norms = mt.norms(prob.lists(device=device))
     gram = mt.gramian(prob.lists(device=device))
     assert norms.device.type == gram.device.type == device
@@ -85,8 +85,8 @@ def test_norms_and_gramian(backend, device, layout, dtype):
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_combine(backend, device, layout, dtype, coeff_kind):
-    skip_slow_for_triton(backend, layout)
-    prob = problem_for(layout, dtype, backend)
+    skip_slow_for_triton(backend, layout, device)
+    prob = problem_for(layout, dtype, backend, device)
     c = random_coeffs(prob.K)
     if coeff_kind == "tensor":
         coeffs = c.to(torch.float32)
@@ -195,8 +195,8 @@ def test_nothing_to_sum(backend, case, fn):
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_normalized_sum(backend, device, layout, dtype):
-    skip_slow_for_triton(backend, layout)
-    prob = problem_for(layout, dtype, backend)
+    skip_slow_for_triton(backend, layout, device)
+    prob = problem_for(layout, dtype, backend, device)
     result = mt.normalized_sum(prob.lists(device=device))
     check_normalized_sum(prob, result, 1e-8)
     outs, norms = result

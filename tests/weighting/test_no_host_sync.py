@@ -11,6 +11,11 @@
 
 Methods that still run a host algorithm are listed in HOST_ALGORITHMS with the reason, as strict
 xfails: they stay correct (their other tests), and the table says what is left.
+
+(a), (b) and the non-finite step of (c) run on every device of the ``device`` fixture. On CUDA the
+solvers take their device path (no CPU shortcuts), and the compiled functions (a second call, which
+runs the graph) and the non-finite step run under torch.cuda.set_sync_debug_mode('error'), which
+fails on any host synchronisation.
 """
 
 from __future__ import annotations
@@ -81,15 +86,27 @@ STEP_NAMES = _names(
 )
 
 
-def _build(name, dtype=torch.float64, **overrides):
-    return W.GRADIENT_BASED[name].example(K, jacobian_params(dtype), **overrides)
+# The methods whose whole step compiles on CUDA too: the step's kernels (Gramian, combine) are the
+# same for every method; these differ in what they add around them (a plain, a solver's, an own
+# task table, a state commit).
+CUDA_STEP_NAMES = ("grad_normalization", "upgrad", "db_mtl", "trimmed_mean", "moco")
 
 
-def _problem(dtype):
-    jacobian = make_jacobian(K, seed=3, conflicting=True)
+def _build(name, dtype=torch.float64, device="cpu", **overrides):
+    return W.GRADIENT_BASED[name].example(K, jacobian_params(dtype, device), **overrides)
+
+
+def _problem(dtype, device="cpu"):
+    jacobian = make_jacobian(K, seed=3, conflicting=True).to(device)
     gramian = (jacobian @ jacobian.T).to(dtype)
-    losses = torch.tensor([0.5, 1.5, 3.0], dtype=dtype)
+    losses = torch.tensor([0.5, 1.5, 3.0], dtype=dtype, device=device)
     return jacobian, gramian, losses
+
+
+def _without_a_sync(device, no_host_sync):
+    """On CUDA, a block in which a host synchronisation raises; nothing on the CPU (where the
+    host reads are caught by _no_host_reads below)."""
+    return no_host_sync() if torch.device(device).type == "cuda" else contextlib.nullcontext()
 
 
 def _tolerance(dtype):
@@ -136,30 +153,32 @@ def _coefficients_fn(method):
 
 @pytest.mark.compile
 @pytest.mark.parametrize("name", COEFFICIENT_NAMES)
-def test_coefficients_compile_fullgraph_like_eager(name):
+def test_coefficients_compile_fullgraph_like_eager(name, device, no_host_sync):
     dtype = torch.float64
-    _, gramian, losses = _problem(dtype)
-    eager_method, compiled_method = _build(name, dtype), _build(name, dtype)
+    _, gramian, losses = _problem(dtype, device)
+    eager_method, compiled_method = _build(name, dtype, device), _build(name, dtype, device)
     torch._dynamo.reset()
     draw, tensor_part = _coefficients_fn(compiled_method)
     if draw is not None:
         expected, orders = _coefficients_fn(eager_method)[0](gramian, losses)
         _, orders_again = draw(gramian, losses)  # the same generator state, the same orders
         assert torch.equal(orders, orders_again)
-        actual = torch.compile(tensor_part, fullgraph=True, backend=BACKEND)(
-            gramian, losses, orders
-        )
+        compiled = torch.compile(tensor_part, fullgraph=True, backend=BACKEND)
+        args = (gramian, losses, orders)
     else:
         expected = eager_method.coefficients(gramian, losses)
-        actual = torch.compile(compiled_method.coefficients, fullgraph=True, backend=BACKEND)(
-            gramian, losses
-        )
+        compiled = torch.compile(compiled_method.coefficients, fullgraph=True, backend=BACKEND)
+        args = (gramian, losses)
+    actual = compiled(*args)
     if isinstance(actual, tuple):
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, **_tolerance(dtype))
     else:
         torch.testing.assert_close(actual, expected, **_tolerance(dtype))
     _assert_same_state(_state(compiled_method), _state(eager_method))
+    if device != "cpu":  # the compiled graph, called again, synchronises nothing
+        with no_host_sync():
+            compiled(*args)
 
 
 def _weigh_without_grad(method, table, values):
@@ -176,14 +195,15 @@ def _weigh_without_grad(method, table, values):
 
 
 @pytest.mark.compile
+@pytest.mark.cuda_subset(name=CUDA_STEP_NAMES)
 @pytest.mark.parametrize("name", STEP_NAMES)
-def test_step_compiles_fullgraph_like_eager(name):
+def test_step_compiles_fullgraph_like_eager(name, device, no_host_sync):
     """The step of a float32 model (Gramian kernel, coefficients, combine) under on_nonfinite=
-    'ignore', against an eager ``step``."""
+    'ignore', against an eager ``step``; on CUDA a second compiled step synchronises nothing."""
     dtype = torch.float32
-    jacobian, _, losses = _problem(dtype)
-    eager_method = _build(name, dtype, on_nonfinite="ignore")
-    compiled_method = _build(name, dtype, on_nonfinite="ignore")
+    jacobian, _, losses = _problem(dtype, device)
+    eager_method = _build(name, dtype, device, on_nonfinite="ignore")
+    compiled_method = _build(name, dtype, device, on_nonfinite="ignore")
     table = split_rows(jacobian.to(dtype))
     torch._dynamo.reset()
     expected = eager_method.step([[g.clone() for g in row] for row in table], losses)
@@ -195,6 +215,10 @@ def test_step_compiles_fullgraph_like_eager(name):
     for d, q in zip(update, eager_method._shared):
         torch.testing.assert_close(d, q.grad, **_tolerance(dtype))
     _assert_same_state(_state(compiled_method), _state(eager_method))
+    if device != "cpu":
+        copies = [[g.clone() for g in row] for row in table]
+        with no_host_sync():
+            compiled(copies, losses)
 
 
 @contextlib.contextmanager
@@ -272,21 +296,23 @@ def test_step_synchronises_nothing_on_cuda(name, no_host_sync):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_step_under_ignore_passes_through_without_host_reads(name, bad):
+def test_nonfinite_step_under_ignore_passes_through_without_host_reads(
+    name, bad, device, no_host_sync
+):
     """Coefficients 1, the non-finite gradients reach .grad (a GradScaler would see them), and
     the method's state is as before the step (buffers compared exactly)."""
     dtype = torch.float64
-    jacobian, _, losses = _problem(dtype)
-    method = _build(name, dtype, on_nonfinite="ignore")
+    jacobian, _, losses = _problem(dtype, device)
+    method = _build(name, dtype, device, on_nonfinite="ignore")
     method.step(split_rows(jacobian), losses)  # some state first
     for p in method._shared:
         p.grad = None
     before = _state(method)
     table = split_rows(jacobian)
     table[1][0][0, 0] = bad
-    with _no_host_reads():
+    with _no_host_reads(), _without_a_sync(device, no_host_sync):
         coeffs = method.step(table, losses)
-    torch.testing.assert_close(coeffs, torch.ones(K, dtype=dtype), rtol=0, atol=0)
+    torch.testing.assert_close(coeffs, torch.ones(K, dtype=dtype, device=device), rtol=0, atol=0)
     assert not torch.isfinite(method._shared[0].grad[0, 0])
     # (a method with its own table passes that through: DB-MTL's running averages of g_i / L_i,
     # TrimmedMean's and GradDrop's masked gradients, MoCo's tracked ones)

@@ -1,7 +1,11 @@
 """DualProj, ConFIG, Krum and FairGrad against torchjd 0.18's own aggregators (the oracle), on the
 same float64 Jacobians: fusedmtl gets the Gramian J J^T through ``step``, torchjd gets J, and the
 updates d (direction and scale) must agree. Plus degenerate Jacobians, K > G and one end-to-end
-``backward(losses)`` on a shared-trunk model."""
+``backward(losses)`` on a shared-trunk model.
+
+The agreement over random Jacobians runs on every device of the ``device`` fixture (on CUDA one
+seed of each shape): fusedmtl's Gramian kernel and the solvers' device paths there, torchjd on the
+CPU."""
 
 from __future__ import annotations
 
@@ -41,23 +45,24 @@ METHODS = {
 RTOL = {"dualproj": 1e-5, "config": 1e-10, "krum": 1e-12, "fairgrad": 1e-6}
 
 
-def _update(name: str, jacobian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d written into .grad, the coefficients), through ``step`` on two parameter tensors."""
-    return _update_with(name, jacobian, METHODS[name][1])
+def _update(name: str, jacobian: torch.Tensor, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(d written into .grad, the coefficients), through ``step`` on two parameter tensors on
+    ``device`` (returned on the CPU)."""
+    return _update_with(name, jacobian, METHODS[name][1], device)
 
 
 def _update_with(
-    name: str, jacobian: torch.Tensor, kwargs: dict
+    name: str, jacobian: torch.Tensor, kwargs: dict, device="cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cls = METHODS[name][0]
     params = [
-        torch.zeros(5, 2, dtype=torch.float64, requires_grad=True),
-        torch.zeros(G - 10, dtype=torch.float64, requires_grad=True),
+        torch.zeros(5, 2, dtype=torch.float64, device=device, requires_grad=True),
+        torch.zeros(G - 10, dtype=torch.float64, device=device, requires_grad=True),
     ]
     method = cls(params, jacobian.shape[0], **kwargs)
-    rows = [[row[:10].reshape(5, 2).clone(), row[10:].clone()] for row in jacobian]
+    rows = [[row[:10].reshape(5, 2).clone(), row[10:].clone()] for row in jacobian.to(device)]
     coeffs = method.step(rows)
-    return torch.cat([p.grad.reshape(-1) for p in params]), coeffs
+    return torch.cat([p.grad.reshape(-1) for p in params]).cpu(), coeffs.cpu()
 
 
 def _jacobian(k: int, seed: int, conflicting: bool) -> torch.Tensor:
@@ -71,8 +76,10 @@ def _jacobian(k: int, seed: int, conflicting: bool) -> torch.Tensor:
     return jacobian
 
 
-def _assert_agrees(name: str, jacobian: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    d, coeffs = _update(name, jacobian)
+def _assert_agrees(
+    name: str, jacobian: torch.Tensor, rtol: float | None = None, device="cpu"
+) -> torch.Tensor:
+    d, coeffs = _update(name, jacobian, device)
     expected = _torchjd(name)(jacobian)
     torch.testing.assert_close(coeffs.to(torch.float64) @ jacobian, d, rtol=1e-12, atol=1e-12)
     rtol = RTOL[name] if rtol is None else rtol
@@ -82,14 +89,15 @@ def _assert_agrees(name: str, jacobian: torch.Tensor, rtol: float | None = None)
     return d
 
 
+@pytest.mark.cuda_subset(seed=(0,))
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("k", [3, 5, 8])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("conflicting", [False, True])
-def test_agrees_with_torchjd(name, k, seed, conflicting):
+def test_agrees_with_torchjd(device, name, k, seed, conflicting):
     if name == "krum" and k < 4:
         pytest.skip("Krum with n_byzantine=1 needs K >= 4")
-    _assert_agrees(name, _jacobian(k, seed, conflicting))
+    _assert_agrees(name, _jacobian(k, seed, conflicting), device=device)
 
 
 @pytest.mark.parametrize("name", ["dualproj", "config", "krum"])

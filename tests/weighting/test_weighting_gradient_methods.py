@@ -3,6 +3,11 @@ float64 oracles: each method's update from explicit per-task gradients, either t
 (float64 torch.autograd per task, ``task_grads64``) or through ``step(task_grads, losses)`` on an
 explicit K x n Jacobian J split over a few parameter tensors, with d computed from J directly.
 MGDA's are in test_mgda_methods.py.
+
+The Jacobian tests of PCGrad, CAGrad, IMTL-G, Aligned-MTL, Nash-MTL, UPGrad and DB-MTL run on every
+device of the ``device`` fixture, the oracle in float64 on the CPU: on CUDA the Gramian and combine
+kernels and the solvers' device paths (no CPU shortcuts), over one seed of each shape
+(``cuda_subset``).
 """
 
 from __future__ import annotations
@@ -39,11 +44,17 @@ JACOBIANS = [
 ]
 
 
-def _update(method_cls, jacobian, losses=None, **kwargs):
-    """(d written into .grad as a flat vector, the coefficients, the method)."""
-    method = method_cls(jacobian_params(), jacobian.shape[0], **kwargs)
-    d, coeffs = step_update(method, jacobian, losses)
-    return d, coeffs, method
+def _update(method_cls, jacobian, losses=None, device="cpu", **kwargs):
+    """(d written into .grad as a flat vector, the coefficients, the method), from a step on
+    ``device`` (d and the coefficients returned on the CPU, for the float64 oracles)."""
+    method = method_cls(jacobian_params(device=device), jacobian.shape[0], **kwargs)
+    losses = None if losses is None else losses.to(device)
+    d, coeffs = step_update(method, jacobian.to(device), losses)
+    return d.cpu(), coeffs.cpu(), method
+
+
+# On CUDA one seed of each (k, conflicting): the kernels and the device paths, not more samples.
+ONE_SEED_ON_CUDA = pytest.mark.cuda_subset(seed=(0,))
 
 
 # ============================================================================================
@@ -198,10 +209,11 @@ def test_grad_normalization_representation_mode_matches_oracle(model, batch):
 # -- PCGrad ------------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
-def test_pcgrad_matches_sequential_projection_of_vectors(k, seed, conflicting):
+def test_pcgrad_matches_sequential_projection_of_vectors(device, k, seed, conflicting):
     jacobian = make_jacobian(k, seed, conflicting)
-    d, _, _ = _update(weighting.PCGrad, jacobian, seed=7)
+    d, _, _ = _update(weighting.PCGrad, jacobian, device=device, seed=7)
     orders = torch.Generator().manual_seed(7)
     expected = torch.zeros(N, dtype=torch.float64)
     for i in range(k):
@@ -226,13 +238,14 @@ def test_pcgrad_two_opposed_tasks_by_hand():
 # -- CAGrad ------------------------------------------------------------------------------------
 
 
+@pytest.mark.cuda_subset(seed=(0,), c=(0.5,))
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
 @pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
-def test_cagrad_maximises_the_worst_improvement_in_the_ball(k, seed, conflicting, c):
+def test_cagrad_maximises_the_worst_improvement_in_the_ball(device, k, seed, conflicting, c):
     """CAGrad's d solves max_d min_i <g_i, d> over the ball norm(d - g0) <= c norm(g0): it lies
     on the sphere, and no point of the ball (sampled) does better."""
     jacobian = make_jacobian(k, seed, conflicting)
-    d, _, _ = _update(weighting.CAGrad, jacobian, c=c)
+    d, _, _ = _update(weighting.CAGrad, jacobian, device=device, c=c)
     g0 = jacobian.mean(0)
     radius = c * g0.norm()
     torch.testing.assert_close((d - g0).norm(), radius, rtol=1e-7, atol=0)
@@ -255,10 +268,11 @@ def test_cagrad_c_zero_is_the_mean_and_rescale_divides():
 # -- IMTL-G ------------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
-def test_imtl_g_projects_equally_onto_every_unit_gradient(k, seed, conflicting):
+def test_imtl_g_projects_equally_onto_every_unit_gradient(device, k, seed, conflicting):
     jacobian = make_jacobian(k, seed, conflicting)
-    d, coeffs, _ = _update(weighting.IMTLG, jacobian)
+    d, coeffs, _ = _update(weighting.IMTLG, jacobian, device=device)
     torch.testing.assert_close(coeffs.sum(), torch.tensor(1.0, dtype=coeffs.dtype))
     projections = (jacobian / jacobian.norm(dim=1, keepdim=True)) @ d
     torch.testing.assert_close(projections, projections[0].expand(k), rtol=1e-9, atol=1e-12)
@@ -267,13 +281,14 @@ def test_imtl_g_projects_equally_onto_every_unit_gradient(k, seed, conflicting):
 # -- Aligned-MTL -------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
-def test_aligned_mtl_is_the_mean_of_the_aligned_gradients(k, seed, conflicting, scale_mode):
+def test_aligned_mtl_is_the_mean_of_the_aligned_gradients(device, k, seed, conflicting, scale_mode):
     """With J = U S V^T (thin SVD), the aligned gradients are the rows of sigma U V^T: orthogonal,
     of equal norm sigma; d = their mean."""
     jacobian = make_jacobian(k, seed, conflicting)
-    d, _, _ = _update(weighting.AlignedMTL, jacobian, scale_mode=scale_mode)
+    d, _, _ = _update(weighting.AlignedMTL, jacobian, device=device, scale_mode=scale_mode)
     u, s, vt = torch.linalg.svd(jacobian, full_matrices=False)
     eigenvalues = s.square()
     sigma = {"min": eigenvalues.min(), "median": eigenvalues.median(), "rmse": eigenvalues.mean()}[
@@ -293,10 +308,11 @@ def test_aligned_mtl_drops_the_null_space_of_rank_deficient_gradients():
 # -- Nash-MTL ----------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
-def test_nash_mtl_solves_the_bargaining_equation(k, seed, conflicting):
+def test_nash_mtl_solves_the_bargaining_equation(device, k, seed, conflicting):
     jacobian = make_jacobian(k, seed, conflicting)
-    d, coeffs, _ = _update(weighting.NashMTL, jacobian, max_norm=None)
+    d, coeffs, _ = _update(weighting.NashMTL, jacobian, device=device, max_norm=None)
     gramian = jacobian @ jacobian.T
     ridged = gramian + 1e-8 * torch.diag(gramian.diagonal())  # the documented regularisation
     assert (coeffs > 0).all()
@@ -332,10 +348,11 @@ def test_nash_mtl_update_every_reuses_the_solution():
 # -- UPGrad ------------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
-def test_upgrad_conflicts_with_no_task(k, seed, conflicting):
+def test_upgrad_conflicts_with_no_task(device, k, seed, conflicting):
     jacobian = make_jacobian(k, seed, conflicting)
-    d, _, _ = _update(weighting.UPGrad, jacobian)
+    d, _, _ = _update(weighting.UPGrad, jacobian, device=device)
     scale = jacobian.norm(dim=1).max() ** 2
     assert (jacobian @ d >= -1e-9 * scale).all()
 
@@ -370,11 +387,12 @@ def test_upgrad_projections_satisfy_the_projection_optimality_conditions(k, seed
 # -- DB-MTL ------------------------------------------------------------------------------------
 
 
+@ONE_SEED_ON_CUDA
 @pytest.mark.parametrize("k,seed,conflicting", JACOBIANS)
-def test_db_mtl_without_average_balances_log_gradients_to_the_largest(k, seed, conflicting):
+def test_db_mtl_without_average_balances_log_gradients_to_the_largest(device, k, seed, conflicting):
     jacobian = make_jacobian(k, seed, conflicting)
     losses = torch.linspace(0.5, 3.0, k, dtype=torch.float64)
-    d, _, _ = _update(weighting.DBMTL, jacobian, losses, beta=0.0)
+    d, _, _ = _update(weighting.DBMTL, jacobian, losses, device=device, beta=0.0)
     log_grads = jacobian / losses[:, None]
     norms = log_grads.norm(dim=1)
     torch.testing.assert_close(
