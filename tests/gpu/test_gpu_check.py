@@ -35,28 +35,21 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(HERE / "gpu_check.sh")], check=True)
 
 
-def test_cuda_part_of_the_suite_collects_from_every_layer():
-    env = {**os.environ, "FUSEDMTL_TEST_DEVICES": "cpu,cuda"}
+def _collected(env: dict, *args: str) -> list[str]:
+    """The test ids ``pytest --collect-only`` lists with ``env`` added to the environment."""
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--collect-only",
-            "-q",
-            "-m",
-            "cuda",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests"),
-        ],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **env},
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    return [line for line in run.stdout.splitlines() if "::" in line]
+
+
+def test_cuda_part_of_the_suite_collects_from_every_layer():
+    collected = _collected({"FUSEDMTL_TEST_DEVICES": "cpu,cuda"}, "-m", "cuda", str(ROOT / "tests"))
     for layer in ("tests/losses/", "tests/multi_tensor/", "tests/weighting/"):
         if not any(line.startswith(layer) for line in collected):
             pytest.fail(f"no CUDA test collected under {layer}")
@@ -67,17 +60,10 @@ def test_where_triton_is_compiled_the_matrix_has_triton_on_cuda_and_not_on_the_c
     the (backend, device) pairs hold triton x cuda (skipped here) and no triton x cpu."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "FUSEDMTL_TEST_DEVICES": "cpu,cuda", "TRITON_INTERPRET": "0"}
-    files = [str(ROOT / "tests" / "multi_tensor" / "test_trim.py")]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
+    ids = _collected(
+        {"FUSEDMTL_TEST_DEVICES": "cpu,cuda", "TRITON_INTERPRET": "0"},
+        str(ROOT / "tests" / "multi_tensor" / "test_trim.py"),
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    ids = [line for line in run.stdout.splitlines() if "::" in line]
     for pair in ("native-cpu", "reference-cpu", "native-cuda", "reference-cuda", "triton-cuda"):
         assert any(f"[{pair}" in i for i in ids), pair
     assert not [i for i in ids if "triton-cpu" in i]
