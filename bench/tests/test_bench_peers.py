@@ -46,6 +46,9 @@ def test_training_step_adapter_matches_fusedmtl(name):
 
 @pytest.mark.parametrize("name", sorted(peers.AGGREGATORS))
 def test_weighting_step_adapter_matches_fusedmtl(name):
+    # torchjd's random aggregators draw from torch's global generator: seeded, so that their
+    # cosine does not depend on the tests run before (GradDrop's ranges from 0.28 to 1 over seeds)
+    torch.manual_seed(0)
     shapes = [(8, 3), (8,), (5, 8)]
     params = [torch.zeros(s, requires_grad=True) for s in shapes]
     task_grads = make_task_grads(shapes, 3, "cpu", seed=1)
