@@ -9,8 +9,8 @@
     step under 'ignore' passes the gradients through (coefficients 1) and leaves the state as it
     was.
 
-Methods that still run a host algorithm are listed in HOST_ALGORITHMS with the reason, as strict
-xfails: they stay correct (their other tests), and the table says what is left.
+Every method's solver runs on the device (no host algorithm is left); what (a) and (b) cannot
+compile for a reason of torch's (a generator, torch.optim) is listed below as strict xfails.
 
 (a), (b) and the non-finite step of (c) run on every device of the ``device`` fixture. On CUDA the
 solvers take their device path (no CPU shortcuts), and the compiled functions (a second call, which
@@ -31,6 +31,10 @@ from fusedmtl import multi_tensor
 from fusedmtl import weighting as W
 from fusedmtl.weighting import solvers
 from fusedmtl.weighting.gradient_based import GradientWeighting
+from fusedmtl.weighting.methods.cagrad import cagrad_coefficients, cagrad_weights
+from fusedmtl.weighting.methods.fairgrad import alpha_fair_weights
+from fusedmtl.weighting.methods.nash_mtl import nash_bargaining
+from fusedmtl.weighting.methods.pcd import priority_constrained_weights
 
 K = 3
 # Dynamo's full-graph capture is what proves the absence of host reads and value-dependent
@@ -39,14 +43,6 @@ K = 3
 # loaded CPU for the unrolled active-set loop).
 BACKEND = "aot_eager"
 
-# Iterative solvers with a line search or a bracketed root search whose iteration count and
-# branches depend on the values (Python floats): correct, not yet sync-free.
-HOST_ALGORITHMS = {
-    "cagrad": "bracketed search over t with a face's interval computed on the host",
-    "nash_mtl": "damped Newton with Armijo backtracking on Python floats",
-    "fairgrad": "damped Newton with pinv and halving line search on Python floats",
-    "pcd": "its QP (Goldfarb-Idnani's active set) and its scale run on the host in float64",
-}
 # Drawn on the host from the shared CPU generator (no device value is read; the orders reach the
 # device through pinned memory): the compiled part is everything after the draw.
 HOST_ORDERS = {"pcgrad", "gradvac"}
@@ -55,10 +51,9 @@ HOST_ORDERS = {"pcgrad", "gradvac"}
 TORCH_OPTIM = {"gradnorm": "its weight optimizer's step (torch.optim) breaks the graph by design"}
 
 
-def _names(extra=None):
-    """The registry's names, the HOST_ALGORITHMS (and ``extra``) as strict xfails: a method that
-    becomes sync-free makes its test XPASS, which fails until the table is updated."""
-    reasons = {**HOST_ALGORITHMS, **(extra or {})}
+def _names(reasons):
+    """The registry's names, those in ``reasons`` as strict xfails: a method whose test starts
+    to pass (XPASS) fails until the table is updated."""
     return [
         pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=reasons[n]))
         if n in reasons
@@ -67,7 +62,7 @@ def _names(extra=None):
     ]
 
 
-NAMES = _names()
+NAMES = list(W.GRADIENT_BASED)
 COEFFICIENT_NAMES = _names(
     {
         "excess_mtl": "its coefficients need the step's gradients element-wise, not the Gramian",
@@ -271,7 +266,7 @@ def test_step_reads_nothing_on_the_host(name, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", [n for n in W.GRADIENT_BASED if n not in HOST_ALGORITHMS])
+@pytest.mark.parametrize("name", NAMES)
 def test_step_synchronises_nothing_on_cuda(name, no_host_sync):
     """What the test above proves on the CPU, on a GPU with torch's sync debug mode: a whole
     step (on_nonfinite='ignore') without a host synchronisation, and the coefficients of the
@@ -356,16 +351,31 @@ def _degenerate_gramians():
 DEGENERATE = _degenerate_gramians()
 
 
+def _pcd_qp(M, validate=True):
+    k = M.shape[0]
+    return priority_constrained_weights(M.double(), torch.full((k - 1,), 0.3, dtype=torch.float64))
+
+
+FIXED_COUNT_SOLVERS = {
+    "mgda": solvers.min_norm_simplex,
+    "upgrad": solvers.upgrad_coefficients,
+    "dual_cone": solvers.dual_cone_weights,
+    "cagrad_weights": functools.partial(cagrad_weights, c=0.5),
+    "cagrad": functools.partial(cagrad_coefficients, c=0.5),
+    "cagrad_c2": functools.partial(cagrad_coefficients, c=2.0),
+    "nash_mtl": nash_bargaining,
+    "fairgrad": functools.partial(alpha_fair_weights, alpha=2.0),
+    "pcd": _pcd_qp,
+}
+
+
 @pytest.mark.parametrize("matrix", list(DEGENERATE))
-@pytest.mark.parametrize(
-    "solver",
-    [solvers.min_norm_simplex, solvers.upgrad_coefficients, solvers.dual_cone_weights],
-    ids=["mgda", "upgrad", "dual_cone"],
-)
+@pytest.mark.parametrize("solver", list(FIXED_COUNT_SOLVERS))
 def test_fixed_count_device_path_equals_the_early_exit(solver, matrix):
-    """The active-set loop run to its bound with masks (the device path, forced on the CPU)
-    gives the answer of the loop that stops at convergence, on degenerate Gramians too."""
-    M = DEGENERATE[matrix]
+    """The active-set, homotopy and Newton loops run to their bound with masks (the device path,
+    forced on the CPU) give the answer of the loop that stops at convergence, on degenerate
+    Gramians too."""
+    solver, M = FIXED_COUNT_SOLVERS[solver], DEGENERATE[matrix]
     expected = solver(M)
     with _no_host_reads():
         actual = solver(M, validate=False)

@@ -8,10 +8,11 @@ Every method is written as ``total(values) -> (value, weights)`` on the detached
 total's value, and its derivative w_i = d total / d L_i. The module returns
 value + sum_i sg(w_i) (L_i - sg(L_i)): the method's value, and the gradient sum_i w_i grad L_i
 (the chain rule, for the nonlinear methods too), while learnable state (uncertainty's
-log-variances) gets its gradient through the value. Under data parallelism the values are the
-losses averaged across ranks, so every rank uses the same weights and the same state gradient,
-and the model's gradients, averaged by DistributedDataParallel as usual, are those of one
-process with the whole batch.
+log-variances) gets its gradient through the value; a method whose total is sum_i w_i L_i
+with weights off the graph (:func:`weighted_total`) returns that sum itself. Under data
+parallelism the values are the losses averaged across ranks, so every rank uses the same weights
+and the same state gradient, and the model's gradients, averaged by DistributedDataParallel as
+usual, are those of one process with the whole batch.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class LossWeighting(Weighting):
                         stacklevel=3,
                     )
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
-        stacked = torch.stack([loss.to(dtype) for loss in checked])
+        stacked = torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in checked])
         try:
             values = self._loss_values(stacked.detach())
         except SkipStep:
@@ -62,6 +63,8 @@ class LossWeighting(Weighting):
         value, weights = self.total(values)
         weights = weights.detach()
         self.last_weights = weights
+        if value is None:  # the weighted sum itself (weighted_total): one product and a sum
+            return (weights.to(dtype) * stacked).sum()
         return value.to(dtype) + (weights.to(dtype) * (stacked - values.to(dtype))).sum()
 
     def backward(
@@ -130,16 +133,17 @@ class LossWeighting(Weighting):
         self._resolve_pending_restore()
         return super().state_dict(*args, **kwargs)
 
-    def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
+    def total(self, values: Tensor) -> tuple[Tensor | None, Tensor]:
         """(the total's value, its derivatives w_i = d total / d L_i) at the detached losses
-        ``values`` (Tensor[K], float32 or float64, averaged across ranks)."""
+        ``values`` (Tensor[K], float32 or float64, averaged across ranks); a value of None
+        when the total is the weighted sum sum_i w_i L_i itself (:func:`weighted_total`)."""
         raise NotImplementedError
 
 
-def weighted_total(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum_i w_i L_i, w) for weights that do not depend on the losses' graph."""
-    weights = weights.to(values)
-    return (weights * values).sum(), weights
+def weighted_total(values: Tensor, weights: Tensor) -> tuple[None, Tensor]:
+    """(None, w): the total is sum_i w_i L_i, for weights that do not depend on the losses'
+    graph (the module then returns that sum, with no value to add back)."""
+    return None, weights.to(values)
 
 
 def _grads_nonfinite(total: Tensor) -> Tensor | None:

@@ -36,6 +36,7 @@ Conventions shared by every public function:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -43,13 +44,16 @@ from torch import Tensor
 __all__ = [
     "DECISION_RTOL",
     "as_float64_gramian",
+    "cpu_shortcuts",
     "dual_cone_ridge",
     "dual_cone_weights",
     "gramian_resolution",
+    "halving_line_search",
     "lower_bounded_min_norm",
     "min_norm_simplex",
     "min_norm_simplex_with_support",
     "nnls_iterations",
+    "solve_on_support",
     "upgrad_coefficients",
 ]
 
@@ -66,8 +70,27 @@ _TINY = torch.finfo(_F64).tiny
 CPU_SHORTCUTS = True
 
 
-def _shortcuts(t: Tensor) -> bool:
+def cpu_shortcuts(t: Tensor) -> bool:
+    """Whether a fixed-count loop over ``t`` may stop early (``CPU_SHORTCUTS``, a CPU tensor, not
+    under torch.compile): only then does reading a value wait for no device."""
     return CPU_SHORTCUTS and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def halving_line_search(
+    start: Tensor, halvings: int, accept: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The first of ``start, start / 2, ..., start / 2^(halvings - 1)`` that ``accept`` takes: a
+    backtracking line search without a host read, every candidate tested at once.
+
+    ``accept`` maps the candidates (``Tensor[halvings]``, float64) to ``Tensor[halvings]`` bool.
+    Returns (the fraction, whether any was accepted: 0-dim bool); with none accepted, the
+    fraction is ``start / 2^halvings``, where a sequential loop of ``halvings`` halvings would end.
+    Halving is exact in floating point, so the candidates are those of the sequential loop."""
+    powers = torch.arange(halvings, dtype=_F64, device=start.device)
+    accepted = accept(start * torch.pow(0.5, powers))
+    found = accepted.any()
+    first = torch.where(found, accepted.to(torch.int8).argmax(), halvings)
+    return start * torch.pow(0.5, first.to(_F64)), found
 
 
 def gramian_resolution(dtype: torch.dtype, K: int) -> float:
@@ -130,7 +153,7 @@ def _as_gramian(M: Tensor, validate: bool = True) -> Tensor:
     return as_float64_gramian(M, validate)[0]
 
 
-def _solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
+def solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
     """For each row b: the solution s of Q[S, S] s_S = rhs[b, S], s = 0 off S = support[b].
 
     Batched by embedding Q[S, S] in the identity: (Q masked to S x S) + I on the complement.
@@ -144,7 +167,7 @@ def _solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
     system = system + torch.diag_embed((~support).to(_F64))
     rhs = torch.where(support, rhs, 0.0).unsqueeze(-1)
     factor, info = torch.linalg.cholesky_ex(system)
-    if _shortcuts(system) and bool((info == 0).all()):
+    if cpu_shortcuts(system) and bool((info == 0).all()):
         return torch.cholesky_solve(rhs, factor).squeeze(-1).reshape(-1, K) * support
     ridge = 1e-12 * system.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(_TINY)
     ridged = system + torch.diag_embed(ridge[:, None].expand(-1, K))
@@ -212,11 +235,11 @@ def _nnls_gram(Q: Tensor, P: Tensor, b_sq: Tensor, least_norm: bool) -> tuple[Te
     support = support | interior
     running = running & ~interior.squeeze(-1)
 
-    shortcuts = _shortcuts(Q)
+    shortcuts = cpu_shortcuts(Q)
     for _ in range(nnls_iterations(K)):
         if shortcuts and not bool(running.any()):
             break
-        s = _solve_on_support(Q, P, support)
+        s = solve_on_support(Q, P, support)
         feasible = ((s > 0) | ~support).all(-1)
         accept = running & feasible
         x = torch.where(accept.unsqueeze(-1), s, x)
@@ -259,7 +282,7 @@ def _least_norm_minimiser(Q: Tensor, x: Tensor, tight: Tensor, support: Tensor) 
     support can have several minimisers; computed for every row (one batched eigh), used on
     those."""
     redo = (tight & ~support).any(-1, keepdim=True)
-    if _shortcuts(Q) and not bool(redo.any()):
+    if cpu_shortcuts(Q) and not bool(redo.any()):
         return x
     mask = tight
     block = torch.where(mask[:, :, None] & mask[:, None, :], Q, 0.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -11,9 +9,12 @@ from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.solvers import (
     DECISION_RTOL,
     as_float64_gramian,
+    cpu_shortcuts,
     dual_cone_ridge,
     lower_bounded_min_norm,
     min_norm_simplex_with_support,
+    nnls_iterations,
+    solve_on_support,
 )
 
 _F64 = torch.float64
@@ -42,8 +43,8 @@ class CAGrad(GradientWeighting):
     properties' budget of 4 r max ||g_i|| on some random rank-19 20 x 100 matrices (r the
     Gramian's resolution; e.g. the sampler's 'strong' with seed 1003).
 
-    Host synchronisation: the search runs on the host (Python floats; the Gramian is copied to
-    the CPU), so this method is not yet sync-free (tests/weighting/test_no_host_sync.py).
+    No host synchronisation (solvers.py's convention): the search is a homotopy of fixed
+    length on the Gramian's device (:func:`cagrad_weights`).
     """
 
     def __init__(
@@ -55,20 +56,22 @@ class CAGrad(GradientWeighting):
         self.c, self.rescale = float(c), rescale
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        return cagrad_coefficients(gramian.detach(), c=self.c, rescale=self.rescale).to(
-            gramian.dtype
+        coefficients = cagrad_coefficients(
+            gramian.detach(), c=self.c, rescale=self.rescale, validate=False
         )
+        return coefficients.to(gramian.dtype)
 
 
-def _cagrad_problem(M: Tensor, c: float) -> tuple[Tensor, Tensor, float]:
-    """a = M b (a_i = <g_i, g0>), b = 1 / K, and r = c ||g0|| = sqrt(phi)."""
+def _cagrad_problem(M: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
+    """a = M b (a_i = <g_i, g0>), ||g0||^2 = b^T M b (b = 1 / K), and r = c ||g0|| = sqrt(phi)."""
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
     a = M.mean(1)
-    return a, a.mean().clamp_min(0), c * math.sqrt(float(a.mean().clamp_min(0)))
+    g0_sq = a.mean().clamp_min(0)
+    return a, g0_sq, c * g0_sq.sqrt()
 
 
-def cagrad_weights(M: Tensor, c: float = 0.5) -> Tensor:
+def cagrad_weights(M: Tensor, c: float = 0.5, validate: bool = True) -> Tensor:
     """CAGrad dual weights: ``w = argmin_{w in simplex} w^T M b + sqrt(phi) sqrt(w^T M w)``.
 
     Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021, with
@@ -78,89 +81,111 @@ def cagrad_weights(M: Tensor, c: float = 0.5) -> Tensor:
 
     Algorithm: F's KKT conditions at w are those of the projection of ``-t g0`` onto the convex
     hull of the gradients, ``min_{w in simplex} ||g_w + t g0||^2``, at ``t = ||g_w|| / r``; and
-    ``||g_w(t)|| / (r t)`` decreases in t. So a bracketed search over t: at each t the projection
-    is solved exactly (active set, as MGDA, on the Gramian of ``g_i + t g0``); on its face S the
-    projection is affine in t (``w0 + t w1``), valid on an interval of t computed exactly, and
-    ``||g_w|| = r t`` has the closed-form root ``t* = sqrt(A0 / (r^2 - A2))`` with
-    ``A0 = ||g_w0||^2``, ``A2 = ||g_w1||^2``. If t* lies in the face's interval, ``w0 + t* w1`` is
-    the exact minimiser; otherwise the interval tells on which side the root is. Each t visits a
-    new face, and t* is used as the next guess (else bisection): typically 1 to 3 projections.
+    ``||g_w(t)|| / (r t)`` decreases in t, so the root is the first t where it reaches 1. A
+    homotopy in t follows the projection from t = 0 (MGDA's minimum-norm point, solved exactly
+    by :func:`~fusedmtl.weighting.solvers.min_norm_simplex_with_support`): on a face S (affinely
+    independent gradients) the projection is affine in t, ``w0 + t w1`` (one batched solve of
+    ``Q_SS [y z] = [1 a_S]``, ``Q = M + s 1 1^T``), and ``||g_w|| = r t`` has the closed-form
+    root ``t* = sqrt(A0 / (r^2 - A2))``, ``A0 = ||g_w0||^2``, ``A2 = ||g_w1||^2`` (``g_w0`` is
+    orthogonal to the face's directions). If t* comes before the face ends (a weight on S
+    reaching 0, or a multiplier off S reaching 0), ``w0 + t* w1`` is the exact minimiser;
+    otherwise the face changes there (that index leaves or enters) and the homotopy goes on.
+    No host synchronisation: :func:`~fusedmtl.weighting.solvers.nnls_iterations` (K) face
+    changes run, the answer frozen once found (typically after 0 to 2 changes); on CPU tensors
+    the loop ends then.
 
     Args:
         M: Gramian ``Tensor[K, K]``, symmetric PSD, any float dtype / device.
         c: the radius ratio (>= 0; CAGrad uses 0.5).
+        validate: check M's finiteness (a host read; ``ValueError``).
     Returns:
-        ``Tensor[K]`` float64 on the CPU, nonnegative, summing to 1.
+        ``Tensor[K]`` float64 on M's device, nonnegative, summing to 1.
 
     Degenerate cases: K = 1 gives ``[1]``. ``r = 0`` (c = 0, or ``g0 = 0``: all gradients zero,
     ``g`` and ``-g``) leaves the linear ``<g_w, g0>``, minimised by uniform weights over the
     gradients of least ``<g_i, g0>`` (all of them when ``g0 = 0``). When 0 is in the hull and
     optimal (``g_w = 0``: e.g. ``g1 = -g2`` and a third gradient orthogonal to them), the weights
-    of 0 on the face the search ends on are returned. When w is not unique (affinely dependent
+    of 0 on the face the homotopy is on are returned. When w is not unique (affinely dependent
     gradients) the minimiser on an affinely independent face is returned.
     """
-    M, _ = as_float64_gramian(M)
-    M = M.cpu()  # (a host algorithm: see the class docstring)
-    K = M.shape[0]
+    M, resolution = as_float64_gramian(M, validate)
+    return _cagrad_weights(M, c, resolution)
+
+
+def _at_zero(M: Tensor, w: Tensor, resolution: float) -> Tensor:
+    """Whether g_w = 0 to the Gramian's resolution: ||g_w|| is resolved only to about
+    sqrt(resolution) sum_i w_i ||g_i|| (plus 1e-10 max_i ||g_i|| for w on zero gradients)."""
+    norms = M.diagonal().clamp_min(0).sqrt()
+    gw_norm = (w @ M @ w).clamp_min(0).sqrt()
+    return gw_norm <= resolution**0.5 * (w @ norms) + _NORM_FLOOR * norms.max()
+
+
+def _cagrad_weights(M: Tensor, c: float, resolution: float) -> Tensor:
+    K, device = M.shape[0], M.device
     a, g0_sq, r = _cagrad_problem(M, c)
     if K == 1:
-        return torch.ones(1, dtype=_F64)
-    scale = float(M.diagonal().max())
-    if r <= _RTOL * math.sqrt(max(scale, 0.0)):
-        # F = <g_w, g0>: linear, minimised by the cheapest vertices (uniform for determinism)
-        cheapest = a <= a.min() + _RTOL * max(scale, _TINY)
-        return cheapest.to(_F64) / cheapest.sum()
+        return torch.ones(1, dtype=_F64, device=device)
+    scale = M.diagonal().max().clamp_min(0)
+    # r = 0: F = <g_w, g0> is linear, minimised by the cheapest vertices (uniform for determinism)
+    linear = r <= _RTOL * scale.sqrt()
+    cheapest = a <= a.min() + _RTOL * scale.clamp_min(_TINY)
+    linear_weights = cheapest.to(_F64) / cheapest.sum()
+    M = torch.where(linear, torch.eye(K, dtype=_F64, device=device), M)  # (a well-posed dummy)
+    weights, face = min_norm_simplex_with_support(M, least_norm=False)
+    s = M.diagonal().sum() / K
+    Q = M + s  # (PD on affinely independent faces: Q_SS = M_SS + s 1 1^T)
+    # the right-hand sides 1, a and the columns of Q (for the entering test below)
+    rhs = torch.cat([torch.stack([torch.ones_like(a), a]), Q])
+    unit = torch.eye(K, dtype=torch.bool, device=device)
+    t = torch.zeros((), dtype=_F64, device=device)
+    # For c >= 1 and 0 in the hull, g_w = 0 is optimal (F(w) >= (r - ||g0||) ||g_w|| >= 0 = F at
+    # 0; other optima, g_w anti-parallel to g0 when c = 1, would cancel d to rounding noise).
+    found = _at_zero(M, weights, resolution) if c >= 1 else torch.zeros((), dtype=torch.bool)
+    found = found.to(device)
+    shortcuts = cpu_shortcuts(M)
+    for _ in range(nnls_iterations(K)):
+        if shortcuts and bool(found):
+            break
+        # On S: M_SS w + t a_S = mu 1, 1^T w = 1, i.e. w = (mu + s) y - t z with Q_SS y = 1,
+        # Q_SS z = a_S; so w = w0 + t w1 and mu = mu0 + t mu1.
+        solved = solve_on_support(Q, rhs, face.expand(K + 2, K))
+        y, z = solved[0], solved[1]
+        # (g_j, sqrt(s)) off the span of the face's: only such a j can enter (a dependent j's
+        # multiplier is 0 all along the face, up to rounding)
+        independent = Q.diagonal() - (Q * solved[2:]).sum(-1) > 1e-9 * Q.diagonal()
+        sum_y, sum_z = y.sum(), z.sum()
+        w0, w1 = y / sum_y, y * (sum_z / sum_y) - z
+        mu0, mu1 = 1.0 / sum_y - s, sum_z / sum_y
+        A0 = (w0 @ M @ w0).clamp_min(0)  # ||p0||^2, p0 the min-norm point of the affine hull
+        A2 = (w1 @ M @ w1).clamp_min(0)  # ||P_L g0||^2, L the face's direction space
+        margin = r * r - A2
+        t_root = torch.where(margin > 0, (A0 / margin.clamp_min(_TINY)).sqrt(), torch.inf)
+        # The face ends where w0 + t w1 >= 0 on S or the multipliers off S,
+        # (M w0 - mu0) + t (M w1 + a - mu1) >= 0, first fail (thresholds: relative rounding).
+        tolerance = _RTOL * torch.where(face, 1.0, scale)
+        level = torch.where(face, w0, M @ w0 - mu0)
+        slope = torch.where(face, w1, M @ w1 + a - mu1)
+        falling = (slope < -tolerance) & (face | independent)
+        ends = torch.where(
+            falling, -(level + tolerance) / torch.where(falling, slope, -1.0), torch.inf
+        )
+        t_end, index = torch.maximum(ends, t).min(0, keepdim=True)
+        # A face that ends where it starts holds no root past t: this matters at t = 0 with
+        # g_w0 = 0 (0 a vertex of the hull, t* = 0 on a face -t g0 leaves at once)
+        at_once = (falling & (level + t * slope <= tolerance)).any()
+        root_here = (t_root <= t_end[0] * (1 + 1e-11)) & ~(at_once & (t_root <= t))
+        root_weights = (w0 + torch.maximum(t_root, t) * w1).clamp_min(0)
+        root_weights = root_weights / root_weights.sum()
+        weights = torch.where(found | ~root_here, weights, root_weights)
+        found = found | root_here | torch.isinf(t_end[0])  # (no end and no root: rounding)
+        face = torch.where(found, face, face ^ unit[index][0])
+        t = torch.where(found, t, t_end[0])
+    return torch.where(linear, linear_weights, weights)
 
-    # ||g_w|| <= max_i ||g_i|| < r t_high, so the root is below t_high.
-    t_low, t_high = 0.0, 2.0 * math.sqrt(scale) / r
-    t = min(1.0 / c, 0.5 * t_high)  # the root if g_w were g0
-    w_t = torch.full((K,), 1.0 / K, dtype=_F64)
-    for iteration in range(200):
-        shifted = M + t * (a[:, None] + a[None, :]) + (t * t) * g0_sq
-        w_t, face = min_norm_simplex_with_support(shifted, least_norm=False)
-        # On the face: M_SS w + t a_S = mu 1, 1^T w_S = 1; affine in t:
-        # [M_SS 1; 1^T 0] [w0 w1; -mu0 -mu1] = [0 -a_S; 1 0] (non-singular: S affinely independent).
-        n = int(face.sum())
-        bordered = torch.zeros(n + 1, n + 1, dtype=_F64)
-        bordered[:n, :n] = M[face][:, face]
-        bordered[:n, n] = 1.0
-        bordered[n, :n] = 1.0
-        rhs = torch.zeros(n + 1, 2, dtype=_F64)
-        rhs[n, 0] = 1.0
-        rhs[:n, 1] = -a[face]
-        solution = torch.linalg.solve(bordered, rhs)
-        w0 = torch.zeros(K, dtype=_F64)
-        w1 = torch.zeros(K, dtype=_F64)
-        w0[face], w1[face] = solution[:n, 0], solution[:n, 1]
-        mu0, mu1 = -solution[n, 0], -solution[n, 1]
-        # The face's interval: w0 + s w1 >= 0 on S, and the multipliers off S,
-        # (M w0 - mu0) + s (M w1 + a - mu1) >= 0, up to rounding (relative thresholds).
-        slack0 = torch.where(face, w0 + _RTOL, M @ w0 - mu0 + _RTOL * scale)
-        slack1 = torch.where(face, w1 + _RTOL, M @ w1 + a - mu1 + _RTOL * scale)
-        bounds = -slack0 / torch.where(slack1 == 0, _TINY, slack1)
-        s_low = max([0.0] + bounds[(slack1 > 0) & (slack0 < 0)].tolist())
-        s_high = min([math.inf] + bounds[(slack1 < 0)].tolist())
-        s_low, s_high = min(s_low, t), max(s_high, t)  # the face was computed at t
-        A0 = max(
-            float(w0 @ M @ w0), 0.0
-        )  # ||p0||^2, p0 the min-norm point of the face's affine hull
-        A2 = max(float(w1 @ M @ w1), 0.0)  # ||P_L g0||^2, L the face's direction space
-        t_root = math.sqrt(A0 / (r * r - A2)) if A2 < r * r else math.inf
-        if s_low * (1 - 1e-11) <= t_root <= s_high * (1 + 1e-11):
-            w = (w0 + t_root * w1).clamp_min(0)
-            return w / w.sum()
-        if t_root < s_low:
-            t_high = min(t_high, s_low)
-        else:
-            t_low = max(t_low, s_high)
-        if t_low < t_root < t_high and iteration % 3 != 2:
-            t = t_root
-        else:
-            t = 0.5 * (t_low + t_high) if t_low > 0 else 0.25 * t_high
-    return w_t  # not reached in practice; the last projection's weights are feasible
 
-
-def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Tensor:
+def cagrad_coefficients(
+    M: Tensor, c: float = 0.5, rescale: bool = False, validate: bool = True
+) -> Tensor:
     """CAGrad coefficients: ``d = sum_i coef_i g_i = g0 + r / ||g_w|| g_w``.
 
     ``w`` from :func:`cagrad_weights`, ``g0 = mean_i g_i``, ``r = c ||g0||``,
@@ -175,24 +200,24 @@ def cagrad_coefficients(M: Tensor, c: float = 0.5, rescale: bool = False) -> Ten
     ``||g_w|| <= 1e-6 sum_i w_i ||g_i|| + 1e-10 max_i ||g_i||``, ``g_w = 0`` is assumed. Then
     every primal solution has ``min_i <g_i, d> = 0``; the one returned is the projection of
     ``g0`` onto the dual cone ``{x : <x, g_j> >= 0}`` (``coef = 1/K + u``, ``u >= 0``, as
-    UPGrad's), which lies in the ball. ``r = 0`` gives ``coef = 1/K``.
-    Returns ``Tensor[K]`` float64 on the CPU.
+    UPGrad's), which lies in the ball. ``r = 0`` gives ``coef = 1/K``. Both candidates are
+    computed and one selected (no host read).
+    Returns ``Tensor[K]`` float64 on M's device.
     """
-    M, resolution = as_float64_gramian(M)
-    M = M.cpu()  # (a host algorithm: see the class docstring)
+    M, resolution = as_float64_gramian(M, validate)
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
-    mean_weights = torch.full((K,), 1.0 / K, dtype=_F64)
-    coefficients = mean_weights
-    if r > 0:
-        w = cagrad_weights(M, c)
-        gw_norm = math.sqrt(max(float(w @ M @ w), 0.0))
-        norms = M.diagonal().sqrt()
-        if gw_norm > math.sqrt(resolution) * float(w @ norms) + _NORM_FLOOR * float(norms.max()):
-            coefficients = mean_weights + (r / gw_norm) * w
-        else:
-            ridge = dual_cone_ridge(resolution)
-            coefficients = lower_bounded_min_norm(M, mean_weights.unsqueeze(0), ridge)[0]
+    mean_weights = torch.full((K,), 1.0 / K, dtype=_F64, device=M.device)
+    w = _cagrad_weights(M, c, resolution)
+    gw_norm = (w @ M @ w).clamp_min(0).sqrt()
+    resolved = ~_at_zero(M, w, resolution)
+    ascent = mean_weights + (r / gw_norm.clamp_min(_TINY)) * w
+    if cpu_shortcuts(M) and bool(resolved | (r <= 0)):
+        projected = mean_weights  # (not selected)
+    else:
+        ridge = dual_cone_ridge(resolution)
+        projected = lower_bounded_min_norm(M, mean_weights.unsqueeze(0), ridge)[0]
+    coefficients = torch.where(r > 0, torch.where(resolved, ascent, projected), mean_weights)
     if rescale:
         coefficients = coefficients / (1.0 + c * c)
     return coefficients

@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import as_float64_gramian
+from fusedmtl.weighting.solvers import as_float64_gramian, cpu_shortcuts, halving_line_search
 
 
-def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float = 1e-12) -> Tensor:
+def alpha_fair_weights(
+    M: Tensor, alpha: float, max_iter: int = 100, tol: float = 1e-12, validate: bool = True
+) -> Tensor:
     """The positive solution w of ``M w = w^(-1 / alpha)`` (FairGrad's equation 4).
 
     It is the minimiser of the strictly convex f(w) = w^T M w / 2 - sum_i h(w_i) over w > 0, with
@@ -17,55 +19,57 @@ def alpha_fair_weights(M: Tensor, alpha: float, max_iter: int = 100, tol: float 
     found by damped Newton steps (Hessian M + diag(w^(-1/alpha - 1)) / alpha, positive definite)
     kept inside w > 0 by halving, from w = 1 / K as in the paper's code. A zero gradient (M_ii = 0)
     would need w_i = infinity; its weight multiplies a zero gradient, so it is set to 0 and the
-    problem solved over the others.
+    problem solved over the others (masked: their rows and columns of M are zero, their steps 0).
+
+    No host synchronisation (solvers.py's convention): ``max_iter`` iterations run, an iterate
+    that has stopped no longer changing, and each line search tests its 60 halvings at once; on
+    CPU tensors the loop ends when it stops.
 
     Args:
         M: Gramian ``Tensor[K, K]``, symmetric PSD, any float dtype / device.
         alpha: the fairness parameter, > 0 (1: proportional fairness; -> infinity: max-min).
         max_iter: the most Newton steps.
         tol: stop when the relative residual max_i |(M w)_i w_i^(1/alpha) - 1| is below it.
+        validate: check M's finiteness (a host read; ``ValueError``).
     Returns:
-        ``Tensor[K]`` float64 on the CPU, w_i > 0 where g_i != 0, else 0.
+        ``Tensor[K]`` float64 on M's device, w_i > 0 where g_i != 0, else 0.
     """
-    M = as_float64_gramian(M)[0].cpu()  # (a host algorithm: Newton with a line search)
+    M = as_float64_gramian(M, validate)[0]
     k = M.shape[0]
     diag = M.diagonal()
     live = diag > 1e-12 * diag.max().clamp_min(torch.finfo(M.dtype).tiny)
-    w = torch.zeros(k, dtype=M.dtype)
-    if not bool(live.any()):
-        return w
-    Q = M[live][:, live]
-    x = torch.full((Q.shape[0],), 1.0 / k, dtype=M.dtype)
+    Q = M * (live[:, None] & live[None, :])
+    x = torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device)
     power = -1.0 / alpha
 
-    def objective(v: Tensor) -> Tensor:
+    def objective(v: Tensor) -> Tensor:  # v: [..., k]
         h = v.log() if alpha == 1 else v.pow(1 + power) / (1 + power)
-        return 0.5 * v @ Q @ v - h.sum()
+        return 0.5 * ((v @ Q) * v).sum(-1) - torch.where(live, h, 0.0).sum(-1)
 
+    stopped = ~live.any()
+    shortcuts = cpu_shortcuts(M)
     for _ in range(max_iter):
-        target = x.pow(power)
-        residual = Q @ x - target
-        if float((residual / target).abs().max()) < tol:
+        if shortcuts and bool(stopped):
             break
-        hessian = Q + torch.diag(-power * x.pow(power - 1))
+        target = x.pow(power)
+        residual = torch.where(live, Q @ x - target, 0.0)
+        stopped = stopped | ((residual / target).abs().max() < tol)
+        hessian = Q + torch.diag(torch.where(live, -power * x.pow(power - 1), 0.0))
         # (pinv: the diagonal term underflows when the problem has no solution and x diverges,
         # e.g. for opposite gradients; Newton then stops where f no longer decreases.)
         step = torch.linalg.pinv(hessian, hermitian=True) @ residual
-        t, value, improved = 1.0, objective(x), False
-        # Backtracking: stay positive, then decrease f (Armijo).
-        for _ in range(60):
-            candidate = x - t * step
-            if bool((candidate > 0).all()) and float(objective(candidate)) <= float(
-                value - 1e-4 * t * (residual @ step)
-            ):
-                improved = True
-                break
-            t *= 0.5
-        if not improved:
-            break
-        x = candidate
-    w[live] = x
-    return w
+        value, slope = objective(x), residual @ step
+
+        def decreases(t: Tensor) -> Tensor:  # stay positive, then decrease f (Armijo)
+            candidates = x - t[:, None] * step
+            positive = (candidates > 0).all(-1)
+            safe = torch.where(positive[:, None], candidates, 1.0)
+            return positive & (objective(safe) <= value - 1e-4 * t * slope)
+
+        t, improved = halving_line_search(x.new_ones(()), 60, decreases)
+        stopped = stopped | ~improved
+        x = torch.where(stopped, x, x - t * step)
+    return torch.where(live, x, 0.0)
 
 
 class FairGrad(GradientWeighting):
@@ -77,10 +81,6 @@ class FairGrad(GradientWeighting):
     :func:`alpha_fair_weights` on the K x K problem (torchjd and the paper's code call scipy's
     least_squares). alpha = 0 is linear scalarisation, w = 1 / K (section 3); alpha = 1 is
     Nash-MTL's bargaining condition.
-
-    Host synchronisation: the Newton solve with its line search runs on the host (the Gramian
-    is copied to the CPU), so this method is not yet sync-free
-    (tests/weighting/test_no_host_sync.py).
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`.
@@ -102,4 +102,6 @@ class FairGrad(GradientWeighting):
         k = gramian.shape[0]
         if self.alpha == 0:
             return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
-        return alpha_fair_weights(gramian, self.alpha, self.max_iter).to(gramian.dtype)
+        return alpha_fair_weights(gramian, self.alpha, self.max_iter, validate=False).to(
+            gramian.dtype
+        )

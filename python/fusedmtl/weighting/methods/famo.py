@@ -55,18 +55,20 @@ class FAMO(LossWeighting):
         )
 
     def total(self, values):
-        log_values = (values + self.eps).log().to(self.logits)
+        shifted = values + self.eps
+        log_values = shifted.log()
         if self._has_previous is None:  # after construction or a load: one read, not per step
             self._has_previous = not bool(self.previous_losses.isnan().any())
         if self._has_previous:
-            decrease = (self.previous_losses + self.eps).log() - log_values
+            decrease = (self.previous_losses + self.eps).log() - log_values.to(self.logits)
             z = torch.softmax(self.logits, 0)
             self._optimizer.step(z * (decrease - (z * decrease).sum()))  # J_softmax^T delta
         self.previous_losses.copy_(values)
         self._has_previous = True
         z = torch.softmax(self.logits, 0).to(values)
-        norm = (z / (values + self.eps)).sum()
-        return (z * (values + self.eps).log()).sum() / norm, z / (norm * (values + self.eps))
+        weights = z / shifted
+        norm = weights.sum()
+        return (z * log_values).sum() / norm, weights / norm
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "optimizer": self._optimizer.state_dict()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl.weighting import solvers
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -27,7 +28,7 @@ class PCD(GradientWeighting):
     (e.g. two opposite secondary gradients) are dropped, d = g_0; d~ = 0 up to the Gramian's
     rounding gives d = 0. Not symmetric in the tasks (the first is the primary). The EMA
     (float64) and its step count are in the state_dict; they are not updated on skipped steps.
-    Solved on the host in float64 (a K x K problem with branches: one read of the Gramian).
+    Solved in float64 on the Gramian's device, without a host read (solvers.py's convention).
 
     Args:
         shared_params, tasks: see :class:`~fusedmtl.weighting.gradient_based.GradientWeighting`;
@@ -57,7 +58,8 @@ class PCD(GradientWeighting):
             raise ValueError(f"PCD: tau must have {k - 1} values (one per secondary task)")
         if not 0.0 <= beta < 1.0 or not eps >= 0:
             raise ValueError(f"PCD: needs beta in [0, 1) and eps >= 0, got {beta} and {eps}")
-        self.tau, self.beta = taus, float(beta)
+        self.beta = float(beta)
+        self.register_buffer("tau", taus, persistent=False)  # (a setting: moves, not saved)
         self.register_buffer("sq_norm_ema", torch.zeros(k or 0, dtype=torch.float64))
         self.register_buffer("steps_done", torch.tensor(0))
 
@@ -67,29 +69,28 @@ class PCD(GradientWeighting):
         )
 
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        M = gramian.detach().to("cpu", torch.float64)
+        M = gramian.detach().to(torch.float64)
         k = M.shape[0]
-        taus = self.tau.expand(k - 1) if self.tau.dim() == 0 else self.tau
+        taus = self.tau.to(M.device)
+        taus = taus.expand(k - 1) if taus.dim() == 0 else taus
         if taus.numel() != k - 1:
             raise ValueError(f"PCD: tau has {taus.numel()} values for {k - 1} secondary tasks")
         sq_norms = M.diagonal().clamp_min(0)
-        steps = int(self.steps_done) + 1
-        ema = self.beta * self.sq_norm_ema.to("cpu") + (1 - self.beta) * sq_norms
+        self.steps_done += 1
+        ema = self.beta * self.sq_norm_ema.to(M.device) + (1 - self.beta) * sq_norms
         self.sq_norm_ema.copy_(ema)
-        self.steps_done.fill_(steps)
-        denominators = (ema / (1 - self.beta**steps) + self.eps).sqrt()
+        bias = 1 - torch.pow(self.beta, self.steps_done.to(M.device, torch.float64))
+        denominators = (ema / bias + self.eps).sqrt()
         # a gradient that was always zero: its scale multiplies nothing (0, not 1 / 0 at eps = 0)
         scales = torch.where(denominators > 0, 1 / denominators.clamp_min(1e-300), 0.0)
-        weights = torch.zeros(k, dtype=torch.float64)
-        if sq_norms[0] > 0:
-            normalised = M * scales[:, None] * scales[None, :]
-            precision = 10 * torch.finfo(gramian.dtype).eps
-            w = priority_constrained_weights(normalised, taus, dependence_tol=max(1e-9, precision))
-            sq_norm = w @ normalised @ w
-            rounding = (w.abs() @ normalised.diagonal().clamp_min(0).sqrt()) ** 2
-            if sq_norm > precision * rounding:
-                weights = w * scales * (sq_norms[0] / sq_norm).sqrt()
-        return weights.to(device=gramian.device, dtype=gramian.dtype)
+        normalised = M * scales[:, None] * scales[None, :]
+        precision = 10 * torch.finfo(gramian.dtype).eps
+        w = priority_constrained_weights(normalised, taus, dependence_tol=max(1e-9, precision))
+        sq_norm = w @ normalised @ w
+        rounding = (w.abs() @ normalised.diagonal().clamp_min(0).sqrt()) ** 2
+        kept = (sq_norms[0] > 0) & (sq_norm > precision * rounding)
+        weights = w * scales * (sq_norms[0] / sq_norm.clamp_min(1e-300)).sqrt()
+        return torch.where(kept, weights, 0.0).to(dtype=gramian.dtype)
 
 
 def priority_constrained_weights(
@@ -107,56 +108,69 @@ def priority_constrained_weights(
     the partial step at which an active multiplier reaches 0 (that constraint is dropped and p
     tried again). Neither step finite: the constraints are infeasible.
 
+    No host synchronisation: each iteration picks the most violated constraint if the last one
+    was added (the choice is free) and takes one step; 10 K iterations run (each adds or drops
+    one constraint: the budget that guards against cycling), the iterate frozen once every
+    constraint holds or they are infeasible, the active set a mask (ties between ratios go to
+    the lowest index); on CPU tensors the loop ends when it stops.
+
     Args:
         gramian: ``Tensor[K, K]`` float64, the Gramian of (g_0, ..., g_{K-1}).
-        taus: ``Tensor[K - 1]`` float64.
+        taus: ``Tensor[K - 1]`` float64, on the Gramian's device.
         tol: a slack above -tol max_i M_ii counts as satisfied.
         dependence_tol: g_p counts as dependent on the active gradients when
             norm(z)^2 <= dependence_tol S_pp.
 
     Returns:
-        ``Tensor[K]`` float64, (1, mu); (1, 0, ..., 0) when the constraints are infeasible.
+        ``Tensor[K]`` float64 on the Gramian's device, (1, mu); (1, 0, ..., 0) when the
+        constraints are infeasible.
     """
-    k = gramian.shape[0]
-    out = torch.zeros(k, dtype=torch.float64)
-    out[0] = 1.0
+    k, device = gramian.shape[0], gramian.device
+    one = torch.ones(1, dtype=torch.float64, device=device)
     if k == 1:
-        return out
+        return one
     S = gramian[1:, 1:]
     b = taus * S.diagonal() - gramian[1:, 0]
-    mu = torch.zeros(k - 1, dtype=torch.float64)
-    threshold = -tol * max(float(gramian.diagonal().max()), torch.finfo(torch.float64).tiny)
-    active: list[int] = []
-    budget = 10 * k  # each iteration adds or drops one constraint; this guards against cycling
-    while budget > 0:
-        slacks = S @ mu - b
-        slacks[active] = 0.0  # (equalities, up to rounding)
-        p = int(slacks.argmin())
-        if slacks[p] >= threshold:
+    n = k - 1
+    unit = torch.eye(n, dtype=torch.bool, device=device)
+    threshold = -tol * gramian.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
+    mu = torch.zeros(n, dtype=torch.float64, device=device)
+    active = torch.zeros(n, dtype=torch.bool, device=device)
+    # the constraint p being added, one-hot (indexing by a device scalar would be a host read)
+    at_p = torch.zeros(n, dtype=torch.bool, device=device)
+    slack = torch.zeros((), dtype=torch.float64, device=device)
+    choosing = torch.ones((), dtype=torch.bool, device=device)  # the last step added p
+    done = torch.zeros((), dtype=torch.bool, device=device)
+    infeasible = torch.zeros((), dtype=torch.bool, device=device)
+    shortcuts = solvers.cpu_shortcuts(gramian)
+    for _ in range(10 * k):
+        if shortcuts and bool(done | infeasible):
             break
-        slack = slacks[p]
-        while budget > 0:
-            budget -= 1
-            if active:
-                r = torch.linalg.solve(S[active][:, active], S[active, p])
-                z_sq = S[p, p] - S[p, active] @ r
-                ratios = torch.where(r > 0, mu[active] / r, torch.inf)
-                drop = int(ratios.argmin())
-                partial = float(ratios[drop])
-            else:
-                r, z_sq, drop, partial = None, S[p, p], -1, float("inf")
-            full = float(-slack / z_sq) if z_sq > dependence_tol * S[p, p] else float("inf")
-            step = min(partial, full)
-            if step == float("inf"):
-                return out  # infeasible: the constraints are dropped
-            if r is not None:
-                mu[active] -= step * r
-            mu[p] += step
-            if full <= partial:
-                active.append(p)
-                break
-            mu[active[drop]] = 0.0
-            del active[drop]
-            slack = S[p] @ mu - b[p]
-    out[1:] = mu.clamp_min(0.0)
-    return out
+        slacks = torch.where(active, 0.0, S @ mu - b)  # (active ones: equalities, up to rounding)
+        least, violated = slacks.min(0, keepdim=True)
+        done = done | (choosing & (least[0] >= threshold))
+        at_p = torch.where(choosing, unit[violated][0], at_p)
+        slack = torch.where(choosing, least[0], slack)
+        S_p = at_p.to(S.dtype) @ S
+        S_pp = torch.where(at_p, S_p, 0.0).sum()
+        r = solvers.solve_on_support(S, S_p.unsqueeze(0), active.unsqueeze(0))[0]
+        z_sq = S_pp - S_p @ r
+        ratios = torch.where(active & (r > 0), mu / torch.where(r > 0, r, 1.0), torch.inf)
+        partial, drop = ratios.min(0, keepdim=True)
+        partial, at_drop = partial[0], unit[drop][0]
+        independent = z_sq > dependence_tol * S_pp
+        full = torch.where(independent, -slack / torch.where(independent, z_sq, 1.0), torch.inf)
+        step = torch.minimum(partial, full)
+        running = ~done & ~infeasible
+        infeasible = infeasible | (running & torch.isinf(step))
+        running = running & ~torch.isinf(step)
+        adds = full <= partial
+        moved = torch.where(at_p, mu + step, mu - step * r)
+        moved = torch.where(~adds & at_drop, 0.0, moved)
+        mu = torch.where(running, moved, mu)
+        grown = torch.where(adds, active | at_p, active & ~at_drop)
+        active = torch.where(running, grown, active)
+        slack = torch.where(running & ~adds, S_p @ mu - torch.where(at_p, b, 0.0).sum(), slack)
+        choosing = torch.where(running, adds, choosing)
+    weights = torch.cat([one, mu.clamp_min(0.0)])
+    return torch.where(infeasible, torch.cat([one, torch.zeros_like(mu)]), weights)
