@@ -109,7 +109,7 @@ def cagrad_weights(M: Tensor, c: float = 0.5, validate: bool = True) -> Tensor:
     gradients) the minimiser on an affinely independent face is returned.
     """
     M, resolution = as_float64_gramian(M, validate)
-    return _cagrad_weights(M, c, resolution)
+    return cagrad_homotopy(M, c, resolution)[0]
 
 
 def _at_zero(M: Tensor, w: Tensor, resolution: float) -> Tensor:
@@ -120,11 +120,15 @@ def _at_zero(M: Tensor, w: Tensor, resolution: float) -> Tensor:
     return gw_norm <= resolution**0.5 * (w @ norms) + _NORM_FLOOR * norms.max()
 
 
-def _cagrad_weights(M: Tensor, c: float, resolution: float) -> Tensor:
+def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Tensor]:
+    """:func:`cagrad_weights` on a float64 Gramian of that resolution
+    (:func:`~fusedmtl.weighting.solvers.as_float64_gramian`), and whether the homotopy reached
+    the root within its bound (a 0-dim bool tensor; if not, MGDA's weights are returned: the
+    tests check that it always does)."""
     K, device = M.shape[0], M.device
     a, g0_sq, r = _cagrad_problem(M, c)
     if K == 1:
-        return torch.ones(1, dtype=_F64, device=device)
+        return torch.ones(1, dtype=_F64, device=device), torch.ones((), dtype=torch.bool)
     scale = M.diagonal().max().clamp_min(0)
     # r = 0: F = <g_w, g0> is linear, minimised by the cheapest vertices (uniform for determinism)
     linear = r <= _RTOL * scale.sqrt()
@@ -180,7 +184,7 @@ def _cagrad_weights(M: Tensor, c: float, resolution: float) -> Tensor:
         found = found | root_here | torch.isinf(t_end[0])  # (no end and no root: rounding)
         face = torch.where(found, face, face ^ unit[index][0])
         t = torch.where(found, t, t_end[0])
-    return torch.where(linear, linear_weights, weights)
+    return torch.where(linear, linear_weights, weights), linear | found
 
 
 def cagrad_coefficients(
@@ -208,7 +212,7 @@ def cagrad_coefficients(
     K = M.shape[0]
     a, g0_sq, r = _cagrad_problem(M, c)
     mean_weights = torch.full((K,), 1.0 / K, dtype=_F64, device=M.device)
-    w = _cagrad_weights(M, c, resolution)
+    w = cagrad_homotopy(M, c, resolution)[0]
     gw_norm = (w @ M @ w).clamp_min(0).sqrt()
     resolved = ~_at_zero(M, w, resolution)
     ascent = mean_weights + (r / gw_norm.clamp_min(_TINY)) * w
