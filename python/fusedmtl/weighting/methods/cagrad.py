@@ -146,9 +146,10 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
     # 0; other optima, g_w anti-parallel to g0 when c = 1, would cancel d to rounding noise).
     found = _at_zero(M, weights, resolution) if c >= 1 else torch.zeros((), dtype=torch.bool)
     found = found.to(device)
+    stuck = torch.zeros((), dtype=torch.bool, device=device)
     shortcuts = cpu_shortcuts(M)
     for _ in range(nnls_iterations(K)):
-        if shortcuts and bool(found):
+        if shortcuts and bool(found | stuck):
             break
         # On S: M_SS w + t a_S = mu 1, 1^T w = 1, i.e. w = (mu + s) y - t z with Q_SS y = 1,
         # Q_SS z = a_S; so w = w0 + t w1 and mu = mu0 + t mu1.
@@ -180,10 +181,12 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
         root_here = (t_root <= t_end[0] * (1 + 1e-11)) & ~(at_once & (t_root <= t))
         root_weights = (w0 + torch.maximum(t_root, t) * w1).clamp_min(0)
         root_weights = root_weights / root_weights.sum()
-        weights = torch.where(found | ~root_here, weights, root_weights)
-        found = found | root_here | torch.isinf(t_end[0])  # (no end and no root: rounding)
-        face = torch.where(found, face, face ^ unit[index][0])
-        t = torch.where(found, t, t_end[0])
+        weights = torch.where(found | stuck | ~root_here, weights, root_weights)
+        found = found | (root_here & ~stuck)
+        # no end and no root (only rounding could do that): the homotopy cannot go on
+        stuck = stuck | (~found & torch.isinf(t_end[0]))
+        face = torch.where(found | stuck, face, face ^ unit[index][0])
+        t = torch.where(found | stuck, t, t_end[0])
     return torch.where(linear, linear_weights, weights), linear | found
 
 
