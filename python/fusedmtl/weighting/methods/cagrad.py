@@ -62,13 +62,12 @@ class CAGrad(GradientWeighting):
         return coefficients.to(gramian.dtype)
 
 
-def _cagrad_problem(M: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
-    """a = M b (a_i = <g_i, g0>), ||g0||^2 = b^T M b (b = 1 / K), and r = c ||g0|| = sqrt(phi)."""
+def _cagrad_problem(M: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    """a = M b (a_i = <g_i, g0>, b = 1 / K) and r = c ||g0|| = sqrt(phi), ||g0||^2 = b^T M b."""
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
     a = M.mean(1)
-    g0_sq = a.mean().clamp_min(0)
-    return a, g0_sq, c * g0_sq.sqrt()
+    return a, c * a.mean().clamp_min(0).sqrt()
 
 
 def cagrad_weights(M: Tensor, c: float = 0.5, validate: bool = True) -> Tensor:
@@ -126,9 +125,10 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
     the root within its bound (a 0-dim bool tensor; if not, MGDA's weights are returned: the
     tests check that it always does)."""
     K, device = M.shape[0], M.device
-    a, g0_sq, r = _cagrad_problem(M, c)
+    a, r = _cagrad_problem(M, c)
+    false = torch.zeros((), dtype=torch.bool, device=device)
     if K == 1:
-        return torch.ones(1, dtype=_F64, device=device), torch.ones((), dtype=torch.bool)
+        return torch.ones(1, dtype=_F64, device=device), ~false
     scale = M.diagonal().max().clamp_min(0)
     # r = 0: F = <g_w, g0> is linear, minimised by the cheapest vertices (uniform for determinism)
     linear = r <= _RTOL * scale.sqrt()
@@ -144,9 +144,8 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
     t = torch.zeros((), dtype=_F64, device=device)
     # For c >= 1 and 0 in the hull, g_w = 0 is optimal (F(w) >= (r - ||g0||) ||g_w|| >= 0 = F at
     # 0; other optima, g_w anti-parallel to g0 when c = 1, would cancel d to rounding noise).
-    found = _at_zero(M, weights, resolution) if c >= 1 else torch.zeros((), dtype=torch.bool)
-    found = found.to(device)
-    stuck = torch.zeros((), dtype=torch.bool, device=device)
+    found = _at_zero(M, weights, resolution) if c >= 1 else false
+    stuck = false
     shortcuts = cpu_shortcuts(M)
     for _ in range(nnls_iterations(K)):
         if shortcuts and bool(found | stuck):
@@ -213,7 +212,7 @@ def cagrad_coefficients(
     """
     M, resolution = as_float64_gramian(M, validate)
     K = M.shape[0]
-    a, g0_sq, r = _cagrad_problem(M, c)
+    r = _cagrad_problem(M, c)[1]
     mean_weights = torch.full((K,), 1.0 / K, dtype=_F64, device=M.device)
     w = cagrad_homotopy(M, c, resolution)[0]
     gw_norm = (w @ M @ w).clamp_min(0).sqrt()

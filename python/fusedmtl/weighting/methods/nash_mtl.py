@@ -153,27 +153,31 @@ def nash_bargaining(
         # lambda < 1/4: the full step stays in the Dikin ellipsoid (a > 0) and the next lambda is
         # ~lambda^2; stop once that is at rounding (or lambda stagnates there)
         full = decrement_sq < 0.0625
-        # else Armijo backtracking from the largest step that keeps a > 0, with
-        # f(a + t s) - f(a) = t <s, M a> + t^2 / 2 <s, M s> - sum log(1 + t s / a),
-        # down to a fraction of 1e-12 (at most 40 halvings from 1)
-        relative_step = step * inverse_a
-        slope, curvature = step @ M_a, step @ M_ridge @ step
-
-        def armijo(t: Tensor) -> Tensor:
-            change = (
-                t * slope
-                + 0.5 * t * t * curvature
-                - torch.log1p(t[:, None] * relative_step).sum(-1)
-            )
-            return (t <= 1e-12) | (change <= -0.25 * t * decrement_sq)
-
         if shortcuts and bool(full):
             fraction = decrement_sq.new_ones(())  # (unused: the full step is taken)
         else:
-            largest = (0.99 / (-relative_step.min()).clamp_min(_TINY)).clamp(max=1.0)
-            fraction, _ = halving_line_search(largest, 41, armijo)
+            fraction = _armijo_fraction(step, inverse_a, M_a, M_ridge, decrement_sq)
         a = torch.where(stopped, a, a + torch.where(full, 1.0, fraction) * step)
         stop = full & ((decrement_sq < 1e-14) | (decrement_sq >= previous_decrement_sq))
         previous_decrement_sq = torch.where(full, decrement_sq, previous_decrement_sq)
         stopped = stopped | stop
     return torch.where(zero, 1.0, a)
+
+
+def _armijo_fraction(
+    step: Tensor, inverse_a: Tensor, M_a: Tensor, M_ridge: Tensor, decrement_sq: Tensor
+) -> Tensor:
+    """nash_bargaining's damped step: Armijo backtracking from the largest step that keeps
+    a > 0, with f(a + t s) - f(a) = t <s, M a> + t^2 / 2 <s, M s> - sum log(1 + t s / a), down to
+    a fraction of 1e-12 (at most 40 halvings from 1)."""
+    relative_step = step * inverse_a
+    slope, curvature = step @ M_a, step @ M_ridge @ step
+
+    def armijo(t: Tensor) -> Tensor:
+        change = (
+            t * slope + 0.5 * t * t * curvature - torch.log1p(t[:, None] * relative_step).sum(-1)
+        )
+        return (t <= 1e-12) | (change <= -0.25 * t * decrement_sq)
+
+    largest = (0.99 / (-relative_step.min()).clamp_min(_TINY)).clamp(max=1.0)
+    return halving_line_search(largest, 41, armijo)[0]
