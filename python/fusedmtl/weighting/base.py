@@ -200,7 +200,7 @@ class Weighting(nn.Module):
         (SkipStep) and averaged across data-parallel ranks (so every rank derives the same
         weights from them)."""
         values = detached if detached.dtype == torch.float64 else detached.float()
-        if self.on_nonfinite != "ignore" and not bool(values.isfinite().all()):
+        if self.on_nonfinite != "ignore" and not _all_finite(values):
             bad = [task for task, ok in zip(self.task_names, values.isfinite().tolist()) if not ok]
             message = f"{type(self).__name__}: non-finite loss for task(s) {bad}"
             if self.on_nonfinite == "raise":
@@ -209,6 +209,13 @@ class Weighting(nn.Module):
             raise SkipStep(message)
         size = distributed.world_size()
         return distributed.sum_(values) / size if size > 1 else values
+
+
+def _all_finite(values: Tensor) -> bool:
+    """Whether every entry is finite, read on the host: x - x is 0 for a finite x and NaN for an
+    infinite or NaN one, so the sum is 0 exactly when all are finite (two small ops and a read,
+    half the cost of isfinite().all() on a K-vector, which runs every step)."""
+    return (values - values).sum().item() == 0
 
 
 def _check_tasks_on_load(module: Weighting, state_dict, prefix, *args) -> None:

@@ -63,9 +63,9 @@ class LossWeighting(Weighting):
         value, weights = self.total(values)
         weights = weights.detach()
         self.last_weights = weights
-        if value is None:  # the weighted sum itself (weighted_total): one product and a sum
-            return (weights.to(dtype) * stacked).sum()
-        return value.to(dtype) + (weights.to(dtype) * (stacked - values.to(dtype))).sum()
+        if value is None:  # the weighted sum itself (weighted_total): one dot product
+            return torch.dot(_as(weights, dtype), stacked)
+        return _as(value, dtype) + torch.dot(_as(weights, dtype), stacked - _as(values, dtype))
 
     def backward(
         self,
@@ -125,8 +125,10 @@ class LossWeighting(Weighting):
     def _resolve_pending_restore(self) -> None:
         """The host state's restore after an overflow of the previous scaled step (one read of
         that step's flag, which GradScaler.step has already waited for)."""
+        if self._pending_restore is None:  # (every step: no nn.Module.__setattr__ then)
+            return
         pending, self._pending_restore = self._pending_restore, None
-        if pending is not None and bool(pending[1]):
+        if bool(pending[1]):
             self.set_extra_state(pending[0])
 
     def state_dict(self, *args, **kwargs):
@@ -144,6 +146,11 @@ def weighted_total(values: Tensor, weights: Tensor) -> tuple[None, Tensor]:
     """(None, w): the total is sum_i w_i L_i, for weights that do not depend on the losses'
     graph (the module then returns that sum, with no value to add back)."""
     return None, weights.to(values)
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call when it is one already (a dispatch per step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _grads_nonfinite(total: Tensor) -> Tensor | None:

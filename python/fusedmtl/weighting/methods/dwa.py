@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from fusedmtl.weighting.loss_based import LossWeighting, weighted_total
 
@@ -18,46 +17,61 @@ class DWA(LossWeighting):
     """
 
     has_step_state = True
+    # The period's step count and the periods done are Python ints: whether a period closes and
+    # whether the weights move is decided on the host, so a step reads no device value and
+    # updates the history only when a period closes (no masked update every step).
+    has_host_step_state = True
 
     def __init__(
         self, tasks, temperature: float = 2.0, period_steps: int | None = None, **kwargs
     ) -> None:
         super().__init__(tasks, **kwargs)
         self.temperature = float(temperature)
+        if period_steps is not None and period_steps < 1:
+            raise ValueError(f"DWA: period_steps must be at least 1 (or None), got {period_steps}")
         self.period_steps = period_steps
         k = self.num_tasks
         self.register_buffer("period_sum", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("period_count", torch.tensor(0))
         self.register_buffer("history", torch.zeros(2, k, dtype=torch.float64))  # t-2, t-1 means
-        self.register_buffer("periods_done", torch.tensor(0))
         self.register_buffer("weights", torch.ones(k, dtype=torch.float64))
+        self.period_count = 0
+        self.periods_done = 0
 
     @classmethod
     def _example_settings(cls, num_tasks, shared_params):
         return {"period_steps": 2}  # the weights move within a few steps
 
     def end_period(self) -> None:
-        """Closes the current period: its mean losses enter the history, the weights update."""
-        self._end_period_where(torch.ones((), dtype=torch.bool, device=self.period_count.device))
-
-    def _end_period_where(self, close: Tensor) -> None:
-        """end_period where ``close`` (a 0-dim bool tensor) holds, else nothing: masked on the
-        device, so a step reads no device value."""
-        close = close & (self.period_count > 0)
-        means = self.period_sum / self.period_count.clamp_min(1)
-        self.history.copy_(torch.where(close, torch.stack([self.history[1], means]), self.history))
-        self.period_sum.copy_(torch.where(close, 0.0, self.period_sum))
-        self.period_count.copy_(torch.where(close, 0, self.period_count))
-        self.periods_done += close
-        rates = self.history[1] / self.history[0]  # (inf or NaN where unused)
-        update = close & (self.periods_done >= 2)
-        weights = self.num_tasks * torch.softmax(rates / self.temperature, 0)
-        self.weights.copy_(torch.where(update, weights, self.weights))
+        """Closes the current period (if it has a step): its mean losses enter the history, and
+        from the third period on the weights update."""
+        if self.period_count == 0:
+            return
+        means = self.period_sum / self.period_count
+        self.history.copy_(torch.stack([self.history[1], means]))
+        self.period_sum.zero_()
+        self.period_count = 0
+        self.periods_done += 1
+        if self.periods_done >= 2:
+            rates = self.history[1] / self.history[0]
+            self.weights.copy_(self.num_tasks * torch.softmax(rates / self.temperature, 0))
 
     def total(self, values):
-        result = weighted_total(values, self.weights.clone())  # end_period below updates the buffer
+        # a copy: end_period below updates the buffer in place
+        result = weighted_total(values, self.weights.to(values, copy=True))
         self.period_sum += values.to(self.period_sum)
         self.period_count += 1
-        if self.period_steps is not None:
-            self._end_period_where(self.period_count >= self.period_steps)
+        if self.period_steps is not None and self.period_count >= self.period_steps:
+            self.end_period()
         return result
+
+    def get_extra_state(self) -> dict:
+        return {
+            **super().get_extra_state(),
+            "period_count": self.period_count,
+            "periods_done": self.periods_done,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.period_count = int(state["period_count"])
+        self.periods_done = int(state["periods_done"])

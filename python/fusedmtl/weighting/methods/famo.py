@@ -44,8 +44,9 @@ class FAMO(LossWeighting):
         self.eps = float(eps)
         k = self.num_tasks
         self.register_buffer("logits", torch.zeros(k))
-        self.register_buffer("previous_losses", torch.full((k,), float("nan")))
-        # Whether previous_losses holds a step's losses, on the host: the step reads no device
+        # log(L_i + eps) of the previous step (kept as logarithms: one log per step, not two)
+        self.register_buffer("previous_log_losses", torch.full((k,), float("nan")))
+        # Whether previous_log_losses holds a step's losses, on the host: the step reads no device
         # value to decide whether the logits move (None: read the buffer once).
         self._has_previous: bool | None = None
         self._optimizer = BufferOptimizer(
@@ -58,17 +59,17 @@ class FAMO(LossWeighting):
         shifted = values + self.eps
         log_values = shifted.log()
         if self._has_previous is None:  # after construction or a load: one read, not per step
-            self._has_previous = not bool(self.previous_losses.isnan().any())
+            self._has_previous = not bool(self.previous_log_losses.isnan().any())
         if self._has_previous:
-            decrease = (self.previous_losses + self.eps).log() - log_values.to(self.logits)
+            decrease = self.previous_log_losses - log_values.to(self.logits)
             z = torch.softmax(self.logits, 0)
-            self._optimizer.step(z * (decrease - (z * decrease).sum()))  # J_softmax^T delta
-        self.previous_losses.copy_(values)
+            self._optimizer.step(z * (decrease - torch.dot(z, decrease)))  # J_softmax^T delta
+        self.previous_log_losses.copy_(log_values)
         self._has_previous = True
         z = torch.softmax(self.logits, 0).to(values)
         weights = z / shifted
         norm = weights.sum()
-        return (z * log_values).sum() / norm, weights / norm
+        return torch.dot(z, log_values) / norm, weights / norm
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "optimizer": self._optimizer.state_dict()}

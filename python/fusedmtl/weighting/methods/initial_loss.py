@@ -21,6 +21,7 @@ class InitialLoss(LossWeighting):
     """
 
     has_step_state = True
+    has_host_step_state = True  # (steps_seen)
 
     def __init__(
         self,
@@ -46,15 +47,23 @@ class InitialLoss(LossWeighting):
             raise ValueError(
                 f"InitialLoss: expected {k} initial losses, got {self.loss_sum.numel()}"
             )
-        self.register_buffer("steps_seen", torch.tensor(1 if given else 0))
+        # A Python int: whether this step still counts towards the initial losses is decided on
+        # the host (no device read, and no update at all once they are frozen).
+        self.steps_seen = 1 if given else 0
 
     def total(self, values):
-        # masked on the device rather than branched on the host: no sync
-        counting = self.steps_seen < self.steps
-        self.loss_sum += torch.where(counting, values.to(self.loss_sum), 0.0)
-        self.steps_seen += counting
-        initial = self.loss_sum / self.steps_seen.clamp_min(1)
+        if self.steps_seen < self.steps:
+            self.loss_sum += values.to(self.loss_sum)
+            self.steps_seen += 1
+        initial = self.loss_sum / self.steps_seen
         return weighted_total(values, 1.0 / (initial + self.eps))
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "steps_seen": self.steps_seen}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.steps_seen = int(state["steps_seen"])
 
 
 def initial_loss_cross_entropy(num_classes: int) -> float:
