@@ -19,31 +19,50 @@ namespace fusedmtl::simd::FUSEDMTL_CPU_NS {
 // to hide their latency.
 constexpr int kLanes = 16;
 
-template <typename T>
+template <typename T, int kWidth = kLanes>
 struct VectorOf {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+  typedef T type __attribute__((vector_size(kWidth * sizeof(T))));
 };
-// kLanes values of the compute type of the storage type S (fp32 for fp32/fp16/bf16, fp64 for fp64).
+// kWidth (kLanes) values of the compute type of the storage type S (fp32 for fp32/fp16/bf16, fp64
+// for fp64).
+template <typename S, int kWidth = kLanes>
+using Vec = typename VectorOf<compute_t<S>, kWidth>::type;
+
+// The bytes of this instruction set's widest registers, and the lanes of S's compute type one holds
+// (at most kLanes). A kernel that keeps many vectors live across a loop holds each as
+// kLanes / kPartLanes parts of that width: GCC lowers a wider vector type than the registers
+// through the stack once it cannot keep all of it in registers (AVX2 has 16 ymm, and 16 lanes of
+// float are two). Lane l of the parts is still lane l: the same arithmetic, bitwise.
+#if defined(__AVX512F__)
+constexpr int kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr int kRegisterBytes = 32;
+#else
+constexpr int kRegisterBytes = 16;
+#endif
 template <typename S>
-using Vec = typename VectorOf<compute_t<S>>::type;
+constexpr int kPartLanes = kRegisterBytes / static_cast<int>(sizeof(compute_t<S>)) < kLanes
+                               ? kRegisterBytes / static_cast<int>(sizeof(compute_t<S>))
+                               : kLanes;
 
 #define FUSEDMTL_VEC_INLINE inline __attribute__((always_inline))
 
-// Loads p[0:kLanes] converted to the compute type.
-template <typename S>
-FUSEDMTL_VEC_INLINE Vec<S> load(const S* p) {
+// Loads p[0:kWidth] converted to the compute type.
+template <typename S, int kWidth = kLanes>
+FUSEDMTL_VEC_INLINE Vec<S, kWidth> load(const S* p) {
   if constexpr (__is_same(S, BFloat16Bits)) {
     // The bits of a bfloat16 are the high half of the float's.
-    typename VectorOf<uint16_t>::type bits;
+    typename VectorOf<uint16_t, kWidth>::type bits;
     std::memcpy(&bits, p, sizeof bits);
-    return reinterpret_cast<Vec<S>>(__builtin_convertvector(bits, VectorOf<uint32_t>::type) << 16);
+    return reinterpret_cast<Vec<S, kWidth>>(
+        __builtin_convertvector(bits, typename VectorOf<uint32_t, kWidth>::type) << 16);
   } else {
-    typename VectorOf<S>::type raw;
+    typename VectorOf<S, kWidth>::type raw;
     std::memcpy(&raw, p, sizeof raw);
     if constexpr (__is_same(S, compute_t<S>)) {
       return raw;
     } else {
-      return __builtin_convertvector(raw, Vec<S>);
+      return __builtin_convertvector(raw, Vec<S, kWidth>);
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -108,7 +109,8 @@ at::Tensor gramian_cpu(const TaskGrads& grads, int64_t num_tasks, bool diagonal_
     int64_t tasks[kMaxTasks];
     const int k = reaching_tasks(table, item, ptrs, tasks);
     if (k == 0) return;
-    double local[kMaxTasks * kMaxTasks] = {};
+    double local[kMaxTasks * kMaxTasks];
+    std::fill_n(local, k * k, 0.0);  // (the k x k the kernel adds to, not all 64 x 64)
     kernel(dtype, ptrs, k, item.length, diagonal_only, local);
     double* out = partial.data() + it * K * K;
     for (int a = 0; a < k; ++a) {

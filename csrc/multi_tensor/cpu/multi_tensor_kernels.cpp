@@ -1,14 +1,16 @@
 // Multi-tensor kernels over one contiguous range, compiled once per CPU capability.
 //
-// The Gramian reads each element of the k gradients once and updates all k(k+1)/2 products from
-// registers; for k <= 8 (with_task_count) the task count is a template argument so that the
-// accumulators (one vector of kLanes per pair) stay in registers. Element e of a range goes to lane
+// The Gramian reads each element of the k gradients from memory once (a tile at a time, then from
+// L1 for each group of pairs) and keeps the accumulators of a group in registers; for k <= 8
+// (with_task_count) the task count is a template argument. Element e of a range goes to lane
 // e % kLanes (a zero-padded tail to lanes 0, 1, ...) and the lanes are summed pairwise at the end:
 // every capability, and the run-time-k path, gives bitwise the same sums.
 #include "multi_tensor/cpu/multi_tensor_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cpu_vector.h"
@@ -47,24 +49,85 @@ __attribute__((always_inline)) inline void store_block(S* p, Vec<S> v, int lanes
   }
 }
 
+// The Gramian goes over a range one tile (L1-resident) at a time, and within a tile one row i at a
+// time, a group of its pairs (i, j) per sweep, each accumulator held as register-wide parts
+// (kPartLanes): all k(k+1)/2 accumulators of k = 4 in 16 lanes would need 20 of AVX2's 16 ymm
+// registers, and GCC then kept every one on the stack. Each pair still adds the same blocks in the
+// same order, lane by lane, so the sums are bitwise those of a single sweep on any capability.
+constexpr int64_t kTile = 64 * kLanes;  // a whole number of blocks: the same blocks as one sweep
+
+// The pairs of a sweep: about 8 registers of accumulators (4 on AVX2 in fp32, 2 in fp64).
+template <typename S>
+constexpr int kPairGroup = 8 * kPartLanes<S> / kLanes > 1 ? 8 * kPartLanes<S> / kLanes : 1;
+
+// acc[b] += gi * gj[b] over the blocks of [0, n), for kCount pairs of one row (kSquares: the
+// diagonal, acc[b] += gj[b] * gj[b]).
+template <int kCount, bool kSquares, typename S>
+__attribute__((always_inline)) inline void accumulate_pairs(const S* gi, const S* const* gj,
+                                                            Vec<S>* acc, int64_t n) {
+  constexpr int kWidth = kPartLanes<S>;
+  constexpr int kParts = kLanes / kWidth;
+  using Part = Vec<S, kWidth>;
+  Part a[kCount][kParts];
+  std::memcpy(a, acc, sizeof a);  // (kParts parts of kWidth lanes: the same bytes as kCount Vecs)
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int p = 0; p < kParts; ++p) {
+      const Part vi = kSquares ? Part{} : load<S, kWidth>(gi + e + p * kWidth);
+      for (int b = 0; b < kCount; ++b) {
+        const Part vj = load<S, kWidth>(gj[b] + e + p * kWidth);
+        a[b][p] += (kSquares ? vj : vi) * vj;
+      }
+    }
+  }
+  std::memcpy(acc, a, sizeof a);
+  if (e < n) {  // the zero-padded tail, whole vectors
+    const int lanes = static_cast<int>(n - e);
+    const Vec<S> vi = kSquares ? Vec<S>{} : load_partial(gi + e, lanes);
+    for (int b = 0; b < kCount; ++b) {
+      const Vec<S> vj = load_partial(gj[b] + e, lanes);
+      acc[b] += (kSquares ? vj : vi) * vj;
+    }
+  }
+}
+
+// accumulate_pairs for a run-time count in [1, kCount].
+template <int kCount, bool kSquares, typename S>
+void accumulate_group(int count, const S* gi, const S* const* gj, Vec<S>* acc, int64_t n) {
+  if constexpr (kCount > 1) {
+    if (count < kCount) return accumulate_group<kCount - 1, kSquares>(count, gi, gj, acc, n);
+  }
+  accumulate_pairs<kCount, kSquares>(gi, gj, acc, n);
+}
+
 template <int kK, bool kDiagonal, typename S>
 void gramian_range(const void* const* grads, int k_runtime, int64_t n, double* out) {
   constexpr int kCapacity = task_capacity<kK>;
   const int k = kK > 0 ? kK : k_runtime;
   const S* g[kCapacity];
-  for (int i = 0; i < k; ++i) g[i] = static_cast<const S*>(grads[i]);
   Vec<S> acc[kDiagonal ? kCapacity : kCapacity * (kCapacity + 1) / 2];
   const int pairs = kDiagonal ? k : k * (k + 1) / 2;
   for (int q = 0; q < pairs; ++q) acc[q] = Vec<S>{};
 
-  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
-    Vec<S> v[kCapacity];
-    for (int i = 0; i < k; ++i) v[i] = load_block(g[i] + e, lanes);
-    int q = 0;
-    for (int i = 0; i < k; ++i) {
-      for (int j = i; j < (kDiagonal ? i + 1 : k); ++j, ++q) acc[q] += v[i] * v[j];
+  for (int64_t tile = 0; tile < n; tile += kTile) {
+    const int64_t length = std::min(kTile, n - tile);
+    for (int i = 0; i < k; ++i) g[i] = static_cast<const S*>(grads[i]) + tile;
+    if constexpr (kDiagonal) {
+      for (int j = 0; j < k; j += kPairGroup<S>) {
+        accumulate_group<kPairGroup<S>, true>(std::min(kPairGroup<S>, k - j), g[j], g + j, acc + j,
+                                              length);
+      }
+    } else {
+      int q = 0;  // the pair (i, i)
+      for (int i = 0; i < k; ++i) {
+        for (int j = i; j < k; j += kPairGroup<S>) {
+          accumulate_group<kPairGroup<S>, false>(std::min(kPairGroup<S>, k - j), g[i], g + j,
+                                                 acc + q + (j - i), length);
+        }
+        q += k - i;
+      }
     }
-  });
+  }
   int q = 0;
   for (int i = 0; i < k; ++i) {
     for (int j = i; j < (kDiagonal ? i + 1 : k); ++j, ++q) {
