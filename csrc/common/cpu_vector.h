@@ -67,38 +67,38 @@ FUSEDMTL_VEC_INLINE Vec<S, kWidth> load(const S* p) {
   }
 }
 
-// Stores v to p[0:kLanes] rounded to S (to nearest even, as from_compute does).
-template <typename S>
-FUSEDMTL_VEC_INLINE void store(S* p, Vec<S> v) {
+// Stores v to p[0:kWidth] rounded to S (to nearest even, as from_compute does).
+template <typename S, int kWidth = kLanes>
+FUSEDMTL_VEC_INLINE void store(S* p, Vec<S, kWidth> v) {
   if constexpr (__is_same(S, BFloat16Bits)) {
-    using U32 = VectorOf<uint32_t>::type;
+    using U32 = typename VectorOf<uint32_t, kWidth>::type;
     const U32 u = reinterpret_cast<U32>(v);
     const U32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const U32 is_nan = reinterpret_cast<U32>(v != v);           // all ones where NaN
     const U32 bits = (is_nan & 0x7FC0u) | (~is_nan & rounded);  // NaN stays a quiet NaN
-    const auto narrow = __builtin_convertvector(bits, VectorOf<uint16_t>::type);
+    const auto narrow = __builtin_convertvector(bits, typename VectorOf<uint16_t, kWidth>::type);
     std::memcpy(p, &narrow, sizeof narrow);
   } else if constexpr (__is_same(S, compute_t<S>)) {
     std::memcpy(p, &v, sizeof v);
   } else {
-    const auto narrow = __builtin_convertvector(v, typename VectorOf<S>::type);
+    const auto narrow = __builtin_convertvector(v, typename VectorOf<S, kWidth>::type);
     std::memcpy(p, &narrow, sizeof narrow);
   }
 }
 
-// The first n < kLanes elements of p, zero-padded (+0.0 in every dtype), for a range's tail.
-template <typename S>
-FUSEDMTL_VEC_INLINE Vec<S> load_partial(const S* p, int n) {
-  S padded[kLanes];
+// The first n < kWidth elements of p, zero-padded (+0.0 in every dtype), for a range's tail.
+template <typename S, int kWidth = kLanes>
+FUSEDMTL_VEC_INLINE Vec<S, kWidth> load_partial(const S* p, int n) {
+  S padded[kWidth];
   std::memset(padded, 0, sizeof padded);
   std::memcpy(padded, p, n * sizeof(S));
-  return load(padded);
+  return load<S, kWidth>(padded);
 }
 
-template <typename S>
-FUSEDMTL_VEC_INLINE void store_partial(S* p, Vec<S> v, int n) {
-  S lanes[kLanes];
-  store(lanes, v);
+template <typename S, int kWidth = kLanes>
+FUSEDMTL_VEC_INLINE void store_partial(S* p, Vec<S, kWidth> v, int n) {
+  S lanes[kWidth];
+  store<S, kWidth>(lanes, v);
   std::memcpy(p, lanes, n * sizeof(S));
 }
 

@@ -27,25 +27,25 @@ constexpr int kMaxTasks = 64;
 template <int kK>
 constexpr int task_capacity = kK > 0 ? kK : kMaxTasks;
 
-// Calls block(offset, lanes) for every kLanes-element block of [0, n), the last one partial.
-template <typename Block>
+// Calls block(offset, lanes) for every kWidth-element block of [0, n), the last one partial.
+template <int kWidth = kLanes, typename Block>
 __attribute__((always_inline)) inline void for_each_block(int64_t n, const Block& block) {
   int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) block(e, kLanes);
+  for (; e + kWidth <= n; e += kWidth) block(e, kWidth);
   if (e < n) block(e, static_cast<int>(n - e));
 }
 
-template <typename S>
-__attribute__((always_inline)) inline Vec<S> load_block(const S* p, int lanes) {
-  return lanes == kLanes ? load(p) : load_partial(p, lanes);
+template <int kWidth = kLanes, typename S>
+__attribute__((always_inline)) inline Vec<S, kWidth> load_block(const S* p, int lanes) {
+  return lanes == kWidth ? load<S, kWidth>(p) : load_partial<S, kWidth>(p, lanes);
 }
 
-template <typename S>
-__attribute__((always_inline)) inline void store_block(S* p, Vec<S> v, int lanes) {
-  if (lanes == kLanes) {
-    store(p, v);
+template <int kWidth = kLanes, typename S>
+__attribute__((always_inline)) inline void store_block(S* p, Vec<S, kWidth> v, int lanes) {
+  if (lanes == kWidth) {
+    store<S, kWidth>(p, v);
   } else {
-    store_partial(p, v, lanes);
+    store_partial<S, kWidth>(p, v, lanes);
   }
 }
 
@@ -149,35 +149,52 @@ void combine_range(const void* const* grads, const double* coeffs, int k_runtime
     g[i] = static_cast<const S*>(grads[i]);
     c[i] = static_cast<C>(coeffs[i]);
   }
-  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
-    Vec<S> sum = kAccumulate ? load_block(out + e, lanes) : Vec<S>{};
-    for (int i = 0; i < k; ++i) sum = add_scaled(sum, c[i], load_block(g[i] + e, lanes));
-    store_block(out + e, sum, lanes);
+  constexpr int kWidth = kPartLanes<S>;  // (each coordinate on its own: any width, the same bits)
+  for_each_block<kWidth>(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    Vec<S, kWidth> sum = kAccumulate ? load_block<kWidth>(out + e, lanes) : Vec<S, kWidth>{};
+    for (int i = 0; i < k; ++i) sum = add_scaled(sum, c[i], load_block<kWidth>(g[i] + e, lanes));
+    store_block<kWidth>(out + e, sum, lanes);
   });
 }
 
+// The sums of |w| and w^2 are kept per lane of kLanes (a block's element e in lane e % kLanes, as
+// the Gramian's), stepping kWidth register-wide lanes at a time with part p = the lanes
+// [p kWidth, (p + 1) kWidth) of a block.
 template <bool kOverwrite, typename S>
 double penalty_range(const void* w_, void* grad_, int64_t n, double l1_, double l2_) {
   using C = compute_t<S>;
+  constexpr int kWidth = kPartLanes<S>;
+  constexpr int kParts = kLanes / kWidth;
+  using V = Vec<S, kWidth>;
   const S* w = static_cast<const S*>(w_);
   S* grad = static_cast<S*>(grad_);
   const C l1 = static_cast<C>(l1_);
   const C two_l2 = static_cast<C>(2 * l2_);
-  const Vec<S> zero{};
-  Vec<S> abs_acc{};
-  Vec<S> sq_acc{};
-  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
-    const Vec<S> x = load_block(w + e, lanes);
+  const V zero{};
+  V abs_acc[kParts] = {};
+  V sq_acc[kParts] = {};
+  const auto part = [&](int64_t e, int lanes, int p) __attribute__((always_inline)) {
+    const V x = load_block<kWidth>(w + e, lanes);
     // Comparisons give all-ones lanes (-1 as an integer): sign = (x > 0) - (x < 0).
-    const Vec<S> sign = __builtin_convertvector((x < zero) - (x > zero), Vec<S>);
-    abs_acc += x < zero ? -x : x;
-    sq_acc += x * x;
-    const Vec<S> update = penalty_gradient(x, sign, l1, two_l2);
-    const Vec<S> result = kOverwrite ? update : load_block(grad + e, lanes) + update;
-    store_block(grad + e, result, lanes);
-  });
-  return l1_ * static_cast<double>(pairwise_sum(abs_acc)) +
-         l2_ * static_cast<double>(pairwise_sum(sq_acc));
+    const V sign = __builtin_convertvector((x < zero) - (x > zero), V);
+    abs_acc[p] += x < zero ? -x : x;
+    sq_acc[p] += x * x;
+    const V update = penalty_gradient(x, sign, l1, two_l2);
+    const V result = kOverwrite ? update : load_block<kWidth>(grad + e, lanes) + update;
+    store_block<kWidth>(grad + e, result, lanes);
+  };
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int p = 0; p < kParts; ++p) part(e + p * kWidth, kWidth, p);
+  }
+  for (int p = 0; e < n; e += kWidth, ++p) {  // the tail (the parts past it would add zeros)
+    part(e, static_cast<int>(std::min<int64_t>(kWidth, n - e)), p);
+  }
+  Vec<S> abs_sum, sq_sum;
+  std::memcpy(&abs_sum, abs_acc, sizeof abs_sum);
+  std::memcpy(&sq_sum, sq_acc, sizeof sq_sum);
+  return l1_ * static_cast<double>(pairwise_sum(abs_sum)) +
+         l2_ * static_cast<double>(pairwise_sum(sq_sum));
 }
 
 // k values per lane in registers (a block of kLanes coordinates at a time), each ranked against
@@ -188,16 +205,18 @@ template <typename S>
 void trim_range(void* const* grads, int k, int64_t n, int trim) {
   S* g[kMaxTasks];
   for (int i = 0; i < k; ++i) g[i] = static_cast<S*>(grads[i]);
-  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
-    Vec<S> v[kMaxTasks];
-    for (int i = 0; i < k; ++i) v[i] = load_block(g[i] + e, lanes);
+  constexpr int kWidth = kPartLanes<S>;  // (each coordinate on its own: any width, the same bits)
+  using V = Vec<S, kWidth>;
+  for_each_block<kWidth>(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    V v[kMaxTasks];
+    for (int i = 0; i < k; ++i) v[i] = load_block<kWidth>(g[i] + e, lanes);
     for (int i = 0; i < k; ++i) {
       using Mask = decltype(v[0] < v[0]);
       Mask rank{};
       for (int j = 0; j < i; ++j) rank -= ~sorts_before(v[i], v[j]);
       for (int j = i + 1; j < k; ++j) rank -= sorts_before(v[j], v[i]);
       const Mask keep = (rank >= Mask{} + trim) & (rank < Mask{} + (k - trim));
-      store_block(g[i] + e, v[i] * __builtin_convertvector(keep & 1, Vec<S>), lanes);
+      store_block<kWidth>(g[i] + e, v[i] * __builtin_convertvector(keep & 1, V), lanes);
     }
   });
 }
@@ -216,24 +235,26 @@ void sign_dropout_range(void* const* grads, int k, int64_t n, const void* unifor
     drop_rest[i] = C(1) - keep_leak[i];
   }
   const S* uniform = static_cast<const S*>(uniform_);
-  const Vec<S> zero{};
-  for_each_block(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
-    Vec<S> v[kMaxTasks];
-    Vec<S> total{}, magnitude{};
+  constexpr int kWidth = kPartLanes<S>;  // (each coordinate on its own: any width, the same bits)
+  using V = Vec<S, kWidth>;
+  const V zero{};
+  for_each_block<kWidth>(n, [&](int64_t e, int lanes) __attribute__((always_inline)) {
+    V v[kMaxTasks];
+    V total{}, magnitude{};
     for (int i = 0; i < k; ++i) {
-      v[i] = load_block(g[i] + e, lanes);
+      v[i] = load_block<kWidth>(g[i] + e, lanes);
       total += v[i];
       magnitude += v[i] < zero ? -v[i] : v[i];
     }
-    const Vec<S> purity = sign_purity<Vec<S>, C>(total, magnitude);
-    const Vec<S> draw = load_block(uniform + e, lanes);
+    const V purity = sign_purity<V, C>(total, magnitude);
+    const V draw = load_block<kWidth>(uniform + e, lanes);
     const auto up = purity > draw;
     const auto down = purity < draw;
     for (int i = 0; i < k; ++i) {
       const auto kept = (up & (v[i] > zero)) | (down & (v[i] < zero));
-      const Vec<S> factor = sign_dropout_factor(keep_leak[i], drop_rest[i],
-                                                __builtin_convertvector(kept & 1, Vec<S>));
-      store_block(g[i] + e, v[i] * factor, lanes);
+      const V factor =
+          sign_dropout_factor(keep_leak[i], drop_rest[i], __builtin_convertvector(kept & 1, V));
+      store_block<kWidth>(g[i] + e, v[i] * factor, lanes);
     }
   });
 }
