@@ -580,3 +580,35 @@ def test_duplicate_shared_parameters_are_rejected_at_construction():
     with pytest.raises(ValueError, match="shared parameters 0 and 1 share memory"):
         W.GradNormalization([flat[:6], flat[4:]], 2)
     W.GradNormalization([flat[:6], flat[6:]], 2)
+
+
+# -- state on another device than the step -----------------------------------------------------
+
+
+def _state_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "move the weighting with the model" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_state_on_another_device_than_the_step_warns_once(name, model, batch):
+    """Nothing moves a module but .to(): a method whose buffers or parameters stay where they
+    were built while the model runs elsewhere copies them every step (on CUDA a synchronisation).
+    The 'meta' device stands in for the other device on a CPU-only machine."""
+    with warnings.catch_warnings(record=True) as caught:  # state and step on the CPU: no warning
+        warnings.simplefilter("always")
+        build(name, model).backward(model_losses(model, batch))
+    assert _state_warnings(caught) == []
+    method = build(name, model)
+    if not [*method.parameters(), *method.buffers()]:
+        pytest.skip("no buffers or parameters (nothing to move)")
+    method.to("meta")
+    expected = f"{type(method).__name__}: its state is on meta and its step on cpu"
+    for attempt in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                method.backward(model_losses(model, batch))
+            except (RuntimeError, NotImplementedError, ValueError):
+                pass  # (meta state cannot take a CPU step: the warning came before)
+        found = [message[: len(expected)] for message in _state_warnings(caught)]
+        assert found == ([expected] if attempt == 0 else []), found  # once per device

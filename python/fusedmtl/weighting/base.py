@@ -89,6 +89,7 @@ class Weighting(nn.Module):
         self.last_weights: Tensor | None = None
         self.last_grad_norms: Tensor | None = None
         self.last_cosine: Tensor | None = None
+        self._state_checked_on: torch.device | None = None  # see _check_state_device
 
     @property
     def num_tasks(self) -> int | None:
@@ -193,7 +194,26 @@ class Weighting(nn.Module):
                 raise ValueError(
                     f"{name}: losses are on different devices ({first.device}, {loss.device})"
                 )
+        self._check_state_device(first.device)
         return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+
+    def _check_state_device(self, device: torch.device) -> None:
+        """Warns (once per device) when the method's buffers or parameters are on another device
+        than its steps: the step then copies them between the devices every time (on CUDA a
+        synchronisation), because nothing moves a module but .to()."""
+        if device == self._state_checked_on:
+            return
+        self._state_checked_on = device
+        elsewhere = sorted(
+            {str(t.device) for t in [*self.parameters(), *self.buffers()] if t.device != device}
+        )
+        if elsewhere:
+            warnings.warn(
+                f"{type(self).__name__}: its state is on {', '.join(elsewhere)} and its step on "
+                f"{device}: every step copies the state between them (on CUDA a host "
+                f"synchronisation); move the weighting with the model: .to({str(device)!r})",
+                stacklevel=4,
+            )
 
     def _loss_values(self, detached: Tensor) -> Tensor:
         """The detached losses (Tensor[K]) as float32 or float64, checked by the non-finite policy

@@ -377,6 +377,8 @@ class GradientWeighting(Weighting):
                         f"{type(self).__name__}.step: task {i}'s gradient of shared parameter "
                         f"{p} has shape {tuple(grad.shape)}, the parameter {tuple(param.shape)}"
                     )
+        if params:
+            self._check_state_device(params[0].device)
         values = torch.as_tensor(losses).detach().reshape(-1) if losses is not None else None
         if values is not None and values.numel() != self.num_tasks:
             raise ValueError(
