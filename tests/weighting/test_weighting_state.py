@@ -203,3 +203,44 @@ def test_loaded_optimizer_state_is_a_copy_and_survives_dtype_moves(with_optimize
     state = _adam_state(a)
     assert float(state["step"]) == steps + 1
     assert state["exp_avg"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_buffer_optimizer_runs_the_fused_adam_kernel_as_adam_step_would(weight_decay, monkeypatch):
+    """The default weight optimizer (a fused torch.optim.Adam) steps through torch's kernel
+    directly after its first step: bitwise the update and state Adam.step gives (an Adam subclass
+    takes Adam.step itself), and Adam.step is not called again."""
+    from fusedmtl.weighting.state import BufferOptimizer, adam
+
+    class Owner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("logits", torch.zeros(5))
+
+    class SubclassedAdam(torch.optim.Adam):  # (not the fast path: the reference)
+        pass
+
+    calls = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(
+        torch.optim.Adam, "step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    fast, slow = Owner(), Owner()
+    fast_optimizer = BufferOptimizer(fast, "logits", adam(lr=0.025, weight_decay=weight_decay))
+    slow_optimizer = BufferOptimizer(
+        slow,
+        "logits",
+        lambda params: SubclassedAdam(params, lr=0.025, weight_decay=weight_decay, fused=True),
+    )
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        grad = torch.randn(5, generator=generator, dtype=torch.float64)  # (cast like a method's)
+        fast_optimizer.step(grad)
+        slow_optimizer.step(grad)
+        assert torch.equal(fast.logits, slow.logits)
+        assert fast.logits.grad is None
+    assert len(calls) == 1 + 6  # the fast one's first step only, the reference's every step
+    fast_state = fast_optimizer.state_dict()["state"][0]
+    slow_state = slow_optimizer.state_dict()["state"][0]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(fast_state[key], slow_state[key]), key
