@@ -46,23 +46,28 @@ class LossWeighting(Weighting):
         skipped)."""
         self._resolve_pending_restore()
         checked = self._checked_losses(losses)
-        if torch.is_grad_enabled() and any(loss.requires_grad for loss in checked):
-            for task, loss in zip(self.task_names, checked):
-                if not loss.requires_grad:
+        reaching = [loss.requires_grad for loss in checked]
+        if torch.is_grad_enabled() and any(reaching) and not all(reaching):
+            for task, reaches in zip(self.task_names, reaching):
+                if not reaches:
                     warnings.warn(
                         f"task {task!r}: its loss does not require grad; it contributes no "
                         "gradient",
                         stacklevel=3,
                     )
-        dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
-        stacked = torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in checked])
+        dtype = checked[0].dtype
+        if any(loss.dtype != dtype for loss in checked):
+            dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
+            checked = [_as(loss, dtype) for loss in checked]
+        stacked = torch.stack(checked)
         try:
             values = self._loss_values(stacked.detach())
         except SkipStep:
             return torch.zeros((), requires_grad=True)
         value, weights = self.total(values)
         weights = weights.detach()
-        self.last_weights = weights
+        # (a plain attribute: nn.Module.__setattr__'s registry checks cost ~10 us a step)
+        self.__dict__["last_weights"] = weights
         if value is None:  # the weighted sum itself (weighted_total): one dot product
             return torch.dot(_as(weights, dtype), stacked)
         return _as(value, dtype) + torch.dot(_as(weights, dtype), stacked - _as(values, dtype))
