@@ -85,9 +85,10 @@ class LossWeighting(Weighting):
         backward pass leaves a non-finite .grad on any leaf the total reaches: the step the scaler
         then skips. Without a host read: the buffers are put back with torch.where on the
         device; state on the host (``has_host_step_state``: RLW's and Alternating's generator,
-        STCH's step count, FAMO's optimizer) is put back at the start of the next step (or
-        ``state_dict()``), which reads the flag then, after ``GradScaler.step`` has itself waited
-        for the step's found_inf, so the read does not stall the device."""
+        the step counts of STCH, DWA and InitialLoss, FAMO's optimizer) is put back at the start
+        of the next step (or ``state_dict()``), which reads the flag then, after
+        ``GradScaler.step`` has itself waited for the step's found_inf, so the read does not
+        stall the device."""
         self._resolve_pending_restore()
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         saved = self._step_snapshot() if scaling and self.has_step_state else None
