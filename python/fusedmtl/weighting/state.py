@@ -51,9 +51,9 @@ class BufferOptimizer:
         grad = grad.to(target)
         fused = _fused_adam_arguments(self._optimizer, target)
         if fused is not None:  # torch's fused Adam kernel itself, as Adam.step would call it
-            steps, kernel, tensors, options = fused
+            steps, tensors, options = fused
             torch._foreach_add_(steps, 1)
-            kernel([target], [grad], *tensors, steps, **options)
+            torch._fused_adam_([target], [grad], *tensors, steps, **options)
             return
         target.grad = grad
         self._optimizer.step()
@@ -68,7 +68,7 @@ class BufferOptimizer:
 
 
 def _fused_adam_arguments(optimizer: torch.optim.Optimizer, target: Tensor):
-    """(state steps, kernel, state tensors, options) to run a fused torch.optim.Adam's step on
+    """(state steps, state tensors, options) to run a fused torch.optim.Adam's step on
     ``target`` with torch's kernel directly, or None to call optimizer.step(): another optimizer,
     options the kernel call below does not cover, or no state yet (the first step creates it).
 
@@ -81,14 +81,19 @@ def _fused_adam_arguments(optimizer: torch.optim.Optimizer, target: Tensor):
         return None
     group = optimizer.param_groups[0]
     state = optimizer.state.get(target)
-    plain = {"fused": True, "amsgrad": False, "capturable": False, "differentiable": False}
+    plain = {
+        "fused": True,
+        "amsgrad": False,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+    }
     if not state or any(group.get(key) != value for key, value in plain.items()):
         return None
     scaled = any(getattr(optimizer, name, None) is not None for name in ("grad_scale", "found_inf"))
     if scaled or not isinstance(group["lr"], float | int):
         return None
     beta1, beta2 = group["betas"]
-    kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
     options = {
         "amsgrad": False,
         "lr": float(group["lr"]),
@@ -98,7 +103,8 @@ def _fused_adam_arguments(optimizer: torch.optim.Optimizer, target: Tensor):
         "eps": group["eps"],
         "maximize": group["maximize"],
     }
-    return [state["step"]], kernel, ([state["exp_avg"]], [state["exp_avg_sq"]], []), options
+    tensors = ([state["exp_avg"]], [state["exp_avg_sq"]], [])  # (no max_exp_avg_sq: no amsgrad)
+    return [state["step"]], tensors, options
 
 
 class SharedGenerator:
