@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fusedmtl import multi_tensor
 from fusedmtl.weighting import distributed
 
 Losses = Sequence[Tensor] | Mapping[str, Tensor]
@@ -240,6 +241,20 @@ def _all_finite(values: Tensor) -> bool:
     if values.dtype == torch.float64:
         return (values - values).sum().item() == 0
     return math.isfinite(values.sum(dtype=torch.float64).item())
+
+
+def grads_finite(grads: Sequence[Tensor]) -> Tensor:
+    """Whether every element of the gradients (one or more) is finite: a 0-dim bool tensor on
+    their device, no host read. Where they share a dtype and device, one multi-tensor pass (their
+    norm as one task's; as in the refresh step's check of the Gramian, a 16- or 32-bit gradient
+    whose square overflows float32, |g| > ~1.8e19, counts as non-finite, as it does in torch's
+    norms); torch's foreach norms otherwise (and for tensor subclasses: DTensor)."""
+    first = grads[0]
+    if all(
+        type(g) is Tensor and g.dtype == first.dtype and g.device == first.device for g in grads
+    ):
+        return multi_tensor.norms([grads]).isfinite().all()
+    return torch.stack(torch._foreach_norm(list(grads))).isfinite().all()
 
 
 def _check_tasks_on_load(module: Weighting, state_dict, prefix, *args) -> None:

@@ -93,7 +93,7 @@ def _unsharded_leaves(losses: Sequence[Tensor]) -> list[Tensor]:
         id(leaf): leaf
         for loss in losses
         if loss.requires_grad
-        for leaf in reachable_leaves(loss, set())[0]
+        for leaf in reachable_leaves(loss)[0]
         if not is_dtensor(leaf)
     }
     return list(plain.values())
@@ -315,9 +315,7 @@ class Sharding:
             seed = (c if c is not None else 0) - (s if s is not None else 0)
             roots.append(z)
             seeds.append(seed)
-        plain = {
-            id(leaf): leaf for leaf in reachable_leaves(roots[0], set())[0] if not is_dtensor(leaf)
-        }
+        plain = {id(leaf): leaf for leaf in reachable_leaves(roots[0])[0] if not is_dtensor(leaf)}
         with _set_aside_grads([], list(plain.values())) as fresh:
             torch.autograd.backward(roots, seeds, retain_graph=retain_graph)
         with torch.no_grad():

@@ -30,8 +30,12 @@ from torch import Tensor
 
 from fusedmtl import multi_tensor
 from fusedmtl.weighting import distributed, fsdp
-from fusedmtl.weighting.base import Losses, SkipStep, Weighting
-from fusedmtl.weighting.task_gradients import reachable_leaves, task_gradients
+from fusedmtl.weighting.base import Losses, SkipStep, Weighting, grads_finite
+from fusedmtl.weighting.task_gradients import (
+    reachable_leaves,
+    split_shared_edges,
+    task_gradients,
+)
 
 MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
 # The buffers a method's coefficients() may update and a non-finite step (under 'ignore' or a
@@ -55,20 +59,21 @@ class GradientWeighting(Weighting):
         sharded: whether the shared parameters are sharded with FSDP2 (``fully_shard``; see
             :mod:`fusedmtl.weighting.fsdp`): None detects it (every shared parameter a DTensor),
             True requires it, False never takes the sharded path.
-        refresh_every: n >= 1. Every n-th :meth:`backward` (the 1st, the (n+1)-th, ...) computes
-            the per-task gradients, their Gramian and new coefficients c (a stateful method
-            updates its state then, and only then); the n - 1 steps in between reuse c and do
-            one backward pass: the shared parameters get the gradient of sum_i c_i L_i, the
-            task-specific ones the unweighted gradient of their own loss (as on a refresh step).
-            An approximation: c is that of gradients up to n - 1 steps old, which the update
-            direction follows only while the gradients change slowly (Navon et al. 2022,
-            "Multi-Task Learning as a Bargaining Game", update their Nash-MTL weights every few
-            steps the same way). 1 (the default) is the exact method. ``last_grad_norms`` and
-            ``last_cosine`` stay those of the last refresh step. The step counter and c are in
-            the state dict, so a resumed run refreshes on the same steps; a step that is
-            skipped, or whose gradients are non-finite (the GradScaler then skips it), does not
-            count. :meth:`step` (gradients given) always computes the coefficients. Under
-            FSDP2 a step between refreshes is two backward passes (see
+        refresh_every: n >= 1. Every n-th :meth:`backward` (the 1st, the (n+1)-th, ...) computes the
+            per-task gradients, their Gramian and new coefficients c (a stateful method updates its
+            state then, and only then); the n - 1 steps in between reuse c and do one backward pass:
+            the shared parameters get the gradient of sum_i c_i L_i, the task-specific ones the
+            unweighted gradient of their own loss (as on a refresh step; task i's gradient scaled by
+            c_i where it enters the shared part of the graph, see
+            :func:`~fusedmtl.weighting.task_gradients.split_shared_edges`). An approximation: c is
+            that of gradients up to n - 1 steps old, which the update direction follows only while
+            the gradients change slowly (Navon et al. 2022, "Multi-Task Learning as a Bargaining
+            Game", update their Nash-MTL weights every few steps the same way). 1 (the default) is
+            the exact method. ``last_grad_norms`` and ``last_cosine`` stay those of the last refresh
+            step. The step counter and c are in the state dict, so a resumed run refreshes on the
+            same steps; a step that is skipped, or whose gradients are non-finite (the GradScaler
+            then skips it), does not count. :meth:`step` (gradients given) always computes the
+            coefficients. Under FSDP2 a step between refreshes is two backward passes (see
             :mod:`fusedmtl.weighting.fsdp`).
 
     Subclasses implement :meth:`coefficients` and set ``needs_full_gramian``.
@@ -265,43 +270,30 @@ class GradientWeighting(Weighting):
         coeffs = self._refresh_coeffs
         present = [loss for loss in losses if loss.requires_grad]
         dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses))
-        stacked = torch.stack([loss.to(dtype) for loss in losses])
-        weights = self._loss_weights(coeffs, values).to(device=stacked.device, dtype=dtype)
-        weighted = (weights * stacked).sum()
+        weights = self._loss_weights(coeffs, values).to(device=losses[0].device, dtype=dtype)
+
+        def stacked() -> Tensor:
+            return torch.stack([loss.to(dtype) for loss in losses])
+
+        def weighted() -> Tensor:
+            return (weights * stacked()).sum()
+
         shards: list[tuple[Tensor, Tensor]] = []  # FSDP2: (parameter, this rank's shard)
         if self._sharding is not None:
-            reaching = torch.tensor([loss.requires_grad for loss in losses], device=stacked.device)
-            rest = torch.where(reaching, (1 - weights) * stacked, 0).sum()
+            reaching = torch.tensor([loss.requires_grad for loss in losses], device=weights.device)
+            rest = torch.where(reaching, (1 - weights) * stacked(), 0).sum()
             local_shards, pairs = self._sharding.reuse_backward(
-                losses, weighted, rest, self._shared, retain_graph
+                losses, weighted(), rest, self._shared, retain_graph
             )
             shards = [(p, g) for p, g in zip(self._shared, local_shards) if g is not None]
         else:
-            plain = functools.reduce(torch.add, present)
-            stops = {z.grad_fn for z in features or () if z.grad_fn is not None}
-            shared_ids = {id(p) for p in self._shared}
-            specific_leaves = [
-                leaf for leaf in reachable_leaves(plain, stops)[0] if id(leaf) not in shared_ids
-            ]
-            # The heads' backward twice (once per sum), the trunk's once: autograd prunes the
-            # first call to the nodes that lead to the task-specific leaves.
-            specific = (
-                torch.autograd.grad(plain, specific_leaves, retain_graph=True, allow_unused=True)
-                if specific_leaves
-                else ()
-            )
-            shared = torch.autograd.grad(
-                weighted, self._shared, retain_graph=retain_graph, allow_unused=True
-            )
-            pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
-            pairs += [(p, g) for p, g in zip(specific_leaves, specific) if g is not None]
-            distributed.mean_([g for _, g in pairs])
+            pairs = self._reuse_backward(losses, present, weighted, weights, features, retain_graph)
         finite = True
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         grads = [g for _, g in [*shards, *pairs]]
         if grads and (scaling or self.on_nonfinite != "ignore"):
             # one host read, as on a refresh step (under FSDP2 of a count every rank agrees on)
-            bad = (~torch.stack(torch._foreach_norm(grads)).isfinite()).sum()
+            bad = (~grads_finite(grads)).sum()
             if self._sharding is not None:
                 bad = self._sharding.sum_over_shards(bad)
             finite = not bool(bad)
@@ -322,6 +314,42 @@ class GradientWeighting(Weighting):
             self._refresh_steps += 1
         self.last_weights = coeffs
         return coeffs
+
+    def _reuse_backward(self, losses, present, weighted, weights, features, retain_graph):
+        """(leaf, gradient) pairs of a step between refreshes (``weighted()``: sum_i w_i L_i),
+        averaged over ranks: one backward pass of sum_i L_i whose gradient each task's part of
+        the graph passes on to the shared part is scaled by w_i
+        (task_gradients.split_shared_edges), or, where the graph does not split so, two: the
+        heads' backward twice (once per sum), the trunk's once (autograd prunes the first call to
+        the nodes that lead to the task-specific leaves)."""
+        stops = list(features or ())
+        plain = functools.reduce(torch.add, present)
+        if len(present) < len(losses):
+            weights = weights[[i for i, loss in enumerate(losses) if loss.requires_grad]]
+        split = split_shared_edges(present, weights, self._shared, stops)
+        if split is not None:
+            specific, token = split
+            inputs = [*self._shared, *specific]
+            grads = torch.autograd.grad(plain, inputs, retain_graph=retain_graph, allow_unused=True)
+            del token  # (disarms a hook the pass did not run, were the graph retained)
+            pairs = [(p, g) for p, g in zip(inputs, grads) if g is not None]
+        else:
+            shared_ids = {id(p) for p in self._shared}
+            specific = [
+                leaf for leaf in reachable_leaves(plain, stops)[0] if id(leaf) not in shared_ids
+            ]
+            specific_grads = (
+                torch.autograd.grad(plain, specific, retain_graph=True, allow_unused=True)
+                if specific
+                else ()
+            )
+            shared = torch.autograd.grad(
+                weighted(), self._shared, retain_graph=retain_graph, allow_unused=True
+            )
+            pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
+            pairs += [(p, g) for p, g in zip(specific, specific_grads) if g is not None]
+        distributed.mean_([g for _, g in pairs])
+        return pairs
 
     def _loss_weights(self, coeffs: Tensor, values: Tensor) -> Tensor:
         """The weight of each loss (Tensor[K]) that gives the update sum_i c_i g_i in one
@@ -493,9 +521,7 @@ class GradientWeighting(Weighting):
         state advances on a non-finite step."""
         finite = gramian.isfinite().all()
         if checked:
-            finite = finite & torch.stack(torch._foreach_norm(list(checked))).isfinite().all().to(
-                finite.device
-            )
+            finite = finite & grads_finite(checked).to(finite.device)
         self._step_finite = None
         host_read = (grad_scaler is None and self.on_nonfinite != "ignore") or (
             grad_scaler is not None and self._host_state

@@ -162,7 +162,7 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def _grads_nonfinite(total: Tensor) -> Tensor | None:
     """Whether a leaf ``total`` reaches has a non-finite .grad (what GradScaler checks): a 0-dim
     bool tensor on the gradients' device, no host read; None if no leaf has a .grad."""
-    grads = [leaf.grad for leaf in reachable_leaves(total, set())[0] if leaf.grad is not None]
+    grads = [leaf.grad for leaf in reachable_leaves(total)[0] if leaf.grad is not None]
     if not grads:
         return None
     devices = {g.device for g in grads}

@@ -7,12 +7,15 @@ unweighted (the convention of LibMTL and torchjd). Both come out of the same aut
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from fusedmtl import backend
 
 MODES = ("loop", "batched")
 
@@ -45,7 +48,7 @@ def task_gradients(
         raise ValueError(f"per-task gradient mode must be one of {MODES}, got {mode!r}")
     shared = list(shared)
     shared_ids = {id(t) for t in shared}
-    stops = {t.grad_fn for t in shared if t.grad_fn is not None}
+    stops = [t for t in shared if t.grad_fn is not None]
     specific, reaches_shared = [], []
     for loss in losses:
         leaves, stopped = reachable_leaves(loss, stops)
@@ -110,18 +113,28 @@ def _batched(losses, shared, specific, retain_graph) -> TaskGradients:
     return TaskGradients(table, own)
 
 
-def reachable_leaves(root: Tensor, stops: set) -> tuple[list[Tensor], bool]:
-    """The leaves requiring grad that ``root``'s graph reaches without passing through a node in
-    ``stops``, in a deterministic (depth-first) order, and whether it reached a stop."""
+def reachable_leaves(root: Tensor, stops: Sequence[Tensor] = ()) -> tuple[list[Tensor], bool]:
+    """The leaves requiring grad that ``root``'s graph reaches without passing through the
+    grad_fn of a tensor in ``stops``, in a deterministic (depth-first) order, and whether it
+    reached a stop. The walk is C++ (a few microseconds for a model's graph, where the Python one
+    costs ~1.5 us a node); :func:`reachable_leaves_reference` without the extension."""
+    if backend._C is not None:
+        return backend._C.reachable_leaves(root, list(stops))
+    return reachable_leaves_reference(root, stops)
+
+
+def reachable_leaves_reference(root: Tensor, stops: Sequence[Tensor] = ()):
+    """:func:`reachable_leaves` in Python (the oracle of the C++ walk)."""
     if root.grad_fn is None:
         return ([root] if root.requires_grad else []), False
+    stop_nodes = {t.grad_fn for t in stops if t.grad_fn is not None}
     leaves, seen, stack, stopped = [], set(), [root.grad_fn], False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node in stops:
+        if node in stop_nodes:
             stopped = True
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
@@ -130,3 +143,22 @@ def reachable_leaves(root: Tensor, stops: set) -> tuple[list[Tensor], bool]:
             continue
         stack.extend(next_node for next_node, _ in reversed(node.next_functions))
     return leaves, stopped
+
+
+def split_shared_edges(
+    losses: Sequence[Tensor], coeffs: Tensor, shared: Sequence[Tensor], stops: Sequence[Tensor]
+):
+    """Prepares one backward pass of sum(losses) that gives ``shared`` (and the ``stops``) the
+    gradient of sum_i coeffs[i] losses[i] and every other leaf the unweighted gradient of the
+    losses reaching it: where a node only losses[i] reaches passes its gradient on to the shared
+    part of the graph (a node several losses reach, a stop, a shared leaf), a post hook scales it
+    by coeffs[i], once. Returns (the other leaves, a token the hooks stay armed while it lives:
+    delete it after the pass), or None when the graph does not split so (a leaf other than
+    ``shared`` behind the shared part, a loss another loss reaches, more than 64 losses, no
+    extension, compiled autograd): then take two passes. The trunk's gradient is then
+    sum_i c_i (dL_i/dz)^T dz/dtheta instead of the weighted pass's (c_i dL_i/dz)^T dz/dtheta:
+    equal up to rounding."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    if backend._C is None or (compiled_autograd and compiled_autograd.compiled_autograd_enabled):
+        return None  # (compiled autograd takes no C++ hooks)
+    return backend._C.split_shared_edges(list(losses), coeffs, list(shared), list(stops))

@@ -1,0 +1,159 @@
+#include "weighting/task_graph.h"
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+
+#include <bit>
+#include <cstdint>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+namespace fusedmtl::task_graph {
+namespace {
+
+using torch::autograd::AccumulateGrad;
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+std::unordered_set<const Node*> grad_fns(const std::vector<at::Tensor>& tensors) {
+  std::unordered_set<const Node*> nodes;
+  for (const auto& t : tensors) {
+    if (t.defined() && t.grad_fn()) nodes.insert(t.grad_fn().get());
+  }
+  return nodes;
+}
+
+const at::Tensor* leaf_of(Node* node) {
+  auto* accumulate = dynamic_cast<AccumulateGrad*>(node);
+  return accumulate != nullptr ? &accumulate->variable : nullptr;
+}
+
+// Preorder depth-first walk from `start` (next edges in order, as the Python walk), calling
+// visit(node) once per node not yet in `seen`; visit returns whether to descend.
+template <typename Visit>
+void walk(Node* start, std::unordered_set<Node*>& seen, Visit&& visit) {
+  std::vector<Node*> stack{start};
+  while (!stack.empty()) {
+    Node* node = stack.back();
+    stack.pop_back();
+    if (node == nullptr || !seen.insert(node).second || !visit(node)) continue;
+    const auto& edges = node->next_edges();
+    for (auto it = edges.rbegin(); it != edges.rend(); ++it) stack.push_back(it->function.get());
+  }
+}
+
+// Scales the gradients a node passes on along some of its edges by one coefficient, the first
+// time it runs while armed.
+struct ScaleEdges final : torch::autograd::FunctionPostHook {
+  ScaleEdges(std::vector<size_t> edges, at::Tensor coeff, std::shared_ptr<bool> armed)
+      : edges_(std::move(edges)), coeff_(std::move(coeff)), armed_(std::move(armed)) {}
+
+  variable_list operator()(const variable_list& grad_inputs,
+                           const variable_list& /*grad_outputs*/) override {
+    if (!*armed_ || fired_) return grad_inputs;
+    fired_ = true;
+    variable_list scaled = grad_inputs;
+    for (size_t e : edges_) {
+      if (e < scaled.size() && scaled[e].defined()) scaled[e] = scaled[e] * coeff_;
+    }
+    return scaled;
+  }
+
+ private:
+  std::vector<size_t> edges_;
+  at::Tensor coeff_;
+  std::shared_ptr<bool> armed_;
+  bool fired_ = false;
+};
+
+}  // namespace
+
+Leaves reachable_leaves(const at::Tensor& root, const std::vector<at::Tensor>& stops) {
+  Leaves result;
+  if (!root.grad_fn()) {
+    if (root.requires_grad()) result.leaves.push_back(root);
+    return result;
+  }
+  const auto stop_nodes = grad_fns(stops);
+  std::unordered_set<Node*> seen;
+  walk(root.grad_fn().get(), seen, [&](Node* node) {
+    if (stop_nodes.count(node)) {
+      result.stopped = true;
+      return false;
+    }
+    if (const at::Tensor* leaf = leaf_of(node)) {
+      result.leaves.push_back(*leaf);
+      return false;
+    }
+    return true;
+  });
+  return result;
+}
+
+std::optional<Split> split_shared_edges(const std::vector<at::Tensor>& losses,
+                                        const at::Tensor& coeffs,
+                                        const std::vector<at::Tensor>& shared,
+                                        const std::vector<at::Tensor>& stops) {
+  const size_t k = losses.size();
+  if (k == 0 || k > 64 || coeffs.dim() != 1 || static_cast<size_t>(coeffs.size(0)) != k) {
+    return std::nullopt;
+  }
+  const auto stop_nodes = grad_fns(stops);
+  std::unordered_set<const c10::TensorImpl*> shared_leaves;
+  for (const auto& t : shared) shared_leaves.insert(t.unsafeGetTensorImpl());
+
+  // Which losses reach each node (bit i: losses[i]), and the nodes in the order first reached.
+  std::unordered_map<Node*, uint64_t> reached;
+  std::vector<Node*> order;
+  for (size_t i = 0; i < k; ++i) {
+    Node* root = losses[i].grad_fn().get();
+    if (root == nullptr || stop_nodes.count(root) || leaf_of(root) != nullptr) return std::nullopt;
+    std::unordered_set<Node*> seen;
+    walk(root, seen, [&](Node* node) {
+      auto [entry, fresh] = reached.try_emplace(node, 0);
+      if (fresh) order.push_back(node);
+      entry->second |= uint64_t{1} << i;
+      return !stop_nodes.count(node) && leaf_of(node) == nullptr;
+    });
+  }
+  for (size_t i = 0; i < k; ++i) {  // a loss whose node another loss reaches: not separable
+    if (reached.at(losses[i].grad_fn().get()) != uint64_t{1} << i) return std::nullopt;
+  }
+  // Where the shared part begins: a node more than one loss reaches, a stop, a shared leaf.
+  auto shared_side = [&](Node* node) {
+    if (std::popcount(reached.at(node)) > 1 || stop_nodes.count(node)) return true;
+    const at::Tensor* leaf = leaf_of(node);
+    return leaf != nullptr && shared_leaves.count(leaf->unsafeGetTensorImpl()) > 0;
+  };
+
+  Split split;
+  std::vector<std::pair<Node*, std::vector<size_t>>> hooks;
+  for (Node* node : order) {
+    const uint64_t mask = reached.at(node);
+    if (const at::Tensor* leaf = leaf_of(node)) {
+      if (shared_leaves.count(leaf->unsafeGetTensorImpl())) continue;
+      if (std::popcount(mask) > 1) return std::nullopt;  // another leaf behind the shared part
+      split.specific.push_back(*leaf);
+      continue;
+    }
+    if (std::popcount(mask) > 1 || stop_nodes.count(node)) continue;
+    std::vector<size_t> edges;
+    const auto& next = node->next_edges();
+    for (size_t e = 0; e < next.size(); ++e) {
+      Node* target = next[e].function.get();
+      if (target != nullptr && shared_side(target)) edges.push_back(e);
+    }
+    if (!edges.empty()) hooks.emplace_back(node, std::move(edges));
+  }
+  split.armed = std::make_shared<bool>(true);
+  for (auto& [node, edges] : hooks) {
+    const auto task = static_cast<int64_t>(std::countr_zero(reached.at(node)));
+    node->add_post_hook(
+        std::make_unique<ScaleEdges>(std::move(edges), coeffs.select(0, task), split.armed));
+  }
+  return split;
+}
+
+}  // namespace fusedmtl::task_graph
