@@ -2,8 +2,9 @@
 method: n = 1 is the exact method bit for bit; with n = 4 steps 1, 5, 9 are those of the method
 stepped only on them, and the steps between are the float64 sum_i c_i g_i of the last
 coefficients (each head: its own loss's gradient, unweighted), in the parameter and the
-representation mode; a resume mid-period continues bit for bit; zero coefficients, non-finite
-gradients, GradScaler overflow."""
+representation mode, in one backward pass and in the two of a graph that does not split; a
+resume mid-period continues bit for bit; zero coefficients, non-finite gradients, GradScaler
+overflow."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from weighting_cases import SharedTrunkNet, make_batch, model_losses
 
 from fusedmtl import weighting as W
+from fusedmtl.weighting import gradient_based
 
 METHODS = sorted(W.GRADIENT_BASED)
 # (method, representation mode) for every method, in both modes where it has the second
@@ -96,8 +98,19 @@ def test_refresh_every_one_is_the_exact_method_bitwise(name, representation):
         _sgd(model)
 
 
+@pytest.fixture(params=["one_pass", "two_passes"])
+def between_refreshes(request, monkeypatch):
+    """A step between refreshes as one pass (the graph split at the shared part) or, as where it
+    does not split, two."""
+    if request.param == "two_passes":
+        monkeypatch.setattr(gradient_based, "split_shared_edges", lambda *args: None)
+    return request.param
+
+
 @pytest.mark.parametrize(("name", "representation"), MODES, ids=MODE_IDS)
-def test_refresh_steps_are_the_method_and_the_others_reuse_its_coefficients(name, representation):
+def test_refresh_steps_are_the_method_and_the_others_reuse_its_coefficients(
+    name, representation, between_refreshes
+):
     model, reference_model = SharedTrunkNet(seed=0), SharedTrunkNet(seed=0)
     method = _build(name, model, refresh_every=PERIOD, representation=representation)
     reference = _build(name, reference_model, representation=representation)  # refresh steps only
@@ -134,7 +147,7 @@ class _Constant(W.GradientWeighting):
         return self.values.to(gramian)
 
 
-def test_zero_coefficients_leave_the_heads_their_own_gradient():
+def test_zero_coefficients_leave_the_heads_their_own_gradient(between_refreshes):
     model = SharedTrunkNet(seed=0)
     method = _Constant(model.shared, 3, [0.0, 2.0, 0.0], refresh_every=3)
     batch = make_batch(0)
@@ -149,7 +162,7 @@ def test_zero_coefficients_leave_the_heads_their_own_gradient():
         _sgd(model)
 
 
-def test_all_zero_coefficients_give_no_shared_update():
+def test_all_zero_coefficients_give_no_shared_update(between_refreshes):
     model = SharedTrunkNet(seed=0)
     method = _Constant(model.shared, 3, [0.0, 0.0, 0.0], refresh_every=2)
     batch = make_batch(0)
@@ -259,7 +272,7 @@ def test_grad_scaler_overflow_between_refreshes_is_not_counted():
     torch.testing.assert_close(refreshed, _step(exact, model, batch))
 
 
-def test_retain_graph_between_refreshes():
+def test_retain_graph_between_refreshes(between_refreshes):
     model = SharedTrunkNet(seed=0)
     method = W.IMTLG(model.shared, 3, refresh_every=2)
     batch = make_batch(0)
