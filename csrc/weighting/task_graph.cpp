@@ -6,6 +6,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -104,52 +105,73 @@ std::optional<Split> split_shared_edges(const std::vector<at::Tensor>& losses,
   std::unordered_set<const c10::TensorImpl*> shared_leaves;
   for (const auto& t : shared) shared_leaves.insert(t.unsafeGetTensorImpl());
 
-  // Which losses reach each node (bit i: losses[i]), and the nodes in the order first reached.
-  std::unordered_map<Node*, uint64_t> reached;
-  std::vector<Node*> order;
+  // Per node reached: which losses reach it (bit i: losses[i]), its leaf (AccumulateGrad) and
+  // whether it is a stop; the nodes in the order first reached. One walk per loss, the masks its
+  // "seen" set.
+  struct Reached {
+    uint64_t mask = 0;
+    const at::Tensor* leaf = nullptr;
+    bool stop = false;
+  };
+  std::unordered_map<Node*, Reached> reached;
+  reached.reserve(256);
+  std::vector<Node*> order, stack;
   for (size_t i = 0; i < k; ++i) {
     Node* root = losses[i].grad_fn().get();
     if (root == nullptr || stop_nodes.count(root) || leaf_of(root) != nullptr) return std::nullopt;
-    std::unordered_set<Node*> seen;
-    walk(root, seen, [&](Node* node) {
-      auto [entry, fresh] = reached.try_emplace(node, 0);
-      if (fresh) order.push_back(node);
-      entry->second |= uint64_t{1} << i;
-      return !stop_nodes.count(node) && leaf_of(node) == nullptr;
-    });
+    const uint64_t bit = uint64_t{1} << i;
+    stack.assign(1, root);
+    while (!stack.empty()) {
+      Node* node = stack.back();
+      stack.pop_back();
+      if (node == nullptr) continue;
+      auto [entry, fresh] = reached.try_emplace(node);
+      Reached& info = entry->second;
+      if (fresh) {
+        order.push_back(node);
+        info.leaf = leaf_of(node);
+        info.stop = stop_nodes.count(node) > 0;
+      }
+      if (info.mask & bit) continue;
+      info.mask |= bit;
+      if (info.leaf != nullptr || info.stop) continue;
+      for (const auto& edge : node->next_edges()) stack.push_back(edge.function.get());
+    }
   }
   for (size_t i = 0; i < k; ++i) {  // a loss whose node another loss reaches: not separable
-    if (reached.at(losses[i].grad_fn().get()) != uint64_t{1} << i) return std::nullopt;
+    if (reached.at(losses[i].grad_fn().get()).mask != uint64_t{1} << i) return std::nullopt;
   }
-  // Where the shared part begins: a node more than one loss reaches, a stop, a shared leaf.
-  auto shared_side = [&](Node* node) {
-    if (std::popcount(reached.at(node)) > 1 || stop_nodes.count(node)) return true;
-    const at::Tensor* leaf = leaf_of(node);
-    return leaf != nullptr && shared_leaves.count(leaf->unsafeGetTensorImpl()) > 0;
+  auto is_shared_leaf = [&](const Reached& info) {
+    return info.leaf != nullptr && shared_leaves.count(info.leaf->unsafeGetTensorImpl()) > 0;
   };
 
   Split split;
-  std::vector<std::pair<Node*, std::vector<size_t>>> hooks;
+  std::vector<std::tuple<Node*, int64_t, std::vector<size_t>>> hooks;
   for (Node* node : order) {
-    const uint64_t mask = reached.at(node);
-    if (const at::Tensor* leaf = leaf_of(node)) {
-      if (shared_leaves.count(leaf->unsafeGetTensorImpl())) continue;
-      if (std::popcount(mask) > 1) return std::nullopt;  // another leaf behind the shared part
-      split.specific.push_back(*leaf);
+    const Reached& info = reached.at(node);
+    const bool several = std::popcount(info.mask) > 1;
+    if (info.leaf != nullptr) {
+      if (is_shared_leaf(info)) continue;
+      if (several) return std::nullopt;  // another leaf behind the shared part
+      split.specific.push_back(*info.leaf);
       continue;
     }
-    if (std::popcount(mask) > 1 || stop_nodes.count(node)) continue;
+    if (several || info.stop) continue;
+    // Where the shared part begins: a node more than one loss reaches, a stop, a shared leaf.
     std::vector<size_t> edges;
     const auto& next = node->next_edges();
     for (size_t e = 0; e < next.size(); ++e) {
       Node* target = next[e].function.get();
-      if (target != nullptr && shared_side(target)) edges.push_back(e);
+      if (target == nullptr) continue;
+      const Reached& to = reached.at(target);
+      if (std::popcount(to.mask) > 1 || to.stop || is_shared_leaf(to)) edges.push_back(e);
     }
-    if (!edges.empty()) hooks.emplace_back(node, std::move(edges));
+    if (!edges.empty()) {
+      hooks.emplace_back(node, std::countr_zero(info.mask), std::move(edges));
+    }
   }
   split.armed = std::make_shared<bool>(true);
-  for (auto& [node, edges] : hooks) {
-    const auto task = static_cast<int64_t>(std::countr_zero(reached.at(node)));
+  for (auto& [node, task, edges] : hooks) {
     node->add_post_hook(
         std::make_unique<ScaleEdges>(std::move(edges), coeffs.select(0, task), split.armed));
   }
