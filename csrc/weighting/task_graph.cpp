@@ -32,9 +32,10 @@ const at::Tensor* leaf_of(Node* node) {
 }
 
 // Preorder depth-first walk from `start` (next edges in order, as the Python walk), calling
-// visit(node) once per node not yet in `seen`; visit returns whether to descend.
+// visit(node) once per node; visit returns whether to descend.
 template <typename Visit>
-void walk(Node* start, std::unordered_set<Node*>& seen, Visit&& visit) {
+void walk(Node* start, Visit&& visit) {
+  std::unordered_set<Node*> seen;
   std::vector<Node*> stack{start};
   while (!stack.empty()) {
     Node* node = stack.back();
@@ -78,8 +79,7 @@ Leaves reachable_leaves(const at::Tensor& root, const std::vector<at::Tensor>& s
     return result;
   }
   const auto stop_nodes = grad_fns(stops);
-  std::unordered_set<Node*> seen;
-  walk(root.grad_fn().get(), seen, [&](Node* node) {
+  walk(root.grad_fn().get(), [&](Node* node) {
     if (stop_nodes.count(node)) {
       result.stopped = true;
       return false;
