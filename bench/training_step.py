@@ -21,6 +21,7 @@ not move, so every step sees the same losses).
            the floor any loss-based method can reach.
   torchjd  the method's torchjd aggregator (mtl_backward + jac_to_grad) or scalarizer, where
            torchjd has it (bench/peers.py).
+Samples: 4 x --repeats per loss-based row, 2 x per gradient-based one (REPEATS_PER_FAMILY).
 Agreement: .grad of every parameter after one step of fresh instances, cosine with fused's.
 Peak extra memory: one step in steady state. Not memory-bound: no bandwidth bound here.
 """
@@ -203,6 +204,10 @@ FACTORIES = {
     "torchjd": torchjd_step,
 }
 STEPS_PER_CALL = {"r4": 4, "r16": 16}
+# Samples per row: --repeats times these. The targets are ratios within 3% (loss-based) and 25%
+# (r16) of a step whose samples scatter by ~10% (IQR) on a shared 2-core host, where the median
+# of 15 moved by +-3% between runs; the loss-based rows (three ~7 ms contenders) cost little.
+REPEATS_PER_FAMILY = {"loss": 4, "gradient": 2}
 RATIO_COLUMNS = ("f/base", "r16/sum", "jd/f")
 SHORT = {"torchjd": "jd"}  # (the table must fit 120 columns)
 
@@ -302,7 +307,8 @@ class TrainingStep(Sweep):
                         row.cosine, row.max_rel_diff = seen.cosine, seen.max_rel_diff
                         row.peak_bytes, row.notes = seen.peak_bytes, seen.notes
                         steps, _ = self.make_steps(name, model, x, targets)
-                    row.stats = time_contenders(steps, clock, c.repeats, c.warmup)
+                    repeats = c.repeats * REPEATS_PER_FAMILY[family]
+                    row.stats = time_contenders(steps, clock, repeats, c.warmup)
                     for contender, n in STEPS_PER_CALL.items():  # per step
                         if contender in row.stats:
                             samples = row.stats[contender].samples_ms

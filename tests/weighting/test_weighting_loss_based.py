@@ -530,3 +530,50 @@ def test_famo_against_its_update_rule():
         )
         (grad_losses,) = torch.autograd.grad(total, losses)
         torch.testing.assert_close(grad_losses, method.last_weights.to(grad_losses))
+
+
+# -- the constants a method derives from its buffers, cached (LossWeighting._constants) ---------
+
+CACHED = sorted(
+    name
+    for name, cls in weighting.LOSS_BASED.items()
+    if cls.constants is not weighting.LossWeighting.constants
+)
+
+
+def _assert_cache_fresh(method, values):
+    """The cached constants are what ``constants`` computes now (bitwise)."""
+    cached, fresh = method._constants(values), method.constants(values)
+    assert len(cached) == len(fresh)
+    for a, b in zip(cached, fresh):
+        assert a.dtype == b.dtype == values.dtype and torch.equal(a, b), (a, b)
+
+
+def test_some_methods_cache_constants():
+    assert {"fixed", "pbi", "cosmos", "stch", "prior_loss", "alternating"} <= set(CACHED)
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_cached_constants_follow_the_buffers(name):
+    """Written in place, reassigned, loaded from a state_dict, cast (.double()), or asked for in
+    another dtype: the constants are computed again, never stale."""
+    method = weighting.LOSS_BASED[name].example(3)
+    values = torch.tensor([0.5, 2.0, 1.25])
+    first = method._constants(values)
+    assert method._constants(values) is first  # (cached: the same tuple)
+    floats = [n for n, b in method.named_buffers() if b.is_floating_point()]
+    for n in floats:  # in place
+        with torch.no_grad():
+            getattr(method, n).mul_(1.5)
+        _assert_cache_fresh(method, values)
+    for n in floats:  # reassigned
+        setattr(method, n, getattr(method, n).clone() * 0.5)
+        _assert_cache_fresh(method, values)
+    twin = weighting.LOSS_BASED[name].example(3)
+    twin._constants(values)
+    twin.load_state_dict(method.state_dict())
+    _assert_cache_fresh(twin, values)
+    _assert_cache_fresh(method, values.double())
+    method.double()
+    _assert_cache_fresh(method, values)
+    _assert_cache_fresh(method, values.double())

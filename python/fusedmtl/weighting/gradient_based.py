@@ -293,10 +293,10 @@ class GradientWeighting(Weighting):
         grads = [g for _, g in [*shards, *pairs]]
         if grads and (scaling or self.on_nonfinite != "ignore"):
             # one host read, as on a refresh step (under FSDP2 of a count every rank agrees on)
-            bad = (~grads_finite(grads)).sum()
-            if self._sharding is not None:
-                bad = self._sharding.sum_over_shards(bad)
-            finite = not bool(bad)
+            if self._sharding is None:
+                finite = bool(grads_finite(grads))
+            else:
+                finite = not bool(self._sharding.sum_over_shards((~grads_finite(grads)).sum()))
         if not finite and not scaling:
             message = f"{type(self).__name__}: non-finite gradients"
             if self.on_nonfinite == "raise":

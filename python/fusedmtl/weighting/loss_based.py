@@ -18,7 +18,7 @@ usual, are those of one process with the whole batch.
 from __future__ import annotations
 
 import copy
-import functools
+import operator
 import warnings
 
 import torch
@@ -45,27 +45,30 @@ class LossWeighting(Weighting):
         """The weighted total loss, a 0-dim tensor (a leaf with no effect when the step is
         skipped)."""
         self._resolve_pending_restore()
-        checked = self._checked_losses(losses)
+        return self._weighted(self._checked_losses(losses), stacklevel=5)  # (through __call__)
+
+    def _weighted(self, checked: list[Tensor], stacklevel: int) -> Tensor:
+        """forward's total from checked losses; warnings point ``stacklevel`` frames up. (Every op
+        here runs every step right after the model's forward pass has flushed the caches, where
+        each costs 2-3 times its time in a loop.)"""
         reaching = [loss.requires_grad for loss in checked]
-        if torch.is_grad_enabled() and any(reaching) and not all(reaching):
+        if not all(reaching) and any(reaching) and torch.is_grad_enabled():
             for task, reaches in zip(self.task_names, reaching):
                 if not reaches:
                     warnings.warn(
                         f"task {task!r}: its loss does not require grad; it contributes no "
                         "gradient",
-                        stacklevel=3,
+                        stacklevel=stacklevel,
                     )
-        dtype = checked[0].dtype
-        if any(loss.dtype != dtype for loss in checked):
-            dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in checked))
-            checked = [_as(loss, dtype) for loss in checked]
-        stacked = torch.stack(checked)
+        stacked = torch.stack(checked)  # (in the losses' promoted dtype; backward casts back)
+        dtype = stacked.dtype
         try:
             values = self._loss_values(stacked.detach())
         except SkipStep:
             return torch.zeros((), requires_grad=True)
         value, weights = self.total(values)
-        weights = weights.detach()
+        if weights.requires_grad:  # (a learned weight: its gradient comes through the value)
+            weights = weights.detach()
         # (a plain attribute: nn.Module.__setattr__'s registry checks cost ~10 us a step)
         self.__dict__["last_weights"] = weights
         if value is None:  # the weighted sum itself (weighted_total): one dot product
@@ -99,7 +102,7 @@ class LossWeighting(Weighting):
             raise RuntimeError(
                 f"{type(self).__name__}.backward: no loss requires grad (all are detached)"
             )
-        total = self(losses)
+        total = self._weighted(losses, stacklevel=3)
         if total.grad_fn is None:  # the step was skipped
             return None
         if scaling:
@@ -140,6 +143,28 @@ class LossWeighting(Weighting):
     def state_dict(self, *args, **kwargs):
         self._resolve_pending_restore()
         return super().state_dict(*args, **kwargs)
+
+    def constants(self, like: Tensor) -> tuple[Tensor, ...]:
+        """What :meth:`total` derives from the buffers alone, in ``like``'s dtype and device
+        (e.g. a unit preference direction); read through :meth:`_constants`. None by default."""
+        return ()
+
+    def _constants(self, like: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`constants`, computed again only when a buffer changes (another tensor, new
+        storage, or written in place: its version counter) or ``like``'s dtype or device does.
+        Why: converting and normalising K-vectors that rarely change cost a few ops every step."""
+        buffers = tuple(b for b in self._buffers.values() if b is not None)
+        try:
+            key = (like.dtype, like.device, *((b.data_ptr(), b._version) for b in buffers))
+        except RuntimeError:  # an inference tensor has no version counter: no cache
+            return self.constants(like)
+        cached = self.__dict__.get("_constants_cache")
+        # (the cache holds the buffers themselves, so a freed one's address is not reused)
+        if cached is not None and cached[0] == key and all(map(operator.is_, cached[1], buffers)):
+            return cached[2]
+        result = self.constants(like)
+        self.__dict__["_constants_cache"] = (key, buffers, result)
+        return result
 
     def total(self, values: Tensor) -> tuple[Tensor | None, Tensor]:
         """(the total's value, its derivatives w_i = d total / d L_i) at the detached losses

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedmtl.weighting.loss_based import LossWeighting
+from fusedmtl.weighting.loss_based import LossWeighting, weighted_total
 from fusedmtl.weighting.state import SharedGenerator
 
 ORDERS = ("cyclic", "random")
@@ -57,11 +57,14 @@ class Alternating(LossWeighting):
             return list(range(self.num_tasks))
         return torch.randperm(self.num_tasks, generator=self._generator.get()).tolist()
 
-    def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        weights = torch.zeros_like(values)
-        weights[self.current_task] = 1
+    def constants(self, like: Tensor) -> tuple[Tensor]:
+        return (torch.eye(self.num_tasks, dtype=like.dtype, device=like.device),)
+
+    def total(self, values: Tensor) -> tuple[None, Tensor]:
+        (rows,) = self._constants(values)
+        task = self.current_task
         self._position += 1
-        return (weights * values).sum(), weights
+        return weighted_total(values, rows[task].clone())  # e_t (a copy: last_weights is logged)
 
     def get_extra_state(self) -> dict:
         return {

@@ -43,16 +43,23 @@ class COSMOS(LossWeighting):
             _vector("COSMOS: preference", preference, k, torch.full((k,), 1.0 / k).double()),
         )
 
+    def constants(self, like: Tensor) -> tuple[Tensor, ...]:
+        r = self.preference.to(like)
+        floor = torch.tensor(_NORM_EPS, dtype=like.dtype, device=like.device)
+        return r, torch.linalg.vector_norm(r).clamp_min(floor), floor, torch.zeros_like(floor)
+
     def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        r = self.preference.to(values)
+        # (0-dim tensors, not Python floats, as operands: a wrapped scalar costs an op's time)
+        r, r_norm, floor, zero = self._constants(values)
         linear = r @ values
-        r_norm = r.norm().clamp_min(_NORM_EPS)
-        l_norm = values.norm()
-        floored = l_norm.clamp_min(_NORM_EPS)
-        cosine = linear / (r_norm * floored)
+        l_norm = torch.linalg.vector_norm(values)
+        floored = l_norm.clamp_min(floor)
+        denominator = r_norm * floored
+        cosine = linear / denominator
         # below the floor the denominator is constant: only the numerator's derivative remains
-        cosine_grad = (
-            r / (r_norm * floored)
-            - torch.where(l_norm > _NORM_EPS, cosine / (floored * floored), 0.0) * values
+        through_norm = torch.where(l_norm > floor, cosine / (floored * floored), zero)
+        cosine_grad = r / denominator - through_norm * values
+        return (
+            torch.add(linear, cosine, alpha=-self.lambda_),
+            torch.add(r, cosine_grad, alpha=-self.lambda_),
         )
-        return linear - self.lambda_ * cosine, r - self.lambda_ * cosine_grad

@@ -28,5 +28,8 @@ class Fixed(LossWeighting):
             raise ValueError(f"Fixed: expected {k} weights, got {weights.numel()}")
         self.register_buffer("weights", weights)
 
+    def constants(self, like):
+        return (self.weights.to(like),)
+
     def total(self, values):
-        return weighted_total(values, self.weights)
+        return weighted_total(values, *self._constants(values))

@@ -50,14 +50,21 @@ class PBI(LossWeighting):
             "reference", _vector("reference", reference, k, torch.zeros(k, dtype=torch.float64))
         )
 
+    def constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        direction = self.preference.to(like)
+        eps = torch.tensor(_EPS, dtype=like.dtype, device=like.device)  # (a float costs an op)
+        return direction / torch.linalg.vector_norm(direction), self.reference.to(like), eps
+
     def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        shifted = values - self.reference.to(values)
-        direction = self.preference.to(values)
-        direction = direction / direction.norm()
+        direction, reference, eps = self._constants(values)
+        shifted = values - reference
         along = shifted @ direction
-        perpendicular = shifted - along * direction
-        distance = (perpendicular @ perpendicular + _EPS).sqrt()
-        return along + self.theta * distance, direction + self.theta * perpendicular / distance
+        perpendicular = shifted - along * direction  # (torchjd's roundings: d2 ~ 0 amplifies them)
+        distance = (perpendicular @ perpendicular + eps).sqrt()
+        return (
+            torch.add(along, distance, alpha=self.theta),
+            torch.add(direction, perpendicular / distance, alpha=self.theta),
+        )
 
 
 def _vector(name: str, vector, k: int, default: Tensor) -> Tensor:

@@ -32,8 +32,11 @@ class PriorLoss(LossWeighting):
         # gives them from its labels (prior_loss_classification & co).
         return {"priors": [float(i + 1) for i in range(num_tasks)]}
 
+    def constants(self, like):
+        return ((1.0 / (self.priors + self.eps)).to(like),)
+
     def total(self, values):
-        return weighted_total(values, 1.0 / (self.priors + self.eps))
+        return weighted_total(values, *self._constants(values))
 
 
 def prior_loss_classification(labels: Tensor, num_classes: int | None = None) -> float:

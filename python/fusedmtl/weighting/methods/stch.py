@@ -88,11 +88,21 @@ class STCH(LossWeighting):
                 if step + 1 == self.warmup_steps + self.nadir_steps:
                     self.nadir.copy_(self.nadir_sum / self.nadir_steps)
             return (values + self.eps).log().sum(), 1 / (values + self.eps)
-        nadir = self.nadir.to(values)
-        scaled = self.preference.to(values) * (values / nadir + self.eps).log() / self.mu
-        value = self.num_tasks * self.mu * torch.logsumexp(scaled, 0)
-        weights = self.num_tasks * self.preference.to(values) * torch.softmax(scaled, 0)
-        return value, weights / (values + self.eps * nadir)
+        nadir, eps, slopes, scales, offsets, k_mu = self._constants(values)
+        scaled = torch.addcdiv(eps, values, nadir).log() * slopes
+        shares = torch.softmax(scaled, 0)
+        # logsumexp(s) = max s - log softmax(s) at the max (= 1 / sum_i exp(s_i - max s), >= 1/K):
+        # four ops on the softmax already there, not torch.logsumexp's six
+        value = (scaled.max() - shares.max().log()) * k_mu
+        return value, shares * scales / (values + offsets)
+
+    def constants(self, like: Tensor) -> tuple[Tensor, ...]:
+        """(n, eps, p / mu, K p, eps n, K mu) in ``like``'s dtype, tensors: a Python float operand
+        costs about an op's time (the nadir phase's n, once it is over)."""
+        nadir, preference = self.nadir.to(like), self.preference.to(like)
+        k, eps = self.num_tasks, torch.full_like(nadir, self.eps)
+        k_mu = torch.tensor(k * self.mu, dtype=like.dtype, device=like.device)
+        return nadir, eps, preference / self.mu, k * preference, self.eps * nadir, k_mu
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "steps": self.steps}
