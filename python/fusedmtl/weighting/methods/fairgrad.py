@@ -17,9 +17,10 @@ def alpha_fair_weights(
     It is the minimiser of the strictly convex f(w) = w^T M w / 2 - sum_i h(w_i) over w > 0, with
     h' (w) = w^(-1 / alpha) (h = log for alpha = 1, w^(1 - 1/alpha) / (1 - 1/alpha) otherwise),
     found by damped Newton steps (Hessian M + diag(w^(-1/alpha - 1)) / alpha, positive definite)
-    kept inside w > 0 by halving, from w = 1 / K as in the paper's code. A zero gradient (M_ii = 0)
-    would need w_i = infinity; its weight multiplies a zero gradient, so it is set to 0 and the
-    problem solved over the others (masked: their rows and columns of M are zero, their steps 0).
+    kept inside w > 0 by halving (Armijo's test up to f's rounding), from the solution for M's
+    diagonal (the paper's code starts at 1 / K). A zero gradient (M_ii = 0) would need
+    w_i = infinity; its weight multiplies a zero gradient, so it is set to 0 and the problem
+    solved over the others (masked: their rows and columns of M are zero, their steps 0).
 
     No host synchronisation (solvers.py's convention): ``max_iter`` iterations run, an iterate
     that has stopped no longer changing, and each line search tests its 60 halvings at once; on
@@ -35,12 +36,13 @@ def alpha_fair_weights(
         ``Tensor[K]`` float64 on M's device, w_i > 0 where g_i != 0, else 0.
     """
     M = as_float64_gramian(M, validate)[0]
-    k = M.shape[0]
     diag = M.diagonal()
     live = diag > 1e-12 * diag.max().clamp_min(torch.finfo(M.dtype).tiny)
     Q = M * (live[:, None] & live[None, :])
-    x = torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device)
     power = -1.0 / alpha
+    # From the solution for M's diagonal alone, M_ii w_i = w_i^(-1/alpha): it has the answer's
+    # scale, which damped steps from 1/K (the paper's start) spend iterations finding.
+    x = torch.where(live, diag.clamp_min(torch.finfo(M.dtype).tiny).pow(1 / (power - 1)), 1.0)
 
     def objective(v: Tensor) -> Tensor:  # v: [..., k]
         h = v.log() if alpha == 1 else v.pow(1 + power) / (1 + power)
@@ -59,12 +61,15 @@ def alpha_fair_weights(
         # e.g. for opposite gradients; Newton then stops where f no longer decreases.)
         step = torch.linalg.pinv(hessian, hermitian=True) @ residual
         value, slope = objective(x), residual @ step
+        # Near the solution f's decrease falls below its rounding: Armijo's test would then only
+        # pass a vanishing step, and the iterate stall short of tol; the full step passes.
+        rounding = 1e-13 * (1 + value.abs())
 
         def decreases(t: Tensor) -> Tensor:  # stay positive, then decrease f (Armijo)
             candidates = x - t[:, None] * step
             positive = (candidates > 0).all(-1)
             safe = torch.where(positive[:, None], candidates, 1.0)
-            return positive & (objective(safe) <= value - 1e-4 * t * slope)
+            return positive & (objective(safe) <= value - 1e-4 * t * slope + rounding)
 
         t, improved = halving_line_search(x.new_ones(()), 60, decreases)
         stopped = stopped | ~improved
