@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <exception>
+#include <optional>
 #include <vector>
 
 #include "common/cpu_capability.h"
@@ -115,6 +116,30 @@ PyObject* split_shared_edges(PyObject*, PyObject* args) {
   }
 }
 
+void unwatch(PyObject* capsule) {
+  delete static_cast<fusedmtl::task_graph::FiniteWatch*>(PyCapsule_GetPointer(capsule, "watch"));
+}
+
+PyObject* watch_finite(PyObject*, PyObject* leaves) {
+  std::vector<at::Tensor> leaf_tensors;
+  if (!tensors_of(leaves, "watch_finite: leaves", leaf_tensors)) return nullptr;
+  try {
+    return PyCapsule_New(new fusedmtl::task_graph::FiniteWatch(leaf_tensors), "watch", unwatch);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* watched_finite(PyObject*, PyObject* token) {
+  auto* watch =
+      static_cast<fusedmtl::task_graph::FiniteWatch*>(PyCapsule_GetPointer(token, "watch"));
+  if (watch == nullptr) return nullptr;
+  const std::optional<bool> finite = watch->finite();
+  if (!finite) Py_RETURN_NONE;
+  return PyBool_FromLong(*finite);
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels run with: 'default', 'avx2' or 'avx512'."},
@@ -133,6 +158,11 @@ PyMethodDef methods[] = {
      "so that one backward pass of sum(losses) gives shared leaves (and stops) the gradient of "
      "sum_i coeffs[i] losses[i] and the other leaves, returned, the unweighted one; the hooks "
      "fire once, while token lives. None when the graph does not split so."},
+    {"watch_finite", watch_finite, METH_O,
+     "watch_finite(leaves) -> token: until token is released, every gradient a backward pass "
+     "gives these leaves is read for a non-finite element as it arrives (CPU tensors)."},
+    {"watched_finite", watched_finite, METH_O,
+     "watched_finite(token) -> True, False, or None where a gradient could not be read."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

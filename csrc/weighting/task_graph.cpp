@@ -3,6 +3,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <bit>
 #include <cstdint>
@@ -70,7 +71,97 @@ struct ScaleEdges final : torch::autograd::FunctionPostHook {
   bool fired_ = false;
 };
 
+// Whether none of n elements has its exponent bits all ones (inf or NaN): integer ops over the
+// raw bits, which the compiler vectorises, and no early exit to break that.
+template <typename Bits>
+bool exponents_finite(const void* data, int64_t n, Bits exponent) {
+  const auto* bits = static_cast<const Bits*>(data);
+  Bits bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<Bits>((bits[i] & exponent) == exponent);
+  return bad == 0;
+}
+
+// Whether every element of g is finite; nullopt where g cannot be read here.
+std::optional<bool> all_finite(const at::Tensor& g) {
+  if (g._is_zerotensor()) return true;
+  // (dense and non-overlapping: the elements fill [data, data + numel) in some order)
+  if (!g.is_cpu() || g.layout() != at::kStrided || !g.has_storage() ||
+      !g.is_non_overlapping_and_dense()) {
+    return std::nullopt;
+  }
+  const void* data = g.const_data_ptr();
+  const int64_t n = g.numel();
+  switch (g.scalar_type()) {
+    case at::kFloat:
+      return exponents_finite<uint32_t>(data, n, 0x7f800000u);
+    case at::kDouble:
+      return exponents_finite<uint64_t>(data, n, 0x7ff0000000000000ull);
+    case at::kHalf:
+      return exponents_finite<uint16_t>(data, n, 0x7c00u);
+    case at::kBFloat16:
+      return exponents_finite<uint16_t>(data, n, 0x7f80u);
+    default:
+      return std::nullopt;
+  }
+}
+
+struct WatchFinite final : torch::autograd::FunctionPreHook {
+  explicit WatchFinite(std::shared_ptr<FiniteWatch::State> state) : state_(std::move(state)) {}
+
+  variable_list operator()(const variable_list& grads) override {
+    for (const auto& g : grads) {
+      if (!g.defined()) continue;
+      const std::optional<bool> finite = all_finite(g);
+      if (!finite) {
+        state_->unread = true;
+      } else if (!*finite) {
+        state_->finite = false;
+      }
+    }
+    return grads;
+  }
+
+ private:
+  std::shared_ptr<FiniteWatch::State> state_;
+};
+
 }  // namespace
+
+FiniteWatch::FiniteWatch(const std::vector<at::Tensor>& leaves)
+    : state_(std::make_shared<State>()) {
+  std::unordered_set<const void*> watched;
+  for (const auto& leaf : leaves) {
+    if (!leaf.defined() || !leaf.requires_grad()) continue;
+    if (!leaf.is_leaf()) {  // (its gradient is captured at its grad_fn: not watched)
+      state_->unread = true;
+      continue;
+    }
+    if (!watched.insert(leaf.unsafeGetTensorImpl()).second) continue;
+    // A leaf's hooks live on the tensor, not on its AccumulateGrad node (which reads them from
+    // there: the node may die while the tensor lives); the engine also runs them on gradients
+    // that autograd.grad captures.
+    auto hook = std::make_unique<WatchFinite>(state_);
+    hooks_.emplace_back(leaf, hook.get());
+    torch::autograd::impl::hooks(leaf).push_back(std::move(hook));
+  }
+}
+
+FiniteWatch::~FiniteWatch() {
+  for (auto& [leaf, hook] : hooks_) {
+    auto& hooks = torch::autograd::impl::hooks(leaf);
+    for (auto it = hooks.begin(); it != hooks.end(); ++it) {
+      if (it->get() == hook) {
+        hooks.erase(it);
+        break;
+      }
+    }
+  }
+}
+
+std::optional<bool> FiniteWatch::finite() const {
+  if (state_->unread) return std::nullopt;
+  return state_->finite;
+}
 
 Leaves reachable_leaves(const at::Tensor& root, const std::vector<at::Tensor>& stops) {
   Leaves result;

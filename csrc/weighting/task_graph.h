@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace fusedmtl::task_graph {
@@ -36,5 +37,28 @@ std::optional<Split> split_shared_edges(const std::vector<at::Tensor>& losses,
                                         const at::Tensor& coeffs,
                                         const std::vector<at::Tensor>& shared,
                                         const std::vector<at::Tensor>& stops);
+
+// Reads each gradient the next backward passes gives `leaves` (to .grad or to autograd.grad)
+// as it arrives, while it is still in cache, for a non-finite element: a tensor pre hook on each
+// leaf (a non-leaf makes finite() nullopt), removed when the watch is destroyed. CPU gradients
+// only, dense, of the four float dtypes (an exact test of the exponent bits); `finite()` is nullopt
+// once a gradient it could not read arrived, false once a non-finite one did. The hooks run on the
+// engine's thread: the caller reads `finite()` after the pass.
+class FiniteWatch {
+ public:
+  struct State {
+    bool finite = true;
+    bool unread = false;
+  };
+  explicit FiniteWatch(const std::vector<at::Tensor>& leaves);
+  ~FiniteWatch();
+  FiniteWatch(const FiniteWatch&) = delete;
+  FiniteWatch& operator=(const FiniteWatch&) = delete;
+  std::optional<bool> finite() const;
+
+ private:
+  std::shared_ptr<State> state_;
+  std::vector<std::pair<at::Tensor, const void*>> hooks_;
+};
 
 }  // namespace fusedmtl::task_graph

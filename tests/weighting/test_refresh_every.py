@@ -215,29 +215,55 @@ def test_refresh_every_is_checked():
             W.MGDA(model.shared, 3, refresh_every=bad)
 
 
-def _poison(model):
-    """A hook that makes the next trunk gradient infinite (an AMP overflow)."""
-    weight = model.trunk[0].weight
+def _poison(model, where="trunk"):
+    """A hook that makes the next trunk (or first head) gradient infinite (an AMP overflow)."""
+    weight = (model.trunk[0] if where == "trunk" else model.heads[0]).weight
     return weight.register_hook(lambda g: g * float("inf"))
 
 
-def test_nonfinite_between_refreshes_follows_the_policy():
+@pytest.fixture(params=["as_they_arrive", "after_the_pass"])
+def finiteness_check(request, monkeypatch, between_refreshes):
+    """Where a step between refreshes reads the gradients' finiteness: as the one pass produces
+    them (task_gradients.watch_finite) or after it (base.grads_finite). Returns a function that
+    runs a step between refreshes and checks it read them where it should."""
+    if request.param == "after_the_pass":
+        monkeypatch.setattr(gradient_based, "watch_finite", lambda leaves: None)
+    reads = []
+    checked = gradient_based.grads_finite
+    monkeypatch.setattr(gradient_based, "grads_finite", lambda g: reads.append(1) or checked(g))
+    read_after = request.param == "after_the_pass" or between_refreshes == "two_passes"
+
+    def step_between(method, losses):
+        before = len(reads)
+        try:
+            return method.backward(losses)
+        finally:
+            assert (len(reads) > before) == read_after
+
+    return step_between
+
+
+@pytest.mark.parametrize("where", ["trunk", "head"])
+def test_nonfinite_between_refreshes_follows_the_policy(where, finiteness_check):
     model = SharedTrunkNet(seed=0)
     batch = make_batch(0)
     method = W.MGDA(model.shared, 3, refresh_every=4, on_nonfinite="skip")
     _step(method, model, batch)
-    handle = _poison(model)
+    model.zero_grad(set_to_none=True)
+    assert finiteness_check(method, model_losses(model, batch)) is not None  # finite: taken
+    assert method._refresh_steps == 2
+    handle = _poison(model, where)
     model.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="skipping"):
-        assert method.backward(model_losses(model, batch)) is None
+        assert finiteness_check(method, model_losses(model, batch)) is None
     handle.remove()
     assert all(p.grad is None for p in model.parameters())  # .grad untouched
-    assert method._refresh_steps == 1  # the skipped step does not count
+    assert method._refresh_steps == 2  # the skipped step does not count
     raising = W.MGDA(model.shared, 3, refresh_every=4)
     _step(raising, model, batch)
-    handle = _poison(model)
+    handle = _poison(model, where)
     with pytest.raises(ValueError, match="non-finite"):
-        raising.backward(model_losses(model, batch))
+        finiteness_check(raising, model_losses(model, batch))
     handle.remove()
 
 

@@ -165,3 +165,66 @@ def test_reachable_leaves_is_the_python_walk(case):
     ref_leaves, ref_stopped = tg.reachable_leaves_reference(root, stops)
     assert stopped == ref_stopped
     assert [id(t) for t in leaves] == [id(t) for t in ref_leaves]  # the same objects, in order
+
+
+# -- watch_finite: each gradient read for inf/NaN as the pass produces it -----------------------
+
+
+def _watched(leaves, loss, use_grad=True):
+    token = tg.watch_finite(leaves)
+    assert token is not None
+    if use_grad:
+        torch.autograd.grad(loss, leaves, allow_unused=True)
+    else:
+        loss.backward()
+    return tg.watched_finite(token)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, "inf", "-inf", "nan"])
+@pytest.mark.parametrize("use_grad", [True, False], ids=["autograd.grad", "backward"])
+def test_watch_finite_reads_every_gradient(dtype, bad, use_grad):
+    """Against torch.isfinite of the gradients themselves: a non-finite element anywhere in any
+    leaf's gradient (a transposed one among them: Linear's weight) is seen."""
+    lin = nn.Linear(7, 5).to(dtype)
+    scale = torch.ones(5, dtype=dtype, requires_grad=True)
+    x = torch.randn(3, 7).to(dtype)
+    out = lin(x) * scale
+    if bad is not None:
+        out = out * torch.tensor([1.0, 1.0, float(bad), 1.0, 1.0]).to(dtype)
+    leaves = [lin.weight, lin.bias, scale]
+    expected = all(
+        bool(g.isfinite().all()) for g in torch.autograd.grad(out.sum(), leaves, retain_graph=True)
+    )
+    assert expected == (bad is None)
+    assert _watched(leaves, out.sum(), use_grad) is expected
+
+
+def test_watch_finite_after_user_hooks_and_removed_with_its_token():
+    """It sees the gradient a user's hook returns, and releasing the token removes its own hook
+    only (the user's, registered before or after, still runs once)."""
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(2, 4)
+    calls = []
+    before = w.register_hook(lambda g: calls.append("before") or g * float("inf"))
+    token = tg.watch_finite([w])
+    after = w.register_hook(lambda g: calls.append("after"))
+    torch.autograd.grad((x @ w).sum(), [w])
+    assert tg.watched_finite(token) is False and calls == ["before", "after"]
+    del token
+    before.remove()
+    calls.clear()
+    (x @ w).sum().backward()
+    assert calls == ["after"] and bool(w.grad.isfinite().all())
+    after.remove()
+
+
+def test_watch_finite_cannot_watch_everything():
+    w = torch.randn(3, requires_grad=True)
+    inner = w * 2
+    token = tg.watch_finite([inner])  # a non-leaf: its gradient is captured at its grad_fn
+    torch.autograd.grad(inner.sum(), [inner])
+    assert tg.watched_finite(token) is None
+    assert tg.watch_finite([torch.randn(3, device="meta", requires_grad=True)]) is None
+    untouched = tg.watch_finite([w])  # no pass: nothing seen, nothing non-finite
+    assert tg.watched_finite(untouched) is True

@@ -35,6 +35,8 @@ from fusedmtl.weighting.task_gradients import (
     reachable_leaves,
     split_shared_edges,
     task_gradients,
+    watch_finite,
+    watched_finite,
 )
 
 MAX_TASKS = 64  # the multi-tensor kernels hold K x K sums in registers
@@ -278,7 +280,10 @@ class GradientWeighting(Weighting):
         def weighted() -> Tensor:
             return (weights * stacked()).sum()
 
+        scaling = grad_scaler is not None and grad_scaler.is_enabled()
+        checking = scaling or self.on_nonfinite != "ignore"
         shards: list[tuple[Tensor, Tensor]] = []  # FSDP2: (parameter, this rank's shard)
+        watched = None  # (whether the gradients were finite, read as the pass produced them)
         if self._sharding is not None:
             reaching = torch.tensor([loss.requires_grad for loss in losses], device=weights.device)
             rest = torch.where(reaching, (1 - weights) * stacked(), 0).sum()
@@ -287,13 +292,16 @@ class GradientWeighting(Weighting):
             )
             shards = [(p, g) for p, g in zip(self._shared, local_shards) if g is not None]
         else:
-            pairs = self._reuse_backward(losses, present, weighted, weights, features, retain_graph)
+            pairs, watched = self._reuse_backward(
+                losses, present, weighted, weights, features, retain_graph, checking
+            )
         finite = True
-        scaling = grad_scaler is not None and grad_scaler.is_enabled()
         grads = [g for _, g in [*shards, *pairs]]
-        if grads and (scaling or self.on_nonfinite != "ignore"):
+        if grads and checking:
             # one host read, as on a refresh step (under FSDP2 of a count every rank agrees on)
-            if self._sharding is None:
+            if watched is not None:
+                finite = watched
+            elif self._sharding is None:
                 finite = bool(grads_finite(grads))
             else:
                 finite = not bool(self._sharding.sum_over_shards((~grads_finite(grads)).sum()))
@@ -315,14 +323,17 @@ class GradientWeighting(Weighting):
         self.last_weights = coeffs
         return coeffs
 
-    def _reuse_backward(self, losses, present, weighted, weights, features, retain_graph):
+    def _reuse_backward(self, losses, present, weighted, weights, features, retain_graph, watch):
         """(leaf, gradient) pairs of a step between refreshes (``weighted()``: sum_i w_i L_i),
         averaged over ranks: one backward pass of sum_i L_i whose gradient each task's part of
         the graph passes on to the shared part is scaled by w_i
         (task_gradients.split_shared_edges), or, where the graph does not split so, two: the
         heads' backward twice (once per sum), the trunk's once (autograd prunes the first call to
-        the nodes that lead to the task-specific leaves)."""
+        the nodes that lead to the task-specific leaves). With ``watch``, also whether every
+        gradient was finite, read as the pass produced it (task_gradients.watch_finite), or None
+        where that was not done (read them after)."""
         stops = list(features or ())
+        finite = None
         plain = functools.reduce(torch.add, present)
         if len(present) < len(losses):
             weights = weights[[i for i, loss in enumerate(losses) if loss.requires_grad]]
@@ -330,8 +341,12 @@ class GradientWeighting(Weighting):
         if split is not None:
             specific, token = split
             inputs = [*self._shared, *specific]
+            # (before averaging over ranks, which must then agree: only on one)
+            watcher = watch_finite(inputs) if watch and distributed.world_size() == 1 else None
             grads = torch.autograd.grad(plain, inputs, retain_graph=retain_graph, allow_unused=True)
             del token  # (disarms a hook the pass did not run, were the graph retained)
+            if watcher is not None:
+                finite = watched_finite(watcher)
             pairs = [(p, g) for p, g in zip(inputs, grads) if g is not None]
         else:
             shared_ids = {id(p) for p in self._shared}
@@ -349,7 +364,7 @@ class GradientWeighting(Weighting):
             pairs = [(p, g) for p, g in zip(self._shared, shared) if g is not None]
             pairs += [(p, g) for p, g in zip(specific, specific_grads) if g is not None]
         distributed.mean_([g for _, g in pairs])
-        return pairs
+        return pairs, finite
 
     def _loss_weights(self, coeffs: Tensor, values: Tensor) -> Tensor:
         """The weight of each loss (Tensor[K]) that gives the update sum_i c_i g_i in one
