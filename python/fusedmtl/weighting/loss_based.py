@@ -146,7 +146,7 @@ class LossWeighting(Weighting):
 
     def constants(self, like: Tensor) -> tuple[Tensor, ...]:
         """What :meth:`total` derives from the buffers alone, in ``like``'s dtype and device
-        (e.g. a unit preference direction); read through :meth:`_constants`. None by default."""
+        (e.g. a unit preference direction); read through :meth:`_constants`. Nothing by default."""
         return ()
 
     def _constants(self, like: Tensor) -> tuple[Tensor, ...]:

@@ -167,10 +167,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # (a subclass, e.g. DTensor, may hold its
 
 
 def watch_finite(leaves: Sequence[Tensor]):
-    """A token under which the next backward pass reads each gradient it gives ``leaves`` for a
-    non-finite element as that gradient arrives, while it is still in cache (a C++ hook on each
-    leaf's gradient accumulator; removed when the token is released): about 4x cheaper than a pass
-    over all the gradients after the pass, on the CPU. None where it cannot (a leaf not a plain
+    """A token under which the next backward pass reads each gradient it gives ``leaves`` for an
+    inf or NaN element as that gradient arrives, while it is still in cache (a C++ tensor hook on
+    each leaf, after the user's; removed when the token is released): on the benchmark's step
+    ~70 us where a pass over all the gradients after it took ~320 us (cold caches). Exact, unlike
+    grads_finite's norm (no overflow of squares). None where it cannot watch (a leaf not a plain
     CPU tensor, no extension, compiled autograd). Read the answer with :func:`watched_finite`."""
     if not _cpp_hooks() or not all(type(leaf) in _PLAIN and leaf.is_cpu for leaf in leaves):
         return None
