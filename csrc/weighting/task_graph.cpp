@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <tuple>
@@ -121,9 +122,21 @@ struct WatchFinite final : torch::autograd::FunctionPreHook {
     return grads;
   }
 
+  const FiniteWatch::State* state() const { return state_.get(); }
+
  private:
   std::shared_ptr<FiniteWatch::State> state_;
 };
+
+// This watch's hook among a leaf's, or end(): found by what it is, not by its address (setting a
+// tensor's Python hook dict clears its hooks, and a freed hook's address may be reused).
+auto watch_hook(const at::Tensor& leaf, const FiniteWatch::State* state) {
+  auto& hooks = torch::autograd::impl::hooks(leaf);
+  return std::find_if(hooks.begin(), hooks.end(), [state](const auto& hook) {
+    const auto* watch = dynamic_cast<const WatchFinite*>(hook.get());
+    return watch != nullptr && watch->state() == state;
+  });
+}
 
 }  // namespace
 
@@ -140,25 +153,26 @@ FiniteWatch::FiniteWatch(const std::vector<at::Tensor>& leaves)
     // A leaf's hooks live on the tensor, not on its AccumulateGrad node (which reads them from
     // there: the node may die while the tensor lives); the engine also runs them on gradients
     // that autograd.grad captures.
-    auto hook = std::make_unique<WatchFinite>(state_);
-    hooks_.emplace_back(leaf, hook.get());
-    torch::autograd::impl::hooks(leaf).push_back(std::move(hook));
+    torch::autograd::impl::hooks(leaf).push_back(std::make_unique<WatchFinite>(state_));
+    leaves_.push_back(leaf);
   }
 }
 
 FiniteWatch::~FiniteWatch() {
-  for (auto& [leaf, hook] : hooks_) {
-    auto& hooks = torch::autograd::impl::hooks(leaf);
-    for (auto it = hooks.begin(); it != hooks.end(); ++it) {
-      if (it->get() == hook) {
-        hooks.erase(it);
-        break;
-      }
+  for (const auto& leaf : leaves_) {
+    auto hook = watch_hook(leaf, state_.get());
+    if (hook != torch::autograd::impl::hooks(leaf).end()) {
+      torch::autograd::impl::hooks(leaf).erase(hook);
     }
   }
 }
 
 std::optional<bool> FiniteWatch::finite() const {
+  for (const auto& leaf : leaves_) {  // (a hook cleared before the pass read nothing)
+    if (watch_hook(leaf, state_.get()) == torch::autograd::impl::hooks(leaf).end()) {
+      return std::nullopt;
+    }
+  }
   if (state_->unread) return std::nullopt;
   return state_->finite;
 }

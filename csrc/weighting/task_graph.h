@@ -42,8 +42,9 @@ std::optional<Split> split_shared_edges(const std::vector<at::Tensor>& losses,
 // as it arrives, while it is still in cache, for a non-finite element: a tensor pre hook on each
 // leaf (a non-leaf makes finite() nullopt), removed when the watch is destroyed. CPU gradients
 // only, dense, of the four float dtypes (an exact test of the exponent bits); `finite()` is nullopt
-// once a gradient it could not read arrived, false once a non-finite one did. The hooks run on the
-// engine's thread: the caller reads `finite()` after the pass.
+// once a gradient it could not read arrived (or a hook was cleared: setting a tensor's Python hook
+// dict does that), false once a non-finite one did. The hooks run on the engine's thread: the
+// caller reads `finite()` after the pass.
 class FiniteWatch {
  public:
   struct State {
@@ -58,7 +59,7 @@ class FiniteWatch {
 
  private:
   std::shared_ptr<State> state_;
-  std::vector<std::pair<at::Tensor, const void*>> hooks_;
+  std::vector<at::Tensor> leaves_;
 };
 
 }  // namespace fusedmtl::task_graph

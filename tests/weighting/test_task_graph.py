@@ -219,6 +219,22 @@ def test_watch_finite_after_user_hooks_and_removed_with_its_token():
     after.remove()
 
 
+def test_watch_finite_when_the_first_user_hook_comes_during_the_watch():
+    """Registering a tensor's first Python hook clears its hooks, the watch's with them: the
+    watch then answers None (read after the pass), and releasing it leaves the user's hook."""
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(2, 4)
+    calls = []
+    token = tg.watch_finite([w])
+    handle = w.register_hook(lambda g: calls.append(1))
+    torch.autograd.grad((x @ w).sum(), [w])
+    assert tg.watched_finite(token) is None
+    del token
+    torch.autograd.grad((x @ w).sum(), [w])
+    assert calls == [1, 1]
+    handle.remove()
+
+
 def test_watch_finite_cannot_watch_everything():
     w = torch.randn(3, requires_grad=True)
     inner = w * 2
