@@ -190,6 +190,8 @@ BAD_INPUTS = {
     "too-many": lambda ls: ls + [ls[0] * 2],
     "non-scalar": lambda ls: [ls[0], ls[1], torch.stack([ls[2], ls[2]])],
     "integer": lambda ls: [ls[0], ls[1], torch.tensor(3)],
+    "float-first": lambda ls: [float(ls[0]), ls[1], ls[2]],
+    "tuple-with-a-float": lambda ls: (ls[0], ls[1], 2.0),
     "other-device": lambda ls: [
         ls[0],
         ls[1],

@@ -209,7 +209,7 @@ def test_loaded_optimizer_state_is_a_copy_and_survives_dtype_moves(with_optimize
 def test_buffer_optimizer_runs_the_fused_adam_kernel_as_adam_step_would(weight_decay, monkeypatch):
     """The default weight optimizer (a fused torch.optim.Adam) steps through torch's kernel
     directly after its first step: bitwise the update and state Adam.step gives (an Adam subclass
-    takes Adam.step itself), and Adam.step is not called again."""
+    takes Adam.step itself), also after its options change, and Adam.step is not called again."""
     from fusedmtl.weighting.state import BufferOptimizer, adam
 
     class Owner(torch.nn.Module):
@@ -233,7 +233,10 @@ def test_buffer_optimizer_runs_the_fused_adam_kernel_as_adam_step_would(weight_d
         lambda params: SubclassedAdam(params, lr=0.025, weight_decay=weight_decay, fused=True),
     )
     generator = torch.Generator().manual_seed(0)
-    for _ in range(6):
+    for step in range(6):
+        if step == 4:  # a scheduler's change of the options reaches the kernel's cached arguments
+            for holder in (fast_optimizer, slow_optimizer):
+                holder._optimizer.param_groups[0].update(lr=0.01, betas=(0.8, 0.99))
         grad = torch.randn(5, generator=generator, dtype=torch.float64)  # (cast like a method's)
         fast_optimizer.step(grad)
         slow_optimizer.step(grad)

@@ -160,34 +160,40 @@ class Weighting(nn.Module):
     def _checked_losses(self, losses: Losses) -> list[Tensor]:
         """The losses as a list of 0-dim tensors in task order; raises on malformed input."""
         name = type(self).__name__
-        if isinstance(losses, Mapping):
-            keys = [str(k) for k in losses]
-            if not self._named and len(keys) == self.num_tasks:  # names come from the first dict
-                self.task_names, self._named = keys, True
-            if sorted(keys) != sorted(self.task_names):
-                raise ValueError(f"{name}: expected losses for tasks {self.task_names}, got {keys}")
-            by_name = {str(k): v for k, v in losses.items()}
-            losses = [by_name[n] for n in self.task_names]
-        elif isinstance(losses, Tensor):
-            losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
-        else:
-            losses = list(losses)
+        if type(losses) is not list and type(losses) is not tuple:
+            if isinstance(losses, Mapping):
+                keys = [str(k) for k in losses]
+                if not self._named and len(keys) == self.num_tasks:  # names from the first dict
+                    self.task_names, self._named = keys, True
+                if sorted(keys) != sorted(self.task_names):
+                    raise ValueError(
+                        f"{name}: expected losses for tasks {self.task_names}, got {keys}"
+                    )
+                by_name = {str(k): v for k, v in losses.items()}
+                losses = [by_name[n] for n in self.task_names]
+            elif isinstance(losses, Tensor):
+                losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
+            else:
+                losses = list(losses)
         if len(losses) != self.num_tasks:
             raise ValueError(
                 f"{name}: expected {self.num_tasks} losses (one per task), got {len(losses)}"
             )
-        first = losses[0]
-        if type(first) is Tensor:  # the usual input, checked in one pass (it runs every step)
-            device = first.device
-            if all(
-                type(loss) is Tensor
-                and loss.dim() == 0
-                and loss.dtype.is_floating_point
-                and loss.device == device
-                for loss in losses
-            ):
-                self._check_state_device(device)
+        if type(losses[0]) is Tensor:  # the usual input, checked in one pass (it runs every step)
+            device = losses[0].device
+            for loss in losses:
+                if (
+                    type(loss) is not Tensor
+                    or loss.ndim
+                    or not loss.dtype.is_floating_point
+                    or loss.device != device
+                ):
+                    break
+            else:
+                if device != self._state_checked_on:
+                    self._check_state_device(device)
                 return losses
+        first = losses[0]
         for task, loss in zip(self.task_names, losses):
             if not isinstance(loss, Tensor):
                 raise TypeError(
@@ -232,8 +238,11 @@ class Weighting(nn.Module):
         """The detached losses (Tensor[K]) as float32 or float64, checked by the non-finite policy
         (SkipStep) and averaged across data-parallel ranks (so every rank derives the same
         weights from them)."""
-        values = detached if detached.dtype == torch.float64 else detached.float()
-        if self.on_nonfinite != "ignore" and not _all_finite(values):
+        dtype = detached.dtype
+        values = detached if dtype == torch.float32 or dtype == torch.float64 else detached.float()
+        # (read on the host: the K values in one read and no op; a reduction and .item() cost
+        # twice as much on the CPU, one read all the same on CUDA)
+        if self.on_nonfinite != "ignore" and not all(map(math.isfinite, values.tolist())):
             bad = [task for task, ok in zip(self.task_names, values.isfinite().tolist()) if not ok]
             message = f"{type(self).__name__}: non-finite loss for task(s) {bad}"
             if self.on_nonfinite == "raise":
@@ -242,13 +251,6 @@ class Weighting(nn.Module):
             raise SkipStep(message)
         size = distributed.world_size()
         return distributed.sum_(values) / size if size > 1 else values
-
-
-def _all_finite(values: Tensor) -> bool:
-    """Whether every entry is finite, read on the host: the K values in one read and no op (it
-    runs every step; a reduction and .item() cost twice as much on the CPU, one read all the same
-    on CUDA)."""
-    return all(map(math.isfinite, values.tolist()))
 
 
 def grads_finite(grads: Sequence[Tensor]) -> Tensor:

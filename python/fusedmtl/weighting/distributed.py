@@ -19,11 +19,12 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 BUCKET_BYTES = 25 * 2**20
+_AVAILABLE = dist.is_available()  # (a build property: asked once, not every step)
 
 
 def world_size(group=None) -> int:
     """The number of ranks to average over: 1 without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (_AVAILABLE and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 

@@ -38,6 +38,8 @@ class BufferOptimizer:
         self._module, self._buffer, self._factory = module, buffer, factory
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None
+        # (optimizer, its options, _fused_adam_arguments) of the last fused step: see step
+        self._fused: tuple | None = None
 
     def step(self, grad: Tensor) -> None:
         target = getattr(self._module, self._buffer)
@@ -48,13 +50,23 @@ class BufferOptimizer:
             if self._pending is not None:
                 self._optimizer.load_state_dict(self._pending)
                 self._pending = None
-        grad = grad.to(target)
-        fused = _fused_adam_arguments(self._optimizer, target)
-        if fused is not None:  # torch's fused Adam kernel itself, as Adam.step would call it
-            steps, tensors, options = fused
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_([target], [grad], *tensors, steps, **options)
-            return
+        if grad.dtype != target.dtype or grad.device != target.device:
+            grad = grad.to(target)
+        # The kernel's arguments are built once per optimizer and kept while the options a
+        # scheduler may change stay as they were (building them cost ~25 us a step, cold).
+        optimizer = self._optimizer
+        if type(optimizer) is torch.optim.Adam:
+            group = optimizer.param_groups[0]
+            options = (group["lr"], group["betas"], group["weight_decay"], group["eps"])
+            cached = self._fused
+            if cached is None or cached[0] is not optimizer or cached[1] != options:
+                fused = _fused_adam_arguments(optimizer, target)
+                cached = self._fused = None if fused is None else (optimizer, options, fused)
+            if cached is not None:  # torch's fused Adam kernel itself, as Adam.step would call it
+                steps, tensors, kernel_options = cached[2]
+                steps[0].add_(1)  # (Adam.step's _foreach_add_ on the one step count)
+                torch._fused_adam_([target], [grad], *tensors, steps, **kernel_options)
+                return
         target.grad = grad
         self._optimizer.step()
         target.grad = None

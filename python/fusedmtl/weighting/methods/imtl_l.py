@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fusedmtl.weighting.loss_based import LossWeighting
+from fusedmtl.weighting.loss_based import LossWeighting, cast_like
 
 
 class IMTLL(LossWeighting):
@@ -30,6 +30,6 @@ class IMTLL(LossWeighting):
         self.log_scales = nn.Parameter(torch.full((self.num_tasks,), float(init)))
 
     def total(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        log_scales = self.log_scales.to(values)
+        log_scales = cast_like(self.log_scales, values)
         weights = torch.exp(log_scales)
         return (weights * values - log_scales).sum(), weights

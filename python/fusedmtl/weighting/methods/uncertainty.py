@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fusedmtl.weighting.loss_based import LossWeighting
+from fusedmtl.weighting.loss_based import LossWeighting, cast_like
 
 
 class Uncertainty(LossWeighting):
@@ -39,7 +39,7 @@ class Uncertainty(LossWeighting):
         self.log_vars = nn.Parameter(torch.full((self.num_tasks,), float(init)))
 
     def total(self, values):
-        log_vars = self.log_vars.to(values)
-        weights = self.factors.to(values) * torch.exp(-log_vars)
+        log_vars = cast_like(self.log_vars, values)
+        weights = cast_like(self.factors, values) * torch.exp(-log_vars)
         # <w, L> + 0.5 sum_i s_i: three autograd ops, not four
         return torch.dot(weights, values).add(log_vars.sum(), alpha=0.5), weights
