@@ -373,8 +373,8 @@ FIXED_COUNT_SOLVERS = {
 @pytest.mark.parametrize("solver", list(FIXED_COUNT_SOLVERS))
 def test_fixed_count_device_path_equals_the_early_exit(solver, matrix):
     """The active-set, homotopy and Newton loops run to their bound with masks (the device path,
-    forced on the CPU) give the answer of the loop that stops at convergence, on degenerate
-    Gramians too."""
+    forced on the CPU) give the answer of the CPU path (the loop that stops at convergence, or
+    for an NNLS with K <= 8 the enumeration of its supports), on degenerate Gramians too."""
     solver, M = FIXED_COUNT_SOLVERS[solver], DEGENERATE[matrix]
     expected = solver(M)
     with _no_host_reads():

@@ -275,6 +275,48 @@ def test_permutation_equivariance(kind, K, n):
 
 
 # ------------------------------------------------------------------------------------------------
+# The NNLS's two paths: every support at once (CPU, K <= ENUMERATED_MAX_K) and the active-set loop
+
+
+def _nnls_problems(kind, K, n, dtype):
+    """The NNLS problems of MGDA (one row) and of UPGrad's K projections (with the ridge of a
+    ``dtype`` Gramian), as solvers.py poses them."""
+    M, resolution = solvers.as_float64_gramian(gramian(make_jacobian(kind, K, n)).to(dtype))
+    s = M.diagonal().sum() / K
+    mgda = (M + s, s.expand(1, K), s.reshape(1))
+    ridge = solvers.dual_cone_ridge(resolution)
+    lower = torch.eye(K, dtype=torch.float64)
+    Ml = lower @ M
+    dual_cone = (M + ridge * torch.diag(M.diagonal().clamp_min(0)), -Ml, (Ml * lower).sum(-1))
+    return {"mgda": mgda, "dual_cone": dual_cone}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind,K,n", cases(ks=(2, 3, 4, 6, 8)))
+def test_nnls_on_every_support_is_the_active_set_loop(kind, K, n, dtype, monkeypatch):
+    """On every kind of Gramian (identical, opposite, zero, duplicated, low-rank, K > n...), the
+    enumeration certifies a support for every row (the loop is not needed) and finds the loop's
+    minimum: the same Q x (= A^T A x, one for all minimisers) to 1e-12 of the problem's scale,
+    nonnegative. (Where the minimiser is not unique and its least-norm one not certified, x
+    itself may be another minimiser than the loop's: both are the active set's answer.)"""
+    if kind == "all_zero":
+        pytest.skip("MGDA and UPGrad answer a zero Gramian before any NNLS")
+    for name, (Q, P, b_sq) in _nnls_problems(kind, K, n, dtype).items():
+        column_norm = Q.diagonal().clamp_min(0).sqrt()
+        b_norm = b_sq.clamp_min(0).sqrt().unsqueeze(-1)
+        certified = solvers._nnls_on_every_support(Q, P, column_norm, b_norm)[2]
+        assert bool(certified.all()), name
+        for least_norm in (False, True):
+            enumerated, _ = solvers._nnls_gram(Q, P, b_sq, least_norm)
+            with monkeypatch.context() as patch:
+                patch.setattr(solvers, "ENUMERATED_MAX_K", 0)
+                looped, _ = solvers._nnls_gram(Q, P, b_sq, least_norm)
+            scale = float(Q.diagonal().max()) * max(float(looped.abs().max()), 1.0)
+            assert float(enumerated.min()) >= 0
+            torch.testing.assert_close(enumerated @ Q, looped @ Q, rtol=0, atol=1e-12 * scale)
+
+
+# ------------------------------------------------------------------------------------------------
 # Property tests
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedmtl.weighting.gradient_based import GradientWeighting
-from fusedmtl.weighting.solvers import as_float64_gramian, min_norm_simplex
+from fusedmtl.weighting.solvers import as_float64_gramian, min_norm_simplex_float64
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -62,5 +62,5 @@ class MGDA(GradientWeighting):
             if losses is None:
                 raise ValueError(f"MGDA: normalization {self.normalization!r} needs the losses")
             scales = scales / (losses.detach().to(gramian64.device, torch.float64).abs() + self.eps)
-        weights = min_norm_simplex(gramian64 * scales[:, None] * scales[None, :], validate=False)
+        weights = min_norm_simplex_float64(gramian64 * scales[:, None] * scales[None, :])
         return (weights * scales).to(gramian.dtype)
