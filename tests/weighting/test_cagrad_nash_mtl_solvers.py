@@ -92,6 +92,17 @@ def test_cagrad_kkt_and_duality(kind, K, n, c):
     check_cagrad(make_jacobian(kind, K, n), c)
 
 
+@pytest.mark.parametrize("c", [0.5, 0.9])
+@pytest.mark.parametrize("K,n", [(4, 3), (8, 3), (8, 5)])
+@pytest.mark.parametrize("seed", range(10))
+def test_cagrad_kkt_with_norms_spread_1e6(seed, K, n, c):
+    """Norms 1e-3 .. 1e3: w on the small gradients, ||g_w|| small, and CAGrad's KKT gradient r /
+    ||g_w|| times the homotopy's multipliers. The faces' systems and the entering tests must
+    resolve the small gradients (with Q = M + (trace / K) 1 1^T and multipliers tested to
+    1e-12 max_i ||g_i||^2, 10 of these 60 cases left out a task that belonged in)."""
+    check_cagrad(make_jacobian("spread_norms", K, n, seed), c)
+
+
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(3))

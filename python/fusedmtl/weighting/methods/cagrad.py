@@ -84,11 +84,12 @@ def cagrad_weights(M: Tensor, c: float = 0.5, validate: bool = True) -> Tensor:
     homotopy in t follows the projection from t = 0 (MGDA's minimum-norm point, solved exactly
     by :func:`~fusedmtl.weighting.solvers.min_norm_simplex_with_support`): on a face S (affinely
     independent gradients) the projection is affine in t, ``w0 + t w1`` (one batched solve of
-    ``Q_SS [y z] = [1 a_S]``, ``Q = M + s 1 1^T``), and ``||g_w|| = r t`` has the closed-form
-    root ``t* = sqrt(A0 / (r^2 - A2))``, ``A0 = ||g_w0||^2``, ``A2 = ||g_w1||^2`` (``g_w0`` is
-    orthogonal to the face's directions). If t* comes before the face ends (a weight on S
-    reaching 0, or a multiplier off S reaching 0), ``w0 + t* w1`` is the exact minimiser;
-    otherwise the face changes there (that index leaves or enters) and the homotopy goes on.
+    ``Q_SS [y z] = [1 a_S]``, ``Q = M + s 1 1^T``, s the face's least positive ``||g_i||^2``),
+    and ``||g_w|| = r t`` has the closed-form root ``t* = sqrt(A0 / (r^2 - A2))``,
+    ``A0 = ||g_w0||^2``, ``A2 = ||g_w1||^2`` (``g_w0`` is orthogonal to the face's directions).
+    If t* comes before the face ends (a weight on S reaching 0, or a multiplier off S reaching
+    0), ``w0 + t* w1`` is the exact minimiser; otherwise the face changes there (that index
+    leaves or enters) and the homotopy goes on.
     No host synchronisation: :func:`~fusedmtl.weighting.solvers.nnls_iterations` (K) face
     changes run, the answer frozen once found (typically after 0 to 2 changes); on CPU tensors
     the loop ends then.
@@ -136,10 +137,10 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
     linear_weights = cheapest.to(_F64) / cheapest.sum()
     M = torch.where(linear, torch.eye(K, dtype=_F64, device=device), M)  # (a well-posed dummy)
     weights, face = min_norm_simplex_with_support(M, least_norm=False)
-    s = M.diagonal().sum() / K
-    Q = M + s  # (PD on affinely independent faces: Q_SS = M_SS + s 1 1^T)
-    # the right-hand sides 1, a and the columns of Q (for the entering test below)
-    rhs = torch.cat([torch.stack([torch.ones_like(a), a]), Q])
+    diagonal = M.diagonal()
+    norms, g0_norm = diagonal.clamp_min(0).sqrt(), a.mean().clamp_min(0).sqrt()
+    fallback = diagonal.sum() / K
+    ones = torch.stack([torch.ones_like(a), a])
     unit = torch.eye(K, dtype=torch.bool, device=device)
     t = torch.zeros((), dtype=_F64, device=device)
     # For c >= 1 and 0 in the hull, g_w = 0 is optimal (F(w) >= (r - ||g0||) ||g_w|| >= 0 = F at
@@ -152,7 +153,13 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
             break
         # On S: M_SS w + t a_S = mu 1, 1^T w = 1, i.e. w = (mu + s) y - t z with Q_SS y = 1,
         # Q_SS z = a_S; so w = w0 + t w1 and mu = mu0 + t mu1.
-        solved = solve_on_support(Q, rhs, face.expand(K + 2, K))
+        # s: the face's least positive ||g_i||^2, so that Q_SS = M_SS + s 1 1^T (PD on affinely
+        # independent faces for any s > 0) keeps its smallest gradients' entries (M_ij + s
+        # rounds M_ij to ulp(s)); the columns of Q for the entering test below
+        s = torch.where(face & (diagonal > 0), diagonal, torch.inf).amin()
+        s = torch.where(torch.isinf(s), fallback, s).clamp_min(_TINY)
+        Q = M + s
+        solved = solve_on_support(Q, torch.cat([ones, Q]), face.expand(K + 2, K))
         y, z = solved[0], solved[1]
         # (g_j, sqrt(s)) off the span of the face's: only such a j can enter (a dependent j's
         # multiplier is 0 all along the face, up to rounding)
@@ -165,18 +172,28 @@ def cagrad_homotopy(M: Tensor, c: float, resolution: float) -> tuple[Tensor, Ten
         margin = r * r - A2
         t_root = torch.where(margin > 0, (A0 / margin.clamp_min(_TINY)).sqrt(), torch.inf)
         # The face ends where w0 + t w1 >= 0 on S or the multipliers off S,
-        # (M w0 - mu0) + t (M w1 + a - mu1) >= 0, first fail (thresholds: relative rounding).
-        tolerance = _RTOL * torch.where(face, 1.0, scale)
+        # (M w0 - mu0) + t (M w1 + a - mu1) >= 0, first fail, each to its own rounding: a weight
+        # to _RTOL, the multiplier of j, <g_j - g_i, g_w + t g0> (i in S), to _RTOL (n_j + n_S)
+        # (n_S + t ||g0||) + _RTOL s (mu0's rounding), n_S the face's largest norm. (At the root
+        # CAGrad's KKT gradient is r / ||g_w|| times these multipliers: a tolerance relative to
+        # max_i ||g_i||^2 alone lets a small-norm task that should enter stay out when ||g_w||
+        # is small.)
+        face_norm = torch.where(face, norms, 0.0).amax()
+        spread = _RTOL * (norms + face_norm)
+        level_tolerance = torch.where(face, _RTOL, spread * face_norm + _RTOL * s)
+        slope_tolerance = torch.where(face, 0.0, spread * g0_norm)
         level = torch.where(face, w0, M @ w0 - mu0)
         slope = torch.where(face, w1, M @ w1 + a - mu1)
-        falling = (slope < -tolerance) & (face | independent)
+        falling = (slope + slope_tolerance < -torch.where(face, _RTOL, 0.0)) & (face | independent)
         ends = torch.where(
-            falling, -(level + tolerance) / torch.where(falling, slope, -1.0), torch.inf
+            falling,
+            -(level + level_tolerance) / torch.where(falling, slope + slope_tolerance, -1.0),
+            torch.inf,
         )
         t_end, index = torch.maximum(ends, t).min(0, keepdim=True)
         # A face that ends where it starts holds no root past t: this matters at t = 0 with
         # g_w0 = 0 (0 a vertex of the hull, t* = 0 on a face -t g0 leaves at once)
-        at_once = (falling & (level + t * slope <= tolerance)).any()
+        at_once = (falling & (level + t * slope <= level_tolerance + t * slope_tolerance)).any()
         root_here = (t_root <= t_end[0] * (1 + 1e-11)) & ~(at_once & (t_root <= t))
         root_weights = (w0 + torch.maximum(t_root, t) * w1).clamp_min(0)
         root_weights = root_weights / root_weights.sum()
