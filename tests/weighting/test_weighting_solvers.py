@@ -118,20 +118,6 @@ def test_min_norm_simplex_kkt_and_faces(kind, K, n):
     check_min_norm_simplex(J, solvers.min_norm_simplex(gramian(J)).numpy())
 
 
-@pytest.mark.parametrize("K,n", [(4, 4), (5, 6), (6, 6)])
-@pytest.mark.parametrize("seed", range(10))
-def test_min_norm_simplex_kkt_with_norms_spread_1e6(seed, K, n):
-    """Norms 1e-3 .. 1e3, K <= n (0 off the hull): each multiplier <g_i, g_w> - ||g_w||^2
-    (>= 0, 0 on the support) to its own scale ||g_i|| ||g_w||, not max_i ||g_i||^2. (With
-    Q = M + (trace / K) 1 1^T the small gradients' entries rounded away: off by up to 13%.)"""
-    J = make_jacobian("spread_norms", K, n, seed)
-    c = solvers.min_norm_simplex(gramian(J)).numpy()
-    point = c @ J
-    multipliers = (J @ point - point @ point) / (np.linalg.norm(J, axis=1) * np.linalg.norm(point))
-    assert multipliers.min() >= -1e-10
-    assert np.abs(multipliers[c > 0]).max() <= 1e-10
-
-
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(3))

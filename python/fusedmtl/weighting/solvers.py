@@ -361,16 +361,12 @@ def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, 
     For s > 0, min_{x >= 0} ||G^T x||^2 + s (1^T x - 1)^2 (an NNLS with Q = M + s 1 1^T,
     p = s 1, ||b||^2 = s) is solved by x = c* s / (s + v*), c* the simplex minimiser and v* its
     value: writing x = t c with c in the simplex gives t^2 c^T M c + s (t - 1)^2, minimal at
-    t = s / (s + c^T M c) with value s v / (s + v), increasing in v = c^T M c. s = min_i of the
-    positive ||g_i||^2 (an upper bound of v) makes the result invariant to scaling M and keeps
-    the smallest gradients' entries in Q (M_ij + s rounds M_ij to ulp(s), and the NNLS gradient
-    s (1 - 1^T x) - M x cancels from ~s down to ~v): with s = trace(M) / K and norms spread
-    over 1e-3 .. 1e3, MGDA's KKT conditions held only to ~10% of ||g_i|| ||g_w||.
+    t = s / (s + c^T M c) with value s v / (s + v), increasing in v = c^T M c. s = trace(M) / K
+    keeps Q as well conditioned as M and makes the result invariant to scaling M.
     The support's columns (g_i, sqrt(s)) are linearly independent, i.e. the g_i are affinely
     independent. M must not be zero."""
     K = M.shape[0]
-    diagonal = M.diagonal()
-    s = torch.where(diagonal > 0, diagonal, torch.inf).amin()
+    s = M.diagonal().sum() / K
     x, support = _nnls_gram(M + s, s.expand(1, K), s.reshape(1), least_norm)
     x = x[0]
     return x / x.sum(), support[0]
