@@ -253,6 +253,14 @@ class Weighting(nn.Module):
         return distributed.sum_(values) / size if size > 1 else values
 
 
+def cast_like(tensor: Tensor, like: Tensor) -> Tensor:
+    """``tensor.to(like)``, without the call when it has like's dtype and device already (a
+    dispatch, ~3 us a step right after the model's forward pass)."""
+    if tensor.dtype == like.dtype and tensor.device == like.device:
+        return tensor
+    return tensor.to(like)
+
+
 def grads_finite(grads: Sequence[Tensor]) -> Tensor:
     """Whether every element of the gradients (one or more) is finite: a 0-dim bool tensor on
     their device, no host read. Where they share a dtype and device, one multi-tensor pass (their

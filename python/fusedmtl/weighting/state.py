@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedmtl.weighting import distributed
+from fusedmtl.weighting.base import cast_like
 
 
 def adam(lr: float, weight_decay: float = 0.0) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
@@ -50,8 +51,7 @@ class BufferOptimizer:
             if self._pending is not None:
                 self._optimizer.load_state_dict(self._pending)
                 self._pending = None
-        if grad.dtype != target.dtype or grad.device != target.device:
-            grad = grad.to(target)
+        grad = cast_like(grad, target)
         # The kernel's arguments are built once per optimizer and kept while the options a
         # scheduler may change stay as they were (building them cost ~25 us a step, cold).
         optimizer = self._optimizer

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fusedmtl.weighting.base import cast_like
 from fusedmtl.weighting.loss_based import LossWeighting
 from fusedmtl.weighting.state import BufferOptimizer, adam
 
@@ -61,19 +62,15 @@ class FAMO(LossWeighting):
         if self._has_previous is None:  # after construction or a load: one read, not per step
             self._has_previous = not bool(self.previous_log_losses.isnan().any())
         logits = self.logits
-        same_dtype = values.dtype == logits.dtype  # (a .to() is a dispatch even when it is one)
         if self._has_previous:
-            decrease = self.previous_log_losses - (
-                log_values if same_dtype else log_values.to(logits)
-            )
+            decrease = self.previous_log_losses - cast_like(log_values, logits)
             # J_softmax^T delta = z * (delta - <z, delta>): softmax's backward, one op not three
             z = torch.softmax(logits, 0)
             self._optimizer.step(torch._softmax_backward_data(decrease, z, 0, logits.dtype))
         self.previous_log_losses.copy_(log_values)
         self._has_previous = True
-        z = torch.softmax(self.logits, 0)  # (the logits after the step: the optimizer's buffer)
-        if not same_dtype:
-            z = z.to(values)
+        # (the logits after the step: the optimizer's buffer)
+        z = cast_like(torch.softmax(self.logits, 0), values)
         weights = z / shifted
         norm = weights.sum()
         return torch.dot(z, log_values) / norm, weights / norm

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fusedmtl.weighting.loss_based import LossWeighting, cast_like
+from fusedmtl.weighting.base import cast_like
+from fusedmtl.weighting.loss_based import LossWeighting
 
 
 class IMTLL(LossWeighting):

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fusedmtl.weighting.loss_based import LossWeighting, cast_like
+from fusedmtl.weighting.base import cast_like
+from fusedmtl.weighting.loss_based import LossWeighting
 
 
 class Uncertainty(LossWeighting):
