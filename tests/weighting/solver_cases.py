@@ -57,6 +57,15 @@ def make_jacobian(kind: str, K: int, n: int = 4, seed: int = 0) -> np.ndarray:
     return J
 
 
+def spread_jacobian(K: int, n: int, decades: float, seed: int = 0) -> np.ndarray:
+    """K x n random task gradients whose norms spread over 10^-decades .. 10^decades, in a
+    random order (not sorted by norm)."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((K, n)) * np.logspace(-decades, decades, K)[rng.permutation(K)][:, None]
+    )
+
+
 def gramian(J: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(J @ J.T)
 
@@ -103,6 +112,39 @@ def brute_min_norm_point(J: np.ndarray) -> np.ndarray:
                 if point @ point < best @ best:
                     best = point
     return best
+
+
+def exact_min_norm_point(J: np.ndarray, digits: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """The minimum-norm point of conv(rows of J) in mpmath arithmetic of ``digits`` digits (no
+    float64 rounding: the oracle of gradients whose norms spread over decades): on every
+    affinely independent subset S the KKT system M_SS c = v 1, 1^T c = 1 of M = J J^T (exact
+    products of J's float64 entries), kept when c >= 0; the least v wins. Returns (c, the point
+    sum_i c_i g_i), rounded to float64."""
+    import mpmath
+
+    K, n = J.shape
+    with mpmath.workdps(digits):
+        rows = mpmath.matrix(J.tolist())
+        M = rows * rows.T
+        best, best_value = None, None
+        for size in range(1, min(K, n + 1) + 1):
+            for subset in itertools.combinations(range(K), size):
+                system = mpmath.zeros(size + 1, size + 1)
+                for a, i in enumerate(subset):
+                    for b, j in enumerate(subset):
+                        system[a, b] = M[i, j]
+                    system[a, size], system[size, a] = -1, 1
+                if abs(mpmath.det(system)) <= mpmath.mpf(10) ** (-digits // 2):
+                    continue  # affinely dependent
+                rhs = mpmath.matrix([0] * size + [1])
+                solution = mpmath.lu_solve(system, rhs)
+                if min(solution[a] for a in range(size)) < 0:
+                    continue
+                if best_value is None or solution[size] < best_value:
+                    best, best_value = dict(zip(subset, solution)), solution[size]
+        c = [best.get(i, mpmath.mpf(0)) for i in range(K)]
+        point = [sum(c[i] * rows[i, k] for i in range(K)) for k in range(n)]
+        return np.array([float(x) for x in c]), np.array([float(x) for x in point])
 
 
 def brute_dual_cone_projection(J: np.ndarray, x: np.ndarray) -> np.ndarray:

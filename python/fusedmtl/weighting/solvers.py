@@ -356,20 +356,125 @@ def _least_norm_minimiser(Q: Tensor, x: Tensor, tight: Tensor, support: Tensor) 
 
 
 def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, Tensor]:
-    """argmin_{c in simplex} c^T M c by NNLS, and its support (affinely independent g_i).
+    """argmin_{c in simplex} c^T M c, and its support (affinely independent g_i).
 
-    For s > 0, min_{x >= 0} ||G^T x||^2 + s (1^T x - 1)^2 (an NNLS with Q = M + s 1 1^T,
-    p = s 1, ||b||^2 = s) is solved by x = c* s / (s + v*), c* the simplex minimiser and v* its
-    value: writing x = t c with c in the simplex gives t^2 c^T M c + s (t - 1)^2, minimal at
-    t = s / (s + c^T M c) with value s v / (s + v), increasing in v = c^T M c. s = trace(M) / K
-    keeps Q as well conditioned as M and makes the result invariant to scaling M.
-    The support's columns (g_i, sqrt(s)) are linearly independent, i.e. the g_i are affinely
-    independent. M must not be zero."""
+    On a support S the minimiser solves the KKT system M_SS c_S = v 1, 1^T c_S = 1 (v = c^T M c),
+    non-singular exactly when the g_i, i in S, are affinely independent; it is solved in the
+    correlations of the gradients, so that each keeps its own digits however far the norms
+    spread (:func:`_simplex_kkt_on_supports`). The support: for K <= ``ENUMERATED_MAX_K``, the
+    first of every support, smallest first, whose solution meets the KKT test (a minimal face
+    always does, up to rounding). Otherwise (and, on a device, alongside, in case none meets)
+    Lawson-Hanson's NNLS on an equivalent problem picks it: for s > 0,
+    min_{x >= 0} ||G^T x||^2 + s (1^T x - 1)^2 (Q = M + s 1 1^T, p = s 1, ||b||^2 = s) is solved
+    by x = c s / (s + v) (x = t c gives t^2 v + s (t - 1)^2, least at t = s / (s + v), increasing
+    in v), s = trace(M) / K; then the KKT system on its support or on one of that support's K
+    neighbours (one index in or out), the first that meets the test, replaces x, since
+    M + s 1 1^T rounds the entries of gradients far smaller than the rest to ulp(s). With
+    least_norm, ties are resolved by :func:`_least_norm_simplex`. M must not be zero."""
     K = M.shape[0]
-    s = M.diagonal().sum() / K
-    x, support = _nnls_gram(M + s, s.expand(1, K), s.reshape(1), least_norm)
-    x = x[0]
-    return x / x.sum(), support[0]
+    enumerated = K <= ENUMERATED_MAX_K
+    if enumerated:
+        masks = _supports(K, M.device)[0]
+        weights, meets = _simplex_kkt_on_supports(M, masks)
+        first = meets.to(torch.int8).argmax().reshape(1)  # (a tensor index: no host read)
+        c, support = weights.index_select(0, first)[0], masks.index_select(0, first)[0]
+        certified = meets.any()
+    if not (enumerated and cpu_shortcuts(M) and bool(certified)):
+        s = M.diagonal().sum() / K
+        x, active = _nnls_gram(M + s, s.expand(1, K), s.reshape(1), least_norm=False)
+        # (on the CPU the neighbours only if the support fails)
+        neighbours = active
+        polished, meets = _simplex_kkt_on_supports(M, neighbours)
+        if not (cpu_shortcuts(M) and bool(meets.all())):
+            unit = torch.eye(K, dtype=torch.bool, device=M.device)
+            neighbours = torch.cat([active, active ^ unit])
+            polished, meets = _simplex_kkt_on_supports(M, neighbours)
+        pick = meets.to(torch.int8).argmax().reshape(1)
+        looped = torch.where(meets.any(), polished.index_select(0, pick)[0], x[0] / x[0].sum())
+        active = torch.where(meets.any(), neighbours.index_select(0, pick)[0], active[0])
+        if enumerated:  # (on a device: both run, no host read decides)
+            c = torch.where(certified, c, looped)
+            support = torch.where(certified, support, active)
+        else:
+            c, support = looped, active
+    if least_norm:
+        c = _least_norm_simplex(M, c, support)
+    return c, support
+
+
+def _simplex_kkt_on_supports(M: Tensor, supports: Tensor) -> tuple[Tensor, Tensor]:
+    """For each support S (rows of ``supports`` [B, K] bool): the solution c [B, K] (0 off S) of
+    M_SS c_S = v 1, 1^T c_S = 1, and whether it meets the KKT test of the minimum on the simplex
+    (``meets`` [B] bool): c_S > 0, and each multiplier (:func:`_simplex_multipliers`) zero on S
+    and nonnegative off it, to its rounding. Such a c is a minimiser (up to that rounding).
+
+    Solved as the bordered system [C_SS, -u_S; u_S^T, 0] [y_S; v'] = [0; 1] (C = D^-1 M D^-1 the
+    correlations, u = D^-1 1 / ||D^-1 1||, c = D^-1 y normalised to sum 1), by LU, every support
+    at once, each embedded in the identity off S. Zero gradients take D_ii = 1 (their C row is
+    0; the bordered system stays non-singular). An affinely dependent S fails the LU or the
+    test."""
+    K = M.shape[0]
+    norms = M.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(norms > 0, norms, 1.0)
+    correlation = M / scale[:, None] / scale[None, :]
+    border = 1.0 / scale
+    border = border / border.norm()
+    pairs = supports[:, :, None] & supports[:, None, :]
+    block = torch.where(pairs, correlation, 0.0) + torch.diag_embed((~supports).to(_F64))
+    column = (border * supports).unsqueeze(-1)  # [B, K, 1]
+    corner = torch.zeros_like(column[:, :1])
+    system = torch.cat([torch.cat([block, -column], -1), torch.cat([column.mT, corner], -1)], 1)
+    rhs = torch.zeros_like(system[:, :, :1])
+    rhs[:, K] = 1.0
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    c = solution[:, :K, 0] * supports / scale
+    total = c.sum(-1, keepdim=True)
+    c = c / torch.where(total != 0, total, 1.0)
+    multipliers, tolerance = _simplex_multipliers(M, c)
+    on_support = (c > 0) & (multipliers.abs() <= tolerance)
+    meets = torch.where(supports, on_support, multipliers >= -tolerance).all(-1)
+    return c, meets & (info == 0) & torch.isfinite(c).all(-1)
+
+
+def _simplex_multipliers(M: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The KKT multipliers mu_j = (M c)_j - c^T M c of the simplex minimum at c ([..., K]) and
+    their rounding, _RTOL (||g_j|| + n_c) n_c, n_c = sum_k c_k ||g_k|| (the scale of the sums
+    (M c)_j = <g_j, sum_k c_k g_k> and of c^T M c)."""
+    norms = M.diagonal().clamp_min(0).sqrt()
+    Mc = c @ M
+    spread = (c * norms).sum(-1, keepdim=True)
+    return Mc - (c * Mc).sum(-1, keepdim=True), _RTOL * (norms + spread) * spread
+
+
+def _least_norm_simplex(M: Tensor, c: Tensor, support: Tensor) -> Tensor:
+    """Among the minimisers of c^T M c on the simplex, the one of least Euclidean norm when it is
+    nonnegative (always so for exact ties such as identical gradients); otherwise c.
+
+    Every minimiser y has the same point sum_i y_i g_i and lies on the tight set T (the indices
+    whose multiplier vanishes, to the rounding of :func:`_simplex_kkt_on_supports`), so the
+    minimisers are the nonnegative solutions of M_TT y_T = (M c)_T, 1^T y_T = 1, and the least
+    -norm one is the pseudo-inverse's. Rows equilibrated (row j divided by ||g_j|| max_k ||g_k||);
+    checked a minimiser (the same point as c's, to the rounding of M y; norms spread over more
+    than ~1e10 can fail it, then c stays). Only a tight index off the support can make several
+    minimisers; on the CPU the rest is skipped then."""
+    multipliers, tolerance = _simplex_multipliers(M, c)
+    tight = support | (multipliers.abs() <= tolerance)
+    redo = (tight & ~support).any()
+    if cpu_shortcuts(M) and not bool(redo):
+        return c
+    norms = M.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(norms > 0, norms, 1.0)
+    rows = scale * norms.max().clamp_min(_TINY)
+    pairs = tight[:, None] & tight[None, :]
+    system = torch.cat([torch.where(pairs, M, 0.0) / rows[:, None], tight[None].to(_F64)])
+    rhs = torch.cat([torch.where(tight, c @ M, 0.0) / rows, torch.ones_like(c[:1])])
+    y = torch.linalg.pinv(system, rtol=M.shape[0] * _RTOL) @ rhs
+    # a minimiser: G^T y = G^T c, seen as <g_j, G^T (y - c)> / ||g_j|| on T, to its rounding
+    residual = torch.where(tight, (y - c) @ M, 0.0).abs() / scale
+    same_point = residual <= M.shape[0] * _RTOL * (c @ norms + y.abs() @ norms)
+    minimiser = (y >= -_RTOL * c.abs().max()).all() & same_point.all()
+    y = y.clamp_min(0)
+    return torch.where(redo & minimiser, y / y.sum(), c)
 
 
 def min_norm_simplex(M: Tensor, validate: bool = True) -> Tensor:
@@ -385,8 +490,10 @@ def min_norm_simplex(M: Tensor, validate: bool = True) -> Tensor:
     Returns:
         ``Tensor[K]`` float64 on M's device, nonnegative, summing to 1.
 
-    Algorithm: K = 2 in closed form; otherwise an exact active-set solve (Lawson-Hanson NNLS on
-    an equivalent problem, see ``min_norm_simplex_with_support``), not Frank-Wolfe.
+    Algorithm: K = 2 in closed form; otherwise the KKT system on the right face, found by
+    enumeration (K <= 8) or an exact active-set solve (see ``min_norm_simplex_with_support``),
+    not Frank-Wolfe. The point is exact to ~1e-12 of ``sum_i c_i ||g_i||`` on gradient norms
+    spread over 1e-6 .. 1e6 (K <= 8; 1e-3 .. 1e3 beyond).
 
     The minimum-norm point ``sum_i c_i g_i`` is always unique, ``c`` is not when the gradients are
     affinely dependent. Then the ``c`` of least Euclidean norm is returned (identical gradients:
@@ -409,13 +516,16 @@ def min_norm_simplex_float64(M: Tensor) -> Tensor:
     if K == 2:
         m11, m12, m22 = M[0, 0], M[0, 1], M[1, 1]
         # f(y) = y^2 m11 + 2 y (1 - y) m12 + (1 - y)^2 m22 for c = (y, 1 - y);
-        # f'(y) = 0 at y = (m22 - m12) / (m11 - 2 m12 + m22), ||g1 - g2||^2 the denominator.
-        # g1 == g2 (both zero included): f is constant, y = 1/2.
+        # f'(y) = 0 at y = (m22 - m12) / (m11 - 2 m12 + m22), ||g1 - g2||^2 the denominator, and
+        # 1 - y = (m11 - m12) / (the same), computed so (not as 1 - y, which loses the digits of
+        # a small weight: norms 1e-3 and 1e3 give 1 - y ~ 1e-6). g1 == g2 (both zero included):
+        # f is constant, y = 1/2.
         distance_sq = m11 - 2.0 * m12 + m22
         tie = distance_sq <= 4.0 * torch.finfo(_F64).eps * (m11 + m22)
-        y = ((m22 - m12) / torch.where(tie, 1.0, distance_sq)).clamp(0.0, 1.0)
-        y = torch.where(tie, 0.5, y)
-        return torch.stack([y, 1.0 - y])
+        denominator = torch.where(tie, 1.0, distance_sq)
+        pair = (torch.stack([m22 - m12, m11 - m12]) / denominator).clamp(0.0, 1.0)
+        pair = pair / pair.sum()
+        return torch.where(tie, 0.5, pair)
     zero = M.diagonal().sum() <= 0  # all gradients zero: every c is a minimiser, uniform
     safe = torch.where(zero, torch.eye(K, dtype=_F64, device=M.device), M)
     weights = min_norm_simplex_with_support(safe, least_norm=True)[0]
