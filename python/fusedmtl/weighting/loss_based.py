@@ -62,7 +62,6 @@ class LossWeighting(Weighting):
                         stacklevel=stacklevel,
                     )
         stacked = torch.stack(checked)  # (in the losses' promoted dtype; backward casts back)
-        dtype = stacked.dtype
         try:
             values = self._loss_values(stacked.detach())
         except SkipStep:
@@ -73,8 +72,9 @@ class LossWeighting(Weighting):
         # (a plain attribute: nn.Module.__setattr__'s registry checks cost ~10 us a step)
         self.__dict__["last_weights"] = weights
         if value is None:  # the weighted sum itself (weighted_total): one dot product
-            return torch.dot(_as(weights, dtype), stacked)
-        return _as(value, dtype) + torch.dot(_as(weights, dtype), stacked - _as(values, dtype))
+            return torch.dot(cast_like(weights, stacked), stacked)
+        difference = stacked - cast_like(values, stacked)
+        return cast_like(value, stacked) + torch.dot(cast_like(weights, stacked), difference)
 
     def backward(
         self,
@@ -179,11 +179,6 @@ def weighted_total(values: Tensor, weights: Tensor) -> tuple[None, Tensor]:
     """(None, w): the total is sum_i w_i L_i, for weights that do not depend on the losses'
     graph (the module then returns that sum, with no value to add back)."""
     return None, cast_like(weights, values)
-
-
-def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor.to(dtype)``, without the call when it is one already (a dispatch per step)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _grads_nonfinite(total: Tensor) -> Tensor | None:
