@@ -29,7 +29,7 @@ CUDA_TORCH ?= torch==2.14.1
 # CUDA_CHECK_TESTS=tests runs the whole suite against this build.
 CUDA_CHECK_TESTS ?= tests/test_build.py tests/test_registrations.py tests/test_gpu_resources.py \
 	tests/gpu tests/losses/test_opcheck.py tests/multi_tensor/test_contracts.py \
-	tests/losses/test_losses_gpu.py
+	tests/losses/test_losses_gpu.py tests/linalg
 
 BUILD_TOOLS := "scikit-build-core>=0.10" ninja "cmake>=3.26"
 TEST_TOOLS := pytest hypothesis expecttest numpy

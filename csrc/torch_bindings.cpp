@@ -2,6 +2,7 @@
 // Fake (meta) and autograd registrations live in python/fusedmtl/losses/native.py.
 #include <torch/library.h>
 
+#include "linalg/linalg.h"
 #include "losses/losses.h"
 #include "multi_tensor/multi_tensor.h"
 
@@ -63,6 +64,15 @@ TORCH_LIBRARY(fusedmtl, m) {
   m.def(
       "multi_tensor_sign_dropout_(Tensor(a!)[] grads, int num_tasks, Tensor[] uniforms,"
       " Tensor leak) -> ()");
+
+  // The weighting solvers' small dense linear algebra, without a host sync (torch.linalg's
+  // eigh, svd and pinv read LAPACK's error code on the host). The thin SVD of A [..., m, n]
+  // (float32 | float64, n <= m <= 128, n <= 64) by one-sided Jacobi: U [..., m, n], S [..., n]
+  // descending, V [..., n, n] (not V^T); U's column of a zero singular value is 0.
+  m.def("jacobi_svd(Tensor A) -> (Tensor U, Tensor S, Tensor V)");
+  // The eigenvalues (ascending) and eigenvectors (columns) of the symmetric A [..., n, n] (its
+  // lower triangle; n <= 64), by the same sweeps on A + r I, r >= its spectral radius.
+  m.def("jacobi_eigh(Tensor A) -> (Tensor eigenvalues, Tensor eigenvectors)");
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
@@ -79,6 +89,8 @@ TORCH_LIBRARY_IMPL(fusedmtl, CPU, m) {
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cpu);
   m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cpu);
   m.impl("multi_tensor_sign_dropout_", &fusedmtl::multi_tensor::sign_dropout_cpu);
+  m.impl("jacobi_svd", &fusedmtl::linalg::jacobi_svd_cpu);
+  m.impl("jacobi_eigh", &fusedmtl::linalg::jacobi_eigh_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedmtl, AutogradCPU, m) {
@@ -99,5 +111,7 @@ TORCH_LIBRARY_IMPL(fusedmtl, CUDA, m) {
   m.impl("multi_tensor_add_l1_l2_penalty", &fusedmtl::multi_tensor::l1_l2_penalty_cuda);
   m.impl("multi_tensor_trim_", &fusedmtl::multi_tensor::trim_cuda);
   m.impl("multi_tensor_sign_dropout_", &fusedmtl::multi_tensor::sign_dropout_cuda);
+  m.impl("jacobi_svd", &fusedmtl::linalg::jacobi_svd_cuda);
+  m.impl("jacobi_eigh", &fusedmtl::linalg::jacobi_eigh_cuda);
 }
 #endif

@@ -2,10 +2,10 @@
 
 - Every Triton kernel, compiled for sm_80 (A100) and sm_90 (H100/H200) with Triton's own compiler
   (no driver needed), over the task counts and dtypes it is launched with
-  (``fusedmtl.multi_tensor.triton.COMPILE_CASES``, and ``fusedmtl.losses.triton.COMPILE_CASES``
-  where it exists), needs no more shared memory per program than the GPU has: the interpreter the
-  CPU tests run under never checks this, and a kernel over the limit raises OutOfResources at its
-  first launch on a GPU.
+  (``fusedmtl.multi_tensor.triton.COMPILE_CASES``, ``fusedmtl.linalg.triton.COMPILE_CASES``, and
+  ``fusedmtl.losses.triton.COMPILE_CASES`` where it exists), needs no more shared memory per
+  program than the GPU has: the interpreter the CPU tests run under never checks this, and a
+  kernel over the limit raises OutOfResources at its first launch on a GPU.
 - The ptxas report of the CUDA kernels (``-Xptxas -v``: a build with -DFUSEDMTL_PTXAS_REPORT=ON,
   its log named by FUSEDMTL_PTXAS_LOG) shows no spills and no stack frame above
   MAX_STACK_BYTES in any kernel: a run-time-indexed per-thread array shows up there, and the driver
@@ -29,7 +29,7 @@ MAX_STACK_BYTES = 64
 # The architectures the CUDA build compiled for: CMake's default (make cuda-check); gpu_check.sh
 # builds for the GPU it finds and says which.
 BUILT_ARCHS = [int(a) for a in os.environ.get("FUSEDMTL_CUDA_ARCHS", "80,90").split(",")]
-MODULES = ("fusedmtl.multi_tensor.triton", "fusedmtl.losses.triton")
+MODULES = ("fusedmtl.multi_tensor.triton", "fusedmtl.losses.triton", "fusedmtl.linalg.triton")
 
 # Runs in a fresh process: compiling for a GPU target needs Triton without the interpreter, which
 # the test session turns on at import time. Prints one JSON line per compiled case.
@@ -43,11 +43,12 @@ _COMPILER = textwrap.dedent("""
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        for kernel, signature, constexprs in getattr(module, "COMPILE_CASES", ()):
+        for kernel, signature, constexprs, *options in getattr(module, "COMPILE_CASES", ()):
             full = dict(signature)
             full.update({name: "constexpr" for name in constexprs if name not in full})
             compiled = triton.compile(triton.compiler.ASTSource(kernel, full, constexprs),
-                                      target=GPUTarget("cuda", cc, 32))
+                                      target=GPUTarget("cuda", cc, 32),
+                                      options=options[0] if options else None)
             print(json.dumps({"kernel": kernel.__name__, "module": module_name,
                               "constexprs": {k: str(v) for k, v in constexprs.items()},
                               "shared": compiled.metadata.shared}), flush=True)
@@ -88,9 +89,10 @@ def test_triton_kernels_fit_the_gpu_shared_memory(cc):
     assert run.returncode == 0, run.stderr[-4000:]
     cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     kernels = {case["kernel"] for case in cases}
-    # every multi-tensor kernel was compiled (the losses' cases join when that module lists them)
+    # every multi-tensor and linalg kernel was compiled (the losses' cases join when that module
+    # lists them)
     expected = {"_gramian_kernel", "_combine_kernel", "_penalty_kernel", "_trim_kernel"}
-    assert expected | {"_sign_dropout_kernel"} <= kernels, kernels
+    assert expected | {"_sign_dropout_kernel", "_jacobi_svd_kernel"} <= kernels, kernels
     over = [case for case in cases if case["shared"] > SHARED_LIMIT[cc]]
     assert not over, f"over the sm_{cc} shared-memory limit of {SHARED_LIMIT[cc]} bytes: {over}"
 

@@ -19,7 +19,7 @@ from fusedmtl.losses import heteroscedastic_loss, huber_loss, l1_loss, mse_loss,
 __version__ = "0.1.0"
 # Imported on first attribute access (as torch.nn.functional after import torch), so that
 # `import fusedmtl` stays fast.
-LAZY_SUBMODULES = ("demo", "multi_tensor", "weighting")
+LAZY_SUBMODULES = ("demo", "linalg", "multi_tensor", "weighting")
 __all__ = [
     "backend",
     "demo",
@@ -27,6 +27,7 @@ __all__ = [
     "heteroscedastic_loss",
     "huber_loss",
     "l1_loss",
+    "linalg",
     "losses",
     "mse_loss",
     "multi_tensor",

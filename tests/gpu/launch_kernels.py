@@ -4,8 +4,10 @@
 each op of the schema list in csrc/torch_bindings.cpp at least once per dtype family, the Gramian
 at K = 2, 8, 9, 40 and 64 (the register-resident, tiled and largest task counts), normalized_sum
 through the cooperative launch and through the two-launch fallback, the in-place trim_ and
-sign_dropout_, and the Triton kernels of both layers. It checks no values (the test suite does
-that); it only has to touch every kernel.
+sign_dropout_, jacobi_svd at 4 x 4, 9 x 8 (an odd pair count) and 65 x 64 (above 48 KB of
+dynamic shared memory in float64) and in a batch of 3, jacobi_eigh with and without its shifted
+second pass, and the Triton kernels of every layer. It
+checks no values (the test suite does that); it only has to touch every kernel.
 
     python tests/gpu/launch_kernels.py --device cuda     # what gpu-check runs
     python tests/gpu/launch_kernels.py --device cpu      # CI: the same calls on the CPU kernels
@@ -27,6 +29,10 @@ LOSS_KINDS = (("l1", 0.0), ("mse", 0.0), ("smooth_l1", 1.0), ("smooth_l1", 0.3),
 HETEROSCEDASTIC_KINDS = (("l2", 1.0), ("l1", 1.0), ("smooth_l1", 0.5))
 TASK_COUNTS = (2, 8, 9, 40, 64)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# jacobi_svd's matrices: square, an odd column count, two over 48 KB of shared memory in float64
+# (m * 64 + 64 * 64 + 64 doubles: the launch opts in), and a batch of 3.
+JACOBI_SHAPES = ((4, 4), (9, 8), (64, 64), (65, 64), (3, 9, 8))
+JACOBI_DTYPES = (torch.float32, torch.float64)
 
 
 def launch_losses(device: str, n: int) -> int:
@@ -101,9 +107,25 @@ def launch_multi_tensor(device: str) -> int:
     return launches
 
 
+def launch_linalg(device: str) -> int:
+    ops = torch.ops.fusedmtl
+    launches = 0
+    for dtype in JACOBI_DTYPES:
+        for shape in JACOBI_SHAPES:
+            A = torch.randn(shape, device=device, dtype=dtype)
+            ops.jacobi_svd(A)
+            launches += 1
+            if shape[-1] == shape[-2]:  # both of its passes: the second on a +- pair
+                ops.jacobi_eigh(A)
+                ops.jacobi_eigh(torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device, dtype=dtype))
+                launches += 2
+    return launches
+
+
 def launch_triton(device: str, n: int) -> int:
     """The Triton kernels, through the public API with the Triton backend forced."""
     import fusedmtl
+    import fusedmtl.linalg
     import fusedmtl.multi_tensor as mt
 
     launches = 0
@@ -131,6 +153,12 @@ def launch_triton(device: str, n: int) -> int:
                 mt.trim_(grads, (k - 1) // 2)
                 mt.sign_dropout_(grads, [torch.rand_like(g) for g in grads[0]], torch.zeros(k))
                 launches += 5
+        for dtype in JACOBI_DTYPES:
+            for shape in JACOBI_SHAPES:
+                A = torch.randn(shape, device=device, dtype=dtype)
+                fusedmtl.linalg.jacobi_svd(A)
+                fusedmtl.linalg.eigh(A.mT @ A)
+                launches += 2
     return launches
 
 
@@ -155,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.cuda.device(args.device) if args.device.startswith("cuda") else nullcontext():
         launches = launch_losses(args.device, args.elements)
         launches += launch_multi_tensor(args.device)
+        launches += launch_linalg(args.device)
         if not args.skip_triton and fusedmtl.backend.triton_runs_on(args.device):
             launches += launch_triton(args.device, args.elements)
         if args.device.startswith("cuda"):

@@ -10,7 +10,7 @@
     was;
 (d) a step on the device path calls no torch.linalg function that synchronises a CUDA device
     inside torch (eigh, svd, pinv, ...: their error checks read LAPACK's info, which (c) cannot
-    see); the methods that still do are strict xfails (LINALG_SYNCS).
+    see): the solvers' eigendecompositions and pseudo-inverses go through fusedmtl.linalg.
 
 Every method's solver runs on the device (no host algorithm is left); what (a) and (b) cannot
 compile for a reason of torch's (a generator, torch.optim) is listed below as strict xfails.
@@ -278,19 +278,6 @@ SYNCHRONISING_LINALG = {
 }  # fmt: skip
 CHECKED_EX = {torch.linalg.cholesky_ex, torch.linalg.inv_ex, torch.linalg.ldl_factor_ex,
               torch.linalg.lu_factor_ex, torch.linalg.solve_ex}  # fmt: skip
-# Where the device path still calls one (a sync-free small eigensolver is still to be written):
-# strict xfails, so that a method freed of them fails until it is taken off this table.
-LINALG_SYNCS = {
-    **{
-        n: "eigh: the Gramian's conversion (as_float64_gramian), the least-norm tie rules"
-        for n in ("cagrad", "imtl_g", "aligned_mtl", "nash_mtl", "upgrad", "dualproj", "crmogm")
-    },
-    "imtl": "eigh: the Gramian's conversion and IMTL's own",
-    "mgda": "eigh (the Gramian's conversion), pinv (the least-norm tie rule)",
-    "config": "pinv: ConFIG's pseudo-inverse",
-    "fairgrad": "eigh (the Gramian's conversion), pinv (the Newton steps)",
-}
-LINALG_NAMES = _names(LINALG_SYNCS)
 
 
 class _SynchronisingLinalgCalls(torch.overrides.TorchFunctionMode):
@@ -307,7 +294,7 @@ class _SynchronisingLinalgCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", LINALG_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_step_calls_no_synchronising_linalg(name):
     """What torch.cuda.set_sync_debug_mode('error') would catch inside torch's C++ on a GPU, seen
     from the CPU: a step on the device path (no CPU shortcuts) calls no torch.linalg function

@@ -42,6 +42,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fusedmtl import linalg
+
 __all__ = [
     "DECISION_RTOL",
     "as_float64_gramian",
@@ -139,7 +141,7 @@ def as_float64_gramian(M: Tensor, validate: bool = True) -> tuple[Tensor, float]
     norms = M.diagonal().clamp_min(0).sqrt()
     inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(_TINY), 0.0)
     correlation = M * inverse_norms[:, None] * inverse_norms[None, :]
-    eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
+    eigenvalues, eigenvectors = linalg.eigh(correlation)
     # float64 Gramians keep their exact ties and zero rows unless genuinely indefinite
     cutoff = resolution if M_dtype != _F64 else -_RTOL
     largest = eigenvalues[-1].clamp_min(0)
@@ -158,15 +160,13 @@ def _as_gramian(M: Tensor, validate: bool = True) -> Tensor:
 def solve_on_support(Q: Tensor, rhs: Tensor, support: Tensor) -> Tensor:
     """For each row b: the solution s of Q[S, S] s_S = rhs[b, S], s = 0 off S = support[b].
 
-    Batched by embedding Q[S, S] in the identity: (Q masked to S x S) + I on the complement.
-    Q: [K, K], rhs and support: [B, K]. Cholesky; where a system is numerically semi-definite
+    Batched by embedding Q[S, S] in the identity (:func:`_embedded`). Q: [K, K], rhs and support:
+    [B, K]. Cholesky; where a system is numerically semi-definite
     (nearly dependent columns, which the active set admits only through rounding) the Cholesky
     of the system with a ridge of 1e-12 of its largest diagonal entry instead (selected, no
     branch; never a singular-matrix error)."""
     K = Q.shape[0]
-    pair_mask = support[:, :, None] & support[:, None, :]
-    system = torch.where(pair_mask, Q, 0.0)
-    system = system + torch.diag_embed((~support).to(_F64))
+    system = _embedded(Q, support)
     rhs = torch.where(support, rhs, 0.0).unsqueeze(-1)
     factor, info = torch.linalg.cholesky_ex(system)
     if cpu_shortcuts(system) and bool((info == 0).all()):
@@ -296,28 +296,34 @@ ENUMERATED_MAX_K = 8
 
 
 @functools.cache
-def _supports(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Every subset of K columns, smallest first (then by index), as bool masks [2^K, K], and
-    the identity on each one's complement as float64 [2^K, K, K]."""
+def _supports(K: int, device: torch.device) -> Tensor:
+    """Every subset of K columns, smallest first (then by index), as bool masks [2^K, K]."""
     order = sorted(range(2**K), key=lambda n: (n.bit_count(), n))
     masks = torch.tensor([[(n >> j) & 1 for j in range(K)] for n in order], dtype=torch.bool)
-    masks = masks.to(device)
-    return masks, torch.diag_embed((~masks).to(_F64))
+    return masks.to(device)
+
+
+def _embedded(Q: Tensor, supports: Tensor) -> Tensor:
+    """Q[S, S] for each support S (rows of ``supports`` [B, K] bool) embedded in the identity off
+    S: [B, K, K], non-singular exactly when Q[S, S] is, so that one batched factorisation solves
+    every support's system."""
+    pairs = supports[:, :, None] & supports[:, None, :]
+    return torch.where(pairs, Q, 0.0) + torch.diag_embed((~supports).to(Q.dtype))
 
 
 def _nnls_on_every_support(
     Q: Tensor, P: Tensor, column_norm: Tensor, b_norm: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The NNLS of :func:`_nnls_gram` by enumeration: for every support S at once, the solution
-    of Q[S, S] x_S = p_S (a batched Cholesky of the 2^K systems, embedded in the identity as in
-    :func:`solve_on_support`), and per row the first S, smallest first, whose solution meets the
-    active-set loop's own stopping test (x_S > 0, w_j <= threshold off S; its Cholesky
-    succeeded). Such an x satisfies the KKT conditions to the thresholds, as the loop's answer
-    does; the loop's final support is one of the candidates, so one exists up to rounding.
+    of Q[S, S] x_S = p_S (a batched Cholesky of the 2^K systems, :func:`_embedded`), and per
+    row the first S, smallest first, whose solution meets the active-set loop's own stopping test
+    (x_S > 0, w_j <= threshold off S; its Cholesky succeeded). Such an x satisfies the KKT
+    conditions to the thresholds, as the loop's answer does; the loop's final support is one of
+    the candidates, so one exists up to rounding.
     Returns (x [B, K], support [B, K], certified [B] bool: a support met the test)."""
     B, K = P.shape
-    masks, complement = _supports(K, Q.device)
-    systems = Q * (masks[:, :, None] & masks[:, None, :]) + complement
+    masks = _supports(K, Q.device)
+    systems = _embedded(Q, masks)
     factors, info = torch.linalg.cholesky_ex(systems)
     rhs = P.T * masks[:, :, None]  # [2^K, K, B]
     x = torch.cholesky_solve(rhs, factors).permute(2, 0, 1) * masks  # [B, 2^K, K]
@@ -341,7 +347,7 @@ def _least_norm_minimiser(Q: Tensor, x: Tensor, tight: Tensor, support: Tensor) 
         return x
     mask = tight
     block = torch.where(mask[:, :, None] & mask[:, None, :], Q, 0.0)
-    eigenvalues, eigenvectors = torch.linalg.eigh(block)
+    eigenvalues, eigenvectors = linalg.eigh(block)
     kept = eigenvalues > _RTOL * eigenvalues[:, -1:].clamp_min(_TINY)
     rhs = torch.where(mask, x @ Q, 0.0)
     spectral = (eigenvectors.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)
@@ -374,7 +380,7 @@ def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, 
     K = M.shape[0]
     enumerated = K <= ENUMERATED_MAX_K
     if enumerated:
-        masks = _supports(K, M.device)[0]
+        masks = _supports(K, M.device)
         weights, meets = _simplex_kkt_on_supports(M, masks)
         first = meets.to(torch.int8).argmax().reshape(1)  # (a tensor index: no host read)
         c, support = weights.index_select(0, first)[0], masks.index_select(0, first)[0]
@@ -419,8 +425,7 @@ def _simplex_kkt_on_supports(M: Tensor, supports: Tensor) -> tuple[Tensor, Tenso
     correlation = M / scale[:, None] / scale[None, :]
     border = 1.0 / scale
     border = border / border.norm()
-    pairs = supports[:, :, None] & supports[:, None, :]
-    block = torch.where(pairs, correlation, 0.0) + torch.diag_embed((~supports).to(_F64))
+    block = _embedded(correlation, supports)
     column = (border * supports).unsqueeze(-1)  # [B, K, 1]
     corner = torch.zeros_like(column[:, :1])
     system = torch.cat([torch.cat([block, -column], -1), torch.cat([column.mT, corner], -1)], 1)
@@ -468,7 +473,7 @@ def _least_norm_simplex(M: Tensor, c: Tensor, support: Tensor) -> Tensor:
     pairs = tight[:, None] & tight[None, :]
     system = torch.cat([torch.where(pairs, M, 0.0) / rows[:, None], tight[None].to(_F64)])
     rhs = torch.cat([torch.where(tight, c @ M, 0.0) / rows, torch.ones_like(c[:1])])
-    y = torch.linalg.pinv(system, rtol=M.shape[0] * _RTOL) @ rhs
+    y = linalg.pinv(system, rtol=M.shape[0] * _RTOL) @ rhs
     # a minimiser: G^T y = G^T c, seen as <g_j, G^T (y - c)> / ||g_j|| on T, to its rounding
     residual = torch.where(tight, (y - c) @ M, 0.0).abs() / scale
     same_point = residual <= M.shape[0] * _RTOL * (c @ norms + y.abs() @ norms)

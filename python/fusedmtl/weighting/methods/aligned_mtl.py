@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import linalg
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.solvers import as_float64_gramian
 
@@ -41,7 +42,7 @@ class AlignedMTL(GradientWeighting):
     def coefficients(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         m, _ = as_float64_gramian(gramian, validate=False)
         k = m.shape[0]
-        eigenvalues, eigenvectors = torch.linalg.eigh(m)
+        eigenvalues, eigenvectors = linalg.eigh(m)
         # the cutoff of the paper's code, at the accuracy of the dtype the Gramian came in
         # (float64's eps on a float32 Gramian keeps its noise eigenvalues, and 'min' collapses)
         kept = eigenvalues > eigenvalues.max() * k * torch.finfo(gramian.dtype).eps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import linalg
 from fusedmtl.weighting.gradient_based import GradientWeighting
 
 
@@ -64,7 +65,7 @@ class ConFIG(GradientWeighting):
         if weights is None:
             weights = torch.ones(M.shape[0], dtype=torch.float64, device=M.device)
         weights = weights.to(M.device)
-        a = inv_norms * (torch.linalg.pinv(normalized, rtol=self.rcond, hermitian=True) @ weights)
+        a = inv_norms * (linalg.pinv(normalized, rtol=self.rcond) @ weights)
         Ma = M @ a
         sq_norm = a @ Ma
         # d = 0 when the direction vanishes (all gradients zero), without a branch on the value.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import linalg
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.solvers import as_float64_gramian, cpu_shortcuts, halving_line_search
 
@@ -59,7 +60,7 @@ def alpha_fair_weights(
         hessian = Q + torch.diag(torch.where(live, -power * x.pow(power - 1), 0.0))
         # (pinv: the diagonal term underflows when the problem has no solution and x diverges,
         # e.g. for opposite gradients; Newton then stops where f no longer decreases.)
-        step = torch.linalg.pinv(hessian, hermitian=True) @ residual
+        step = linalg.pinv(hessian) @ residual
         value, slope = objective(x), residual @ step
         # Near the solution f's decrease falls below its rounding: Armijo's test would then only
         # pass a vanishing step, and the iterate stall short of tol; the full step passes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedmtl import linalg
 from fusedmtl.weighting.gradient_based import GradientWeighting
 from fusedmtl.weighting.solvers import as_float64_gramian
 
@@ -54,7 +55,7 @@ def impartial_weights(gramian: Tensor) -> Tensor:
     tiny = torch.finfo(torch.float64).tiny
     inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp_min(tiny), 0.0)
     correlation = m * inverse_norms[:, None] * inverse_norms[None, :]
-    eigenvalues, eigenvectors = torch.linalg.eigh(correlation)
+    eigenvalues, eigenvectors = linalg.eigh(correlation)
     kept = eigenvalues > resolution * eigenvalues[-1].clamp_min(0)
     inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
     b = (eigenvectors * inverse) @ (
