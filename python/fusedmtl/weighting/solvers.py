@@ -373,9 +373,11 @@ def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, 
     Lawson-Hanson's NNLS on an equivalent problem picks it: for s > 0,
     min_{x >= 0} ||G^T x||^2 + s (1^T x - 1)^2 (Q = M + s 1 1^T, p = s 1, ||b||^2 = s) is solved
     by x = c s / (s + v) (x = t c gives t^2 v + s (t - 1)^2, least at t = s / (s + v), increasing
-    in v), s = trace(M) / K; then the KKT system on its support or on one of that support's K
-    neighbours (one index in or out), the first that meets the test, replaces x, since
-    M + s 1 1^T rounds the entries of gradients far smaller than the rest to ulp(s). With
+    in v), s = the smallest nonzero ||g_i||^2, so that M + s 1 1^T keeps the entries of the
+    smallest gradients (s = trace(M) / K rounded them to ulp(s), and the support was off by
+    several indices for norms spread over 6 decades); then the KKT system on its support or on one
+    of that support's K neighbours (one index in or out), the first that meets the test, replaces
+    x, since M + s 1 1^T still rounds the largest gradients' share of the constraint. With
     least_norm, ties are resolved by :func:`_least_norm_simplex`. M must not be zero."""
     K = M.shape[0]
     enumerated = K <= ENUMERATED_MAX_K
@@ -386,7 +388,8 @@ def min_norm_simplex_with_support(M: Tensor, least_norm: bool) -> tuple[Tensor, 
         c, support = weights.index_select(0, first)[0], masks.index_select(0, first)[0]
         certified = meets.any()
     if not (enumerated and cpu_shortcuts(M) and bool(certified)):
-        s = M.diagonal().sum() / K
+        squared_norms = M.diagonal()
+        s = torch.where(squared_norms > 0, squared_norms, torch.inf).amin()
         x, active = _nnls_gram(M + s, s.expand(1, K), s.reshape(1), least_norm=False)
         # (on the CPU the neighbours only if the support fails)
         neighbours = active
